@@ -1,0 +1,60 @@
+"""The project's own exception types.
+
+Every error a user can cause or meet has a type here, so the CLI can map it to
+an exit code and a message that names what went wrong and where.
+"""
+
+from __future__ import annotations
+
+
+class FGOError(Exception):
+    """Base class for all errors raised by fgo_actors."""
+
+
+class InputError(FGOError):
+    """Bad input: a malformed file, a missing field, a wrong type, a duplicate id.
+
+    ``path``, ``line`` and ``field`` locate the problem; any of them may be None
+    when it does not apply (an empty file has no line).
+    """
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        path: str | None = None,
+        line: int | None = None,
+        field: str | None = None,
+    ) -> None:
+        self.path = path
+        self.line = line
+        self.field = field
+        self.message = message
+        where = ""
+        if path is not None:
+            where = path
+            if line is not None:
+                where += f":{line}"
+            where += ": "
+        if field is not None:
+            where += f"field {field!r}: "
+        super().__init__(where + message)
+
+
+class LLMUnavailableError(FGOError):
+    """The LLM endpoint could not be reached, or calls still failed after retries."""
+
+
+class BudgetExhaustedError(FGOError):
+    """The hard token budget would be exceeded by the next call."""
+
+
+class ReplyRejectedError(FGOError):
+    """An LLM reply was not acceptable (bad JSON, schema mismatch, unknown id).
+
+    The message is written so it can be shown to the LLM in a re-ask.
+    """
+
+
+class UnitFailedError(FGOError):
+    """One optimize or merge unit failed cleanly after its bounded re-asks."""

@@ -1,0 +1,383 @@
+"""The LLM gateway: one shared, backpressured client for every optimize and merge call.
+
+It owns the concurrency limiter, retries with backoff (honouring Retry-After),
+per-call timeouts, the usage ledger with its hard token budget, and structured
+output: the request names a JSON Schema from ``protocols/``, the reply is parsed
+and validated, and a rejected reply is re-asked a bounded number of times with
+the error shown to the LLM.
+"""
+
+from __future__ import annotations
+
+import email.utils
+import json
+import math
+import re
+import time
+from collections.abc import Callable, Sequence
+from typing import Any, Literal, TypeVar
+
+import attrs
+import httpx
+import stamina
+import structlog
+import trio
+
+from ._errors import (
+    BudgetExhaustedError,
+    LLMUnavailableError,
+    ReplyRejectedError,
+    UnitFailedError,
+)
+from ._prompts import reask_message
+from ._schemas import load_schema, schema_error
+from ._tokens import TokenCounter, default_counter
+
+T = TypeVar("T")
+StructuredMode = Literal["json_schema", "json_object", "none"]
+SCHEMA_FILES = {"fgo_optimize": "optimize_response", "fgo_merge": "merge_response"}
+
+
+@attrs.frozen
+class GatewayConfig:
+    base_url: str
+    model: str
+    api_key: str | None = None
+    max_concurrency: int = 4
+    # Seconds one HTTP attempt may take in all; connect gets its own short limit.
+    call_timeout: float = 600.0
+    connect_timeout: float = 10.0
+    retry_attempts: int = 6
+    retry_wait_initial: float = 1.0
+    retry_wait_max: float = 60.0
+    retry_after_max: float = 900.0
+    max_reasks: int = 2
+    token_budget: int | None = None
+    max_completion_tokens: int = 2048
+    temperature: float = 0.2
+    structured_output: StructuredMode = "json_schema"
+    strict: bool = True
+
+    def __attrs_post_init__(self) -> None:
+        if self.max_concurrency < 1:
+            raise ValueError("max_concurrency must be at least 1")
+        if self.token_budget is not None and self.token_budget <= 0:
+            raise ValueError("token_budget must be positive")
+
+
+@attrs.frozen
+class GatewayStatistics:
+    """An immutable snapshot of the gateway's counters."""
+
+    calls: dict[str, int]
+    prompt_tokens: dict[str, int]
+    completion_tokens: dict[str, int]
+    retries: int
+    reasks: int
+    in_flight: int
+    max_in_flight: int
+    token_budget: int | None
+    budget_exhausted: bool
+
+    @property
+    def total_tokens(self) -> int:
+        return sum(self.prompt_tokens.values()) + sum(self.completion_tokens.values())
+
+
+class _RetryableStatusError(Exception):
+    def __init__(self, response: httpx.Response) -> None:
+        self.status_code = response.status_code
+        self.retry_after = _parse_retry_after(response.headers.get("retry-after"))
+        super().__init__(f"HTTP {response.status_code}: {response.text[:300]}")
+
+
+class _CallTimeoutError(Exception):
+    pass
+
+
+class _BadBodyError(Exception):
+    pass
+
+
+def _parse_retry_after(value: str | None) -> float | None:
+    if value is None:
+        return None
+    value = value.strip()
+    try:
+        seconds = float(value)
+    except ValueError:
+        try:
+            when = email.utils.parsedate_to_datetime(value)
+        except (TypeError, ValueError):
+            return None
+        seconds = when.timestamp() - time.time()
+    if math.isnan(seconds) or seconds < 0:
+        return 0.0
+    return seconds
+
+
+_FENCE = re.compile(r"```(?:json|JSON)?\s*\n?(.*?)```", re.DOTALL)
+
+
+def parse_json_reply(content: str) -> Any:
+    """Parse a reply that should be one JSON object, tolerating a code fence around it."""
+    text = content.strip()
+    fence = _FENCE.search(text)
+    if fence is not None:
+        text = fence.group(1).strip()
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as e:
+        raise ReplyRejectedError(
+            f"the reply is not valid JSON ({e.msg} at line {e.lineno} column {e.colno})"
+        ) from e
+
+
+def _wire_schema(name: str) -> dict[str, Any]:
+    schema = dict(load_schema(SCHEMA_FILES[name]))
+    schema.pop("$schema", None)
+    schema.pop("$id", None)
+    return schema
+
+
+class LLMGateway:
+    """Use as ``async with LLMGateway(cfg) as gw:``; share one instance across actors."""
+
+    def __init__(
+        self,
+        config: GatewayConfig,
+        *,
+        counter: TokenCounter | None = None,
+        client: httpx.AsyncClient | None = None,
+    ) -> None:
+        self.config = config
+        self.counter = counter or default_counter()
+        self.url = config.base_url.rstrip("/") + "/chat/completions"
+        self._own_client = client is None
+        self._client = client or httpx.AsyncClient(
+            timeout=httpx.Timeout(config.call_timeout, connect=config.connect_timeout),
+            limits=httpx.Limits(
+                max_connections=max(config.max_concurrency, 1),
+                max_keepalive_connections=max(config.max_concurrency, 1),
+            ),
+            headers=({"Authorization": f"Bearer {config.api_key}"} if config.api_key else None),
+        )
+        self._limiter = trio.CapacityLimiter(config.max_concurrency)
+        self._calls: dict[str, int] = {}
+        self._prompt: dict[str, int] = {}
+        self._completion: dict[str, int] = {}
+        self._retries = 0
+        self._reasks = 0
+        self._in_flight = 0
+        self._max_in_flight = 0
+        self._reserved = 0
+        self._exhausted = False
+        self._log = structlog.get_logger()
+
+    async def __aenter__(self) -> LLMGateway:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.aclose()
+
+    async def aclose(self) -> None:
+        if self._own_client:
+            await self._client.aclose()
+
+    # -- statistics -------------------------------------------------------
+    def statistics(self) -> GatewayStatistics:
+        return GatewayStatistics(
+            calls=dict(self._calls),
+            prompt_tokens=dict(self._prompt),
+            completion_tokens=dict(self._completion),
+            retries=self._retries,
+            reasks=self._reasks,
+            in_flight=self._in_flight,
+            max_in_flight=self._max_in_flight,
+            token_budget=self.config.token_budget,
+            budget_exhausted=self._exhausted,
+        )
+
+    @property
+    def used_tokens(self) -> int:
+        return sum(self._prompt.values()) + sum(self._completion.values())
+
+    # -- public calls -----------------------------------------------------
+    async def structured(
+        self,
+        role: str,
+        messages: Sequence[dict[str, str]],
+        schema_name: Literal["fgo_optimize", "fgo_merge"],
+        check: Callable[[dict[str, Any]], T],
+    ) -> T:
+        """Ask for a reply matching ``schema_name``, then pass it through ``check``.
+
+        ``check`` turns the parsed reply into the caller's result or raises
+        ReplyRejectedError; either a parse, schema or check failure re-asks the
+        LLM with the error, at most ``max_reasks`` times, then raises
+        UnitFailedError. Transport failures raise LLMUnavailableError and an
+        exhausted budget BudgetExhaustedError.
+        """
+        error: str | None = None
+        attempts = 1 + self.config.max_reasks
+        for attempt in range(attempts):
+            send = list(messages)
+            if error is not None:
+                send.append(reask_message(self.counter, error))
+                self._reasks += 1
+            try:
+                content = await self.chat(role, send, schema_name)
+                obj = parse_json_reply(content)
+                problem = schema_error(SCHEMA_FILES[schema_name], obj)
+                if problem is not None:
+                    field, message = problem
+                    raise ReplyRejectedError(f"field {field}: {message}")
+                assert isinstance(obj, dict)
+                return check(obj)
+            except ReplyRejectedError as e:
+                error = str(e)
+                self._log.warning(
+                    "llm_reply_rejected", role=role, attempt=attempt + 1, error=error[:500]
+                )
+        raise UnitFailedError(f"{role} reply still invalid after {attempts} attempts: {error}")
+
+    async def chat(
+        self, role: str, messages: Sequence[dict[str, str]], schema_name: str | None = None
+    ) -> str:
+        """One chat completion; returns the reply text. Retries transport-level failures."""
+        body: dict[str, Any] = {
+            "model": self.config.model,
+            "messages": list(messages),
+            "temperature": self.config.temperature,
+            "max_tokens": self.config.max_completion_tokens,
+        }
+        if schema_name is not None and self.config.structured_output != "none":
+            schema = _wire_schema(schema_name)
+            if self.config.structured_output == "json_schema":
+                body["response_format"] = {
+                    "type": "json_schema",
+                    "json_schema": {
+                        "name": schema_name,
+                        "schema": schema,
+                        "strict": self.config.strict,
+                    },
+                }
+            else:
+                body["response_format"] = {"type": "json_object", "schema": schema}
+        prompt_estimate = self.counter.count_messages(messages)
+        async with self._limiter:
+            need = prompt_estimate + self.config.max_completion_tokens
+            self._reserve(need)
+            self._in_flight += 1
+            self._max_in_flight = max(self._max_in_flight, self._in_flight)
+            started = trio.current_time()
+            try:
+                data = await self._post(body)
+            finally:
+                self._in_flight -= 1
+                self._reserved -= need
+        content, finish = _content_of(data)
+        raw_usage = data.get("usage")
+        usage: dict[str, Any] = raw_usage if isinstance(raw_usage, dict) else {}
+        prompt_tokens = _int_or(usage.get("prompt_tokens"), prompt_estimate)
+        completion_tokens = _int_or(usage.get("completion_tokens"), self.counter.count(content))
+        self._calls[role] = self._calls.get(role, 0) + 1
+        self._prompt[role] = self._prompt.get(role, 0) + prompt_tokens
+        self._completion[role] = self._completion.get(role, 0) + completion_tokens
+        self._log.info(
+            "llm_call",
+            role=role,
+            prompt_tokens=prompt_tokens,
+            completion_tokens=completion_tokens,
+            seconds=round(trio.current_time() - started, 3),
+            finish_reason=finish,
+        )
+        if finish == "length":
+            raise ReplyRejectedError(
+                f"the reply was cut off at {self.config.max_completion_tokens} tokens; "
+                "be more concise"
+            )
+        return content
+
+    # -- internals --------------------------------------------------------
+    def _reserve(self, need: int) -> None:
+        budget = self.config.token_budget
+        if budget is None:
+            self._reserved += need
+            return
+        if self._exhausted or self.used_tokens + self._reserved + need > budget:
+            self._exhausted = True
+            raise BudgetExhaustedError(
+                f"token budget of {budget} reached ({self.used_tokens} used, "
+                f"next call needs up to {need})"
+            )
+        self._reserved += need
+
+    def _retry_hook(self, exc: Exception) -> bool | float:
+        if isinstance(exc, _RetryableStatusError):
+            if exc.retry_after is not None:
+                return min(exc.retry_after, self.config.retry_after_max)
+            return True
+        return isinstance(exc, httpx.TransportError | _CallTimeoutError | _BadBodyError)
+
+    async def _post(self, body: dict[str, Any]) -> dict[str, Any]:
+        cfg = self.config
+        try:
+            async for attempt in stamina.retry_context(
+                on=self._retry_hook,
+                attempts=cfg.retry_attempts,
+                timeout=None,  # stamina's timeout is wall-clock; trio bounds each attempt
+                wait_initial=cfg.retry_wait_initial,
+                wait_max=cfg.retry_wait_max,
+            ):
+                if attempt.num > 1:
+                    self._retries += 1
+                with attempt:
+                    return await self._post_once(body)
+        except (_RetryableStatusError, httpx.TransportError, _CallTimeoutError, _BadBodyError) as e:
+            raise LLMUnavailableError(
+                f"LLM endpoint {self.url} failed after {cfg.retry_attempts} attempts: "
+                f"{type(e).__name__}: {e}"
+            ) from e
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    async def _post_once(self, body: dict[str, Any]) -> dict[str, Any]:
+        with trio.move_on_after(self.config.call_timeout) as scope:
+            response = await self._client.post(self.url, json=body)
+        if scope.cancelled_caught:
+            raise _CallTimeoutError(f"no reply within {self.config.call_timeout:g} s")
+        if response.status_code == 429 or response.status_code >= 500:
+            raise _RetryableStatusError(response)
+        if response.status_code >= 400:
+            hint = ""
+            if response.status_code in (401, 403):
+                hint = " (check the API key: --api-key-env or FGO_API_KEY)"
+            elif response.status_code == 404:
+                hint = " (check --base-url; it should end before /chat/completions, e.g. .../v1)"
+            raise LLMUnavailableError(
+                f"LLM endpoint {self.url} refused the request: HTTP {response.status_code}"
+                f"{hint}: {response.text[:500]}"
+            )
+        try:
+            data = response.json()
+        except ValueError as e:
+            raise _BadBodyError(f"HTTP body is not JSON: {response.text[:200]!r}") from e
+        if not isinstance(data, dict):
+            raise _BadBodyError("HTTP body is not a JSON object")
+        return data
+
+
+def _int_or(value: object, default: int) -> int:
+    return value if isinstance(value, int) and not isinstance(value, bool) else default
+
+
+def _content_of(data: dict[str, Any]) -> tuple[str, str | None]:
+    try:
+        choice = data["choices"][0]
+        content = choice["message"]["content"]
+    except (KeyError, IndexError, TypeError) as e:
+        raise ReplyRejectedError("the reply has no choices[0].message.content") from e
+    if not isinstance(content, str):
+        raise ReplyRejectedError("the reply's message content is empty")
+    finish = choice.get("finish_reason") if isinstance(choice, dict) else None
+    return content, finish if isinstance(finish, str) else None

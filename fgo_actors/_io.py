@@ -1,0 +1,119 @@
+"""Reading trajectories and modules from disk, and writing results atomically."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from ._errors import InputError
+from ._model import Module, Trajectory
+
+MAX_LISTED_PROBLEMS = 10
+
+
+def load_trajectories(path: str | os.PathLike[str]) -> list[Trajectory]:
+    """Read a JSONL trajectory file, validating every line.
+
+    Blank lines are skipped. Every problem found is collected; the raised
+    InputError names the first one (file, line, field) and lists the others.
+    """
+    p = Path(path)
+    name = str(p)
+    try:
+        raw = p.read_bytes()
+    except OSError as e:
+        raise InputError(f"cannot read file: {e.strerror or e}", path=name) from e
+    problems: list[InputError] = []
+    out: list[Trajectory] = []
+    first_line: dict[str, int] = {}
+    for lineno, raw_line in enumerate(raw.splitlines(), start=1):
+        if not raw_line.strip():
+            continue
+        try:
+            text = raw_line.decode("utf-8")
+        except UnicodeDecodeError as e:
+            problems.append(InputError(f"not valid UTF-8 ({e.reason})", path=name, line=lineno))
+            continue
+        try:
+            obj = json.loads(text)
+        except json.JSONDecodeError as e:
+            problems.append(
+                InputError(f"malformed JSON: {e.msg} at column {e.colno}", path=name, line=lineno)
+            )
+            continue
+        try:
+            traj = Trajectory.from_json(obj, path=name, line=lineno)
+        except InputError as e:
+            problems.append(e)
+            continue
+        if traj.id in first_line:
+            problems.append(
+                InputError(
+                    f"duplicate id {traj.id!r} (first seen on line {first_line[traj.id]})",
+                    path=name,
+                    line=lineno,
+                    field="id",
+                )
+            )
+            continue
+        first_line[traj.id] = lineno
+        out.append(traj)
+    if problems:
+        first = problems[0]
+        if len(problems) > 1:
+            shown = problems[1 : 1 + MAX_LISTED_PROBLEMS]
+            more = "".join(f"\n  also {p}" for p in shown)
+            hidden = len(problems) - 1 - len(shown)
+            if hidden:
+                more += f"\n  ... and {hidden} more"
+            raise InputError(
+                f"{first.message} ({len(problems)} problems in all){more}",
+                path=first.path,
+                line=first.line,
+                field=first.field,
+            )
+        raise first
+    if not out:
+        raise InputError("the file holds no trajectories (it is empty)", path=name)
+    return out
+
+
+def load_module(path: str | os.PathLike[str]) -> Module:
+    p = Path(path)
+    name = str(p)
+    try:
+        text = p.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        raise InputError(f"cannot read module file: {e}", path=name) from e
+    try:
+        obj = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise InputError(
+            f"malformed JSON: {e.msg} at column {e.colno}", path=name, line=e.lineno
+        ) from e
+    return Module.from_json(obj, path=name)
+
+
+def atomic_write_json(path: str | os.PathLike[str], obj: Any) -> None:
+    """Write JSON to ``path`` via a temporary file in the same folder and a rename.
+
+    A reader (or a crash) never sees a half-written file.
+    """
+    target = Path(path)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            json.dump(obj, f, indent=2, ensure_ascii=False)
+            f.write("\n")
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, target)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise

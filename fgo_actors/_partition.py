@@ -1,0 +1,108 @@
+"""Pure partition logic: order trajectories so similar ones sit together, then pack.
+
+No I/O and no async here; the Partitioner actor renders and measures the
+trajectories and calls these functions.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+from collections.abc import Sequence
+from typing import TypeVar
+
+from ._model import RenderedTrajectory
+
+T = TypeVar("T")
+
+
+def interleave(successes: Sequence[T], failures: Sequence[T]) -> list[T]:
+    """Merge two lists so each prefix holds them in about their overall ratio.
+
+    Contiguous slices of the result (which become subsets) are then stratified:
+    each holds successes and failures in the proportion of the whole group.
+    """
+    out: list[T] = []
+    n_s, n_f = len(successes), len(failures)
+    i = j = 0
+    while i < n_s or j < n_f:
+        # Take a success when successes are behind their share of the output so far.
+        if j >= n_f or (i < n_s and (i + 0.5) * (n_s + n_f) <= (i + j + 1) * n_s):
+            out.append(successes[i])
+            i += 1
+        else:
+            out.append(failures[j])
+            j += 1
+    return out
+
+
+def order_for_packing(
+    items: Sequence[RenderedTrajectory], seed: int = 0
+) -> list[RenderedTrajectory]:
+    """Group by ``group`` (sorted), shuffle within a group by ``seed``, stratify by outcome."""
+    rng = random.Random(seed)
+    groups: dict[str, list[RenderedTrajectory]] = {}
+    for it in items:
+        groups.setdefault(it.group, []).append(it)
+    out: list[RenderedTrajectory] = []
+    for key in sorted(groups):
+        members = groups[key]
+        succ = [m for m in members if m.success]
+        fail = [m for m in members if not m.success]
+        rng.shuffle(succ)
+        rng.shuffle(fail)
+        out.extend(interleave(succ, fail))
+    return out
+
+
+def _next_fit(sizes: Sequence[int], cap: float) -> list[int]:
+    """Start indices of the bins of a next-fit packing with bin capacity ``cap``."""
+    starts: list[int] = []
+    used = math.inf
+    for i, s in enumerate(sizes):
+        if used + s > cap:
+            starts.append(i)
+            used = 0
+        used += s
+    return starts
+
+
+def pack(sizes: Sequence[int], budget: int) -> list[range]:
+    """Split ``sizes`` (in order) into contiguous runs whose sums are each ≤ ``budget``.
+
+    Uses as few bins as next-fit does, then evens them out: the last subset is
+    not left nearly empty. Every index lands in exactly one run. Each size must
+    already be ≤ ``budget`` (the Partitioner truncates oversize trajectories).
+    """
+    if budget <= 0:
+        raise ValueError("budget must be positive")
+    if any(s > budget for s in sizes):
+        raise ValueError("an item is larger than the budget; truncate it first")
+    n = len(sizes)
+    if n == 0:
+        return []
+    starts = _next_fit(sizes, budget)
+    k = len(starts)
+    if k > 1:
+        # Try a smaller per-bin target that still yields k bins: balanced subsets.
+        target = max(max(sizes), sum(sizes) / k)
+        while target < budget:
+            balanced = _next_fit(sizes, target)
+            if len(balanced) <= k:
+                starts = balanced
+                break
+            target = min(budget, target * 1.05 + 1)
+    bounds = [*starts, n]
+    return [range(bounds[i], bounds[i + 1]) for i in range(len(starts))]
+
+
+def item_budget(subset_tokens: int, overhead_tokens: int) -> int:
+    """Tokens left for trajectories once template, module and re-ask room are set aside."""
+    room = subset_tokens - overhead_tokens
+    if room < 64:
+        raise ValueError(
+            f"the subset budget ({subset_tokens} tokens) leaves only {room} tokens for "
+            f"trajectories after the prompt template and module ({overhead_tokens} tokens); "
+            "raise --subset-tokens/--context-tokens or lower --module-tokens"
+        )
+    return room

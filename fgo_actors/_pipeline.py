@@ -1,0 +1,336 @@
+"""One optimization run: wires the actors together and assembles the report.
+
+``run()`` is the engine behind ``fgo optimize`` and the library API. The FGO
+strategy starts one Partitioner, a pool of Optimizers and one Merger in a
+nursery, joined by bounded memory channels; the baselines reuse the same
+rendering, prompts, gateway and schemas.
+"""
+
+from __future__ import annotations
+
+import functools
+import random
+from collections.abc import Sequence
+
+import attrs
+import structlog
+import trio
+
+from ._errors import BudgetExhaustedError, LLMUnavailableError, UnitFailedError
+from ._forest import MergeForest, expected_merges
+from ._gateway import LLMGateway
+from ._model import MergeNode, Module, RunReport, Status, Subset, Trajectory
+from ._partition import item_budget
+from ._prompts import PER_ITEM_SLACK, optimize_overhead_tokens
+from ._state import RunConfig, RunState
+from .actors import make_subsets, merger, optimize_subset, optimizer, partitioner
+from .actors.partitioner import render_all
+
+
+@attrs.frozen
+class RunResult:
+    """The optimized module (None when nothing could be produced) and the report."""
+
+    module: Module | None
+    report: RunReport
+
+
+class RunFailedError(LLMUnavailableError):
+    """The run stopped on an LLM failure; ``result`` holds the report so far."""
+
+    def __init__(self, message: str, result: RunResult) -> None:
+        super().__init__(message)
+        self.result = result
+
+
+def _first(group: BaseException, kind: type[BaseException]) -> BaseException | None:
+    if isinstance(group, kind):
+        return group
+    if isinstance(group, BaseExceptionGroup):
+        for sub in group.exceptions:
+            found = _first(sub, kind)
+            if found is not None:
+                return found
+    return None
+
+
+async def run(
+    trajectories: Sequence[Trajectory],
+    gateway: LLMGateway,
+    config: RunConfig | None = None,
+    *,
+    initial: Module | None = None,
+    state: RunState | None = None,
+) -> RunResult:
+    """Optimize ``initial`` (default: an empty module) from ``trajectories``.
+
+    Returns the result with status ``ok`` or ``budget_exhausted`` (a partial
+    result). Raises RunFailedError (an LLMUnavailableError) when the endpoint
+    cannot be used, with the report so far attached.
+    """
+    if not trajectories:
+        raise ValueError("no trajectories to optimize from")
+    config = config or RunConfig()
+    state = state or RunState()
+    initial = initial or Module()
+    log = structlog.get_logger()
+    log.info(
+        "run_started",
+        strategy=config.strategy,
+        trajectories=len(trajectories),
+        **{k: v for k, v in config.to_json().items() if k != "strategy"},
+    )
+    module: Module | None = None
+    root: str | None = None
+    error: LLMUnavailableError | None = None
+    try:
+        if config.strategy == "fgo":
+            module, root = await _run_fgo(trajectories, gateway, config, initial, state)
+        elif config.strategy == "batch":
+            module = await _run_batch(trajectories, gateway, config, initial, state)
+        else:
+            module = await _run_all_at_once(trajectories, gateway, config, initial, state)
+    except BaseException as group:
+        found = _first(group, LLMUnavailableError)
+        if found is None:
+            raise
+        assert isinstance(found, LLMUnavailableError)
+        error = found
+    state.phase = "done"
+    report = _report(config, gateway, state, len(trajectories), root, error)
+    result = RunResult(module=module if error is None else None, report=report)
+    log.info(
+        "run_finished",
+        status=report.status,
+        seconds=round(report.wall_seconds, 3),
+        prompt_tokens=report.prompt_tokens,
+        completion_tokens=report.completion_tokens,
+    )
+    if error is not None:
+        raise RunFailedError(str(error), result) from error
+    if state.successful_units == 0 and not state.budget_exhausted:
+        # Every optimize unit failed: there is no optimized module to speak of.
+        failed = attrs.evolve(report, status="failed", error="every optimize call failed")
+        raise RunFailedError(
+            "every optimize call failed; see the report's failures",
+            RunResult(module=None, report=failed),
+        )
+    return result
+
+
+def _item_budget(gateway: LLMGateway, config: RunConfig, initial: Module) -> tuple[int, int]:
+    """(module token cap, token room for trajectories in one optimize prompt)."""
+    from ._prompts import render_module
+
+    module_tokens = max(config.module_budget, gateway.counter.count(render_module(initial)))
+    overhead = optimize_overhead_tokens(gateway.counter, module_tokens)
+    return module_tokens, item_budget(config.subset_budget, overhead)
+
+
+async def _run_fgo(
+    trajectories: Sequence[Trajectory],
+    gateway: LLMGateway,
+    config: RunConfig,
+    initial: Module,
+    state: RunState,
+) -> tuple[Module, str | None]:
+    module_tokens, budget = _item_budget(gateway, config, initial)
+    forest = MergeForest(config.fan_in, eager=config.eager_merge)
+    workers = config.optimizers or gateway.config.max_concurrency
+    subsets_send, subsets_recv = trio.open_memory_channel[Subset](0)
+    leaves_send, leaves_recv = trio.open_memory_channel[MergeNode](workers)
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(
+            _partition_then_count,
+            trajectories,
+            subsets_send,
+            gateway,
+            budget,
+            config,
+            state,
+            name="partitioner",
+        )
+        with subsets_recv, leaves_send:
+            for i in range(workers):
+                worker = functools.partial(
+                    optimizer,
+                    f"optimizer-{i + 1}",
+                    subsets_recv.clone(),
+                    leaves_send.clone(),
+                    gateway=gateway,
+                    initial=initial,
+                    epochs=config.epochs,
+                    module_tokens=module_tokens,
+                    state=state,
+                )
+                nursery.start_soon(worker, name=f"optimizer-{i + 1}")
+        nursery.start_soon(
+            functools.partial(
+                merger,
+                leaves_recv,
+                gateway=gateway,
+                forest=forest,
+                module_tokens=module_tokens,
+                state=state,
+            ),
+            name="merger",
+        )
+    root = forest.root()
+    if root is None:
+        return initial, None
+    return state.nodes[root].module, root
+
+
+async def _partition_then_count(
+    trajectories: Sequence[Trajectory],
+    out: trio.MemorySendChannel[Subset],
+    gateway: LLMGateway,
+    budget: int,
+    config: RunConfig,
+    state: RunState,
+) -> None:
+    await partitioner(
+        trajectories,
+        out,
+        counter=gateway.counter,
+        item_budget=budget,
+        seed=config.seed,
+        group_key=config.group_key,
+        state=state,
+    )
+    if state.subsets_total is not None:
+        state.merges_expected = expected_merges(state.subsets_total, config.fan_in)
+
+
+async def _run_batch(
+    trajectories: Sequence[Trajectory],
+    gateway: LLMGateway,
+    config: RunConfig,
+    initial: Module,
+    state: RunState,
+) -> Module:
+    """Baseline: sequential minibatches of subset size update one module; no merging."""
+    module_tokens, budget = _item_budget(gateway, config, initial)
+    state.phase = "partitioning"
+    rendered = await render_all(
+        trajectories, gateway.counter, budget - PER_ITEM_SLACK, config.group_key
+    )
+    subsets = make_subsets(rendered, budget, config.seed)
+    state.truncated = sum(1 for r in rendered if r.truncated)
+    state.subsets_total = len(subsets)
+    state.merges_expected = 0
+    state.phase = "optimizing"
+    module = initial
+    for epoch in range(config.epochs):
+        for subset in subsets:
+            try:
+                module = await optimize_subset(
+                    gateway, module, subset.items, subset_id=subset.id, module_tokens=module_tokens
+                )
+                state.successful_units += 1
+            except UnitFailedError as e:
+                state.fail(f"{subset.id}/epoch{epoch + 1}", "optimize", e)
+            except BudgetExhaustedError as e:
+                state.budget_exhausted = True
+                state.fail(f"{subset.id}/epoch{epoch + 1}", "budget", e)
+                return module
+            if epoch == config.epochs - 1:
+                state.subsets_done += 1
+    return module
+
+
+async def _run_all_at_once(
+    trajectories: Sequence[Trajectory],
+    gateway: LLMGateway,
+    config: RunConfig,
+    initial: Module,
+    state: RunState,
+) -> Module:
+    """Baseline: one prompt per epoch with every trajectory that fits the context."""
+    module_tokens = max(config.module_budget, 0)
+    overhead = optimize_overhead_tokens(gateway.counter, module_tokens)
+    room = item_budget(config.context_tokens - gateway.config.max_completion_tokens, overhead)
+    state.phase = "partitioning"
+    rendered = await render_all(
+        trajectories, gateway.counter, room - PER_ITEM_SLACK, config.group_key
+    )
+    order = list(rendered)
+    random.Random(config.seed).shuffle(order)
+    chosen = []
+    used = 0
+    for r in order:
+        if used + r.tokens + PER_ITEM_SLACK <= room:
+            chosen.append(r)
+            used += r.tokens + PER_ITEM_SLACK
+    state.truncated = sum(1 for r in chosen if r.truncated)
+    state.cut = len(rendered) - len(chosen)
+    state.subsets_total = 1
+    state.merges_expected = 0
+    state.phase = "optimizing"
+    if state.cut:
+        structlog.get_logger().warning(
+            "trajectories_cut", cut=state.cut, kept=len(chosen), room_tokens=room
+        )
+    module = initial
+    for epoch in range(config.epochs):
+        try:
+            module = await optimize_subset(
+                gateway, module, tuple(chosen), subset_id="all", module_tokens=module_tokens
+            )
+            state.successful_units += 1
+        except UnitFailedError as e:
+            state.fail(f"all/epoch{epoch + 1}", "optimize", e)
+        except BudgetExhaustedError as e:
+            state.budget_exhausted = True
+            state.fail(f"all/epoch{epoch + 1}", "budget", e)
+            break
+    state.subsets_done = 1
+    return module
+
+
+def _report(
+    config: RunConfig,
+    gateway: LLMGateway,
+    state: RunState,
+    n_trajectories: int,
+    root: str | None,
+    error: LLMUnavailableError | None,
+) -> RunReport:
+    stats = gateway.statistics()
+    roles = sorted(set(stats.prompt_tokens) | set(stats.completion_tokens))
+    status: Status = (
+        "failed" if error is not None else ("budget_exhausted" if state.budget_exhausted else "ok")
+    )
+    return RunReport(
+        status=status,
+        error=str(error) if error is not None else None,
+        strategy=config.strategy,
+        trajectories=n_trajectories,
+        subsets=state.subsets_total or 0,
+        epochs=config.epochs,
+        fan_in=config.fan_in,
+        llm_calls={
+            "optimize": stats.calls.get("optimize", 0),
+            "merge": stats.calls.get("merge", 0),
+            "retries": stats.retries,
+            "reasks": stats.reasks,
+        },
+        prompt_tokens=sum(stats.prompt_tokens.values()),
+        completion_tokens=sum(stats.completion_tokens.values()),
+        tokens_by_role={
+            r: {
+                "prompt": stats.prompt_tokens.get(r, 0),
+                "completion": stats.completion_tokens.get(r, 0),
+            }
+            for r in roles
+        },
+        token_budget=stats.token_budget,
+        truncated_trajectories=state.truncated,
+        cut_trajectories=state.cut,
+        wall_seconds=state.now(),
+        max_in_flight=stats.max_in_flight,
+        merge_tree=tuple(sorted(state.nodes.values(), key=lambda n: n.started_at)),
+        root=root,
+        failures=tuple(state.failures),
+        config=config.to_json(),
+    )

@@ -1,0 +1,18 @@
+"""The actors of a run: plain async functions connected by bounded memory channels.
+
+Each actor closes its channel ends with a plain ``with`` inside its own task;
+the end-of-channel cascade is what shuts a pipeline down.
+"""
+
+from .merger import merge_modules, merger
+from .optimizer import optimize_subset, optimizer
+from .partitioner import make_subsets, partitioner
+
+__all__ = [
+    "make_subsets",
+    "merge_modules",
+    "merger",
+    "optimize_subset",
+    "optimizer",
+    "partitioner",
+]
