@@ -152,6 +152,13 @@ def _positive(ctx: click.Context, param: click.Parameter, value: int | None) -> 
     help="Seconds one LLM call may take.",
 )
 @click.option(
+    "--retries",
+    type=click.IntRange(min=0),
+    default=5,
+    show_default=True,
+    help="Retries of a failing call (429, 5xx, transport errors), with backoff.",
+)
+@click.option(
     "--structured-output",
     type=click.Choice(["json_schema", "json_object", "none"]),
     default="json_schema",
@@ -186,6 +193,7 @@ def optimize(
     token_budget: int | None,
     max_completion_tokens: int,
     call_timeout: float,
+    retries: int,
     structured_output: str,
     strict: bool,
     log_json: bool,
@@ -230,6 +238,7 @@ def optimize(
             token_budget=token_budget,
             max_completion_tokens=max_completion_tokens,
             call_timeout=call_timeout,
+            retry_attempts=retries + 1,
             structured_output=structured_output,  # type: ignore[arg-type]
             strict=strict,
         )

@@ -83,8 +83,18 @@ def _first_user(body: dict[str, Any]) -> str:
     return ""
 
 
+MAX_SCRIPTED_RULES = 6
+
+
 def scripted_reply(body: dict[str, Any]) -> str:
-    """The default policy: a deterministic, schema-valid optimize or merge reply."""
+    """The default policy: a deterministic, schema-valid optimize or merge reply.
+
+    Optimize: add one rule naming the trajectories seen (evidence), or, once the
+    module holds MAX_SCRIPTED_RULES rules, revise one instead, so modules stay
+    small. Merge: keep every distinct child rule with its lineage; past
+    MAX_SCRIPTED_RULES rules, consolidate them into that many rules whose
+    ``from`` lists name every source, so nothing learned loses its lineage.
+    """
     name = schema_name_of(body)
     prompt = _first_user(body)
     if name == "fgo_merge":
@@ -98,27 +108,46 @@ def scripted_reply(body: dict[str, Any]) -> str:
                 rules.setdefault(r["text"], []).append(r["id"])
             for f in child.get("functions", []):
                 functions.setdefault(f["name"], f)
+        merged = [{"text": t, "from": ids} for t, ids in rules.items()]
+        if len(merged) > MAX_SCRIPTED_RULES:
+            groups: list[list[str]] = [[] for _ in range(MAX_SCRIPTED_RULES)]
+            for i, rule in enumerate(merged):
+                groups[i % MAX_SCRIPTED_RULES].extend(rule["from"])
+            merged = [
+                {
+                    "text": f"Consolidated lesson {k + 1}: verify preconditions before acting.",
+                    "from": ids,
+                }
+                for k, ids in enumerate(groups)
+            ]
         return json.dumps(
             {
-                "analysis": f"union of {len(rules)} distinct rules",
+                "analysis": f"merged {len(rules)} distinct rules into {len(merged)}",
                 "instructions": instructions,
-                "rules": [{"text": t, "from": ids} for t, ids in rules.items()],
+                "rules": merged,
                 "functions": list(functions.values()),
             }
         )
     ids = _TRAJ.findall(prompt)
     current = _CURRENT.search(prompt)
     existing = json.loads(current.group(1)).get("rules", []) if current else []
-    text = (
-        f"Lesson {len(existing) + 1} from {ids[0] if ids else '-'}..{ids[-1] if ids else '-'}: "
-        f"verify preconditions before acting ({len(ids)} runs)."
-    )
-    return json.dumps(
-        {
-            "analysis": f"saw {len(ids)} trajectories",
-            "actions": [{"op": "add_rule", "text": text, "evidence": ids[:3]}],
+    span = f"{ids[0] if ids else '-'}..{ids[-1] if ids else '-'}"
+    if len(existing) >= MAX_SCRIPTED_RULES:
+        target = existing[len(ids) % len(existing)]["id"]
+        action: dict[str, Any] = {
+            "op": "revise_rule",
+            "id": target,
+            "text": f"Revised from {span}: verify preconditions before acting.",
+            "evidence": ids[:3],
         }
-    )
+    else:
+        action = {
+            "op": "add_rule",
+            "text": f"Lesson {len(existing) + 1} from {span}: verify preconditions before acting "
+            f"({len(ids)} runs).",
+            "evidence": ids[:3],
+        }
+    return json.dumps({"analysis": f"saw {len(ids)} trajectories", "actions": [action]})
 
 
 class FakeLLMServer:
@@ -135,11 +164,13 @@ class FakeLLMServer:
         latency: Latency | float | None = None,
         faults: list[Fault] | None = None,
         fault_for: Callable[[dict[str, Any]], Fault | None] | None = None,
+        include_usage: bool = True,
     ) -> None:
         self.policy = policy
         self.latency = latency
         self.faults: list[Fault] = list(faults or [])
         self.fault_for = fault_for
+        self.include_usage = include_usage
         self.requests: list[RecordedRequest] = []
         self.in_flight = 0
         self.max_in_flight = 0
@@ -272,6 +303,8 @@ class FakeLLMServer:
                     "total_tokens": prompt_chars // 4 + len(content) // 4 + 2,
                 },
             }
+            if not self.include_usage:
+                del reply["usage"]
             await self._send(conn, stream, 200, json.dumps(reply).encode())
             return True
         finally:

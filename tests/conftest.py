@@ -1,0 +1,80 @@
+"""Shared fixtures: a real OpenAI-compatible server on loopback, quiet structlog."""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Awaitable, Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import structlog
+import trio
+
+from fgo_actors import Outcome, Step, Trajectory
+from fgo_actors.testing import FakeLLMServer
+
+ROOT = Path(__file__).resolve().parent.parent
+EXAMPLES = ROOT / "examples" / "trajectories.jsonl"
+
+StartLLM = Callable[..., Awaitable[tuple[FakeLLMServer, str]]]
+
+
+@pytest.fixture(autouse=True)
+def _quiet_structlog() -> Iterator[None]:
+    structlog.configure(
+        processors=[
+            structlog.contextvars.merge_contextvars,
+            structlog.processors.KeyValueRenderer(),
+        ],
+        wrapper_class=structlog.make_filtering_bound_logger(logging.WARNING),
+        logger_factory=structlog.PrintLoggerFactory(),
+        cache_logger_on_first_use=False,
+    )
+    yield
+    structlog.reset_defaults()
+
+
+@pytest.fixture
+def start_llm(nursery: trio.Nursery) -> StartLLM:
+    """``server, base_url = await start_llm(latency=..., faults=[...])``."""
+
+    async def start(**kwargs: Any) -> tuple[FakeLLMServer, str]:
+        server = FakeLLMServer(**kwargs)
+        url = await nursery.start(server.serve)
+        return server, url
+
+    return start
+
+
+def make_trajectories(
+    n: int, *, steps: int = 4, words: int = 12, groups: int = 3, prefix: str = "t"
+) -> list[Trajectory]:
+    """Deterministic synthetic trajectories with varied sizes, groups and outcomes."""
+    out = []
+    for i in range(n):
+        body = [
+            Step(
+                role="user",
+                content=f"observation {i}.{k}: "
+                + " ".join(f"w{(i * 7 + k * 3 + j) % 97}" for j in range(words + (i % 5) * 3)),
+            )
+            if k % 2 == 0
+            else Step(role="assistant", content=f"action {k} for item {i}")
+            for k in range(steps)
+        ]
+        out.append(
+            Trajectory(
+                id=f"{prefix}{i:04d}",
+                task=f"task number {i}",
+                steps=tuple(body),
+                outcome=Outcome(success=i % 3 != 0, score=float(i % 3 != 0)),
+                metadata={"task_type": f"type{i % groups}"},
+            )
+        )
+    return out
+
+
+def examples() -> list[dict[str, Any]]:
+    return [json.loads(line) for line in EXAMPLES.read_text().splitlines() if line.strip()]

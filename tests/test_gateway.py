@@ -1,0 +1,229 @@
+"""The LLM gateway against a real loopback server: limits, retries, re-asks, usage, budget."""
+
+from __future__ import annotations
+
+import json
+import socket
+from typing import Any
+
+import pytest
+import trio
+import trio.testing
+
+from fgo_actors import (
+    BudgetExhaustedError,
+    GatewayConfig,
+    LLMGateway,
+    LLMUnavailableError,
+    ReplyRejectedError,
+    UnitFailedError,
+    default_counter,
+)
+from fgo_actors.testing import Fault
+
+from .conftest import StartLLM
+
+MESSAGES = [{"role": "user", "content": "hello there"}]
+GOOD_OPTIMIZE = json.dumps({"actions": [{"op": "add_rule", "text": "be careful"}]})
+
+
+def _config(url: str, **kw: Any) -> GatewayConfig:
+    base: dict[str, Any] = {
+        "base_url": url,
+        "model": "m",
+        "retry_wait_initial": 0.5,
+        "retry_wait_max": 2.0,
+    }
+    base.update(kw)
+    return GatewayConfig(**base)
+
+
+def _reply(content: str) -> Any:
+    return lambda body: content
+
+
+def _identity(reply: dict[str, Any]) -> dict[str, Any]:
+    return reply
+
+
+async def test_concurrency_never_exceeds_limit(
+    start_llm: StartLLM, autojump_clock: trio.testing.MockClock
+) -> None:
+    server, url = await start_llm(latency=1.0, policy=_reply("ok"))
+    async with LLMGateway(_config(url, max_concurrency=3)) as gw, trio.open_nursery() as n:
+        for _ in range(10):
+            n.start_soon(gw.chat, "optimize", MESSAGES)
+    assert len(server.requests) == 10
+    assert server.max_in_flight == 3
+    assert gw.statistics().max_in_flight == 3
+    assert gw.statistics().in_flight == 0
+
+
+async def test_429_honours_retry_after(
+    start_llm: StartLLM, autojump_clock: trio.testing.MockClock
+) -> None:
+    server, url = await start_llm(faults=[Fault(status=429, retry_after=30)], policy=_reply("ok"))
+    async with LLMGateway(_config(url)) as gw:
+        assert await gw.chat("optimize", MESSAGES) == "ok"
+    first, second = server.requests
+    assert first.fault is not None
+    assert first.fault.status == 429
+    assert first.finished is not None
+    waited = second.started - first.finished
+    # Exactly the server's Retry-After, not the 0.5 s exponential backoff.
+    assert 30.0 <= waited < 30.5
+    assert gw.statistics().retries == 1
+
+
+async def test_5xx_and_dropped_connections_are_retried(
+    start_llm: StartLLM, autojump_clock: trio.testing.MockClock
+) -> None:
+    server, url = await start_llm(
+        faults=[Fault(status=500), Fault(drop=True), Fault(status=503)], policy=_reply("fine")
+    )
+    async with LLMGateway(_config(url)) as gw:
+        assert await gw.chat("merge", MESSAGES) == "fine"
+    assert len(server.requests) == 4
+    assert gw.statistics().retries == 3
+    assert gw.statistics().calls == {"merge": 1}
+
+
+async def test_retries_give_up_with_llm_unavailable(
+    start_llm: StartLLM, autojump_clock: trio.testing.MockClock
+) -> None:
+    server, url = await start_llm(faults=[Fault(status=500)] * 10)
+    async with LLMGateway(_config(url, retry_attempts=3)) as gw:
+        with pytest.raises(LLMUnavailableError, match="failed after 3 attempts"):
+            await gw.chat("optimize", MESSAGES)
+    assert len(server.requests) == 3
+
+
+async def test_unreachable_endpoint(autojump_clock: trio.testing.MockClock) -> None:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    url = f"http://127.0.0.1:{port}/v1"
+    async with LLMGateway(_config(url, retry_attempts=2)) as gw:
+        with pytest.raises(LLMUnavailableError, match="ConnectError"):
+            await gw.chat("optimize", MESSAGES)
+
+
+async def test_client_errors_are_not_retried(start_llm: StartLLM) -> None:
+    server, url = await start_llm(faults=[Fault(status=401)])
+    async with LLMGateway(_config(url)) as gw:
+        with pytest.raises(LLMUnavailableError, match=r"HTTP 401.*API key"):
+            await gw.chat("optimize", MESSAGES)
+    assert len(server.requests) == 1
+
+
+async def test_call_timeout_then_retry(
+    start_llm: StartLLM, autojump_clock: trio.testing.MockClock
+) -> None:
+    calls = 0
+
+    def latency(body: dict[str, Any]) -> float:
+        nonlocal calls
+        calls += 1
+        return 1000.0 if calls == 1 else 0.0
+
+    _server, url = await start_llm(latency=latency, policy=_reply("late but fine"))
+    async with LLMGateway(_config(url, call_timeout=10.0)) as gw:
+        start = trio.current_time()
+        assert await gw.chat("optimize", MESSAGES) == "late but fine"
+        assert trio.current_time() - start < 20
+    assert gw.statistics().retries == 1
+
+
+async def test_bad_json_is_reasked_then_fails_cleanly(start_llm: StartLLM) -> None:
+    server, url = await start_llm(policy=_reply("this is not JSON {"))
+    async with LLMGateway(_config(url, max_reasks=2)) as gw:
+        with pytest.raises(UnitFailedError, match=r"after 3 attempts.*not valid JSON"):
+            await gw.structured("optimize", MESSAGES, "fgo_optimize", _identity)
+    assert len(server.requests) == 3
+    assert gw.statistics().reasks == 2
+    # The re-ask shows the LLM what was wrong, and keeps the original prompt.
+    reask = server.requests[1].body["messages"]
+    assert reask[: len(MESSAGES)] == MESSAGES
+    assert "not valid JSON" in reask[-1]["content"]
+    assert "not valid JSON" not in json.dumps(server.requests[0].body["messages"])
+
+
+async def test_bad_then_good_reply_succeeds(start_llm: StartLLM) -> None:
+    server, url = await start_llm(faults=[Fault(content='```json\n{"actions": 5}\n```')])
+    server.policy = _reply("```json\n" + GOOD_OPTIMIZE + "\n```")
+    async with LLMGateway(_config(url)) as gw:
+        reply = await gw.structured("optimize", MESSAGES, "fgo_optimize", _identity)
+    assert reply == json.loads(GOOD_OPTIMIZE)
+    assert "field actions" in server.requests[1].body["messages"][-1]["content"]
+    assert gw.statistics().reasks == 1
+
+
+async def test_check_rejection_is_reasked(start_llm: StartLLM) -> None:
+    server, url = await start_llm(policy=_reply(GOOD_OPTIMIZE))
+    seen = 0
+
+    def check(reply: dict[str, Any]) -> str:
+        nonlocal seen
+        seen += 1
+        if seen == 1:
+            raise ReplyRejectedError("revise_rule names unknown rule id 'r9'")
+        return "accepted"
+
+    async with LLMGateway(_config(url)) as gw:
+        assert await gw.structured("optimize", MESSAGES, "fgo_optimize", check) == "accepted"
+    assert "unknown rule id 'r9'" in server.requests[1].body["messages"][-1]["content"]
+
+
+async def test_request_carries_json_schema(start_llm: StartLLM) -> None:
+    server, url = await start_llm(policy=_reply(GOOD_OPTIMIZE))
+    async with LLMGateway(_config(url)) as gw:
+        await gw.structured("optimize", MESSAGES, "fgo_optimize", _identity)
+    rf = server.requests[0].body["response_format"]
+    assert rf["type"] == "json_schema"
+    assert rf["json_schema"]["name"] == "fgo_optimize"
+    assert rf["json_schema"]["strict"] is True
+    assert "actions" in rf["json_schema"]["schema"]["properties"]
+    assert "$schema" not in rf["json_schema"]["schema"]
+
+
+async def test_json_object_mode_for_llama_cpp(start_llm: StartLLM) -> None:
+    server, url = await start_llm(policy=_reply(GOOD_OPTIMIZE))
+    async with LLMGateway(_config(url, structured_output="json_object")) as gw:
+        await gw.structured("optimize", MESSAGES, "fgo_optimize", _identity)
+    rf = server.requests[0].body["response_format"]
+    assert rf["type"] == "json_object"
+    assert rf["schema"]["title"] == "fgo_optimize"
+
+
+async def test_usage_from_server_and_fallback_estimate(start_llm: StartLLM) -> None:
+    server, url = await start_llm(policy=_reply("four words of reply"), include_usage=False)
+    counter = default_counter()
+    async with LLMGateway(_config(url)) as gw:
+        await gw.chat("optimize", MESSAGES)
+    stats = gw.statistics()
+    assert stats.prompt_tokens == {"optimize": counter.count_messages(MESSAGES)}
+    assert stats.completion_tokens == {"optimize": counter.count("four words of reply")}
+
+    server.include_usage = True
+    async with LLMGateway(_config(url)) as gw:
+        await gw.chat("merge", MESSAGES)
+    stats = gw.statistics()
+    chars = len("hello there")
+    assert stats.prompt_tokens == {"merge": chars // 4 + 1}  # what the server reported
+
+
+async def test_token_budget_refuses_before_sending(start_llm: StartLLM) -> None:
+    server, url = await start_llm(policy=_reply("ok"))
+    cfg = _config(url, token_budget=1000, max_completion_tokens=400)
+    async with LLMGateway(cfg) as gw:
+        await gw.chat("optimize", MESSAGES)  # ~10 + 400 reserved: fits
+        used = gw.used_tokens
+        assert used < 1000
+        big = [{"role": "user", "content": "word " * 800}]
+        with pytest.raises(BudgetExhaustedError, match="token budget of 1000"):
+            await gw.chat("optimize", big)
+        # Once exhausted, even a small call is refused: the run is winding down.
+        with pytest.raises(BudgetExhaustedError):
+            await gw.chat("optimize", MESSAGES)
+        assert gw.statistics().budget_exhausted
+    assert len(server.requests) == 1

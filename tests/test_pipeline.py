@@ -1,0 +1,315 @@
+"""Whole runs of the actor pipeline against a real loopback server."""
+
+from __future__ import annotations
+
+import json
+import re
+from collections import Counter
+from typing import Any
+
+import pytest
+import trio
+import trio.testing
+
+from fgo_actors import (
+    GatewayConfig,
+    LLMGateway,
+    MergeNode,
+    Module,
+    Rule,
+    RunConfig,
+    RunFailedError,
+    RunResult,
+    RunState,
+    Trajectory,
+    default_counter,
+    run,
+)
+from fgo_actors._forest import expected_merges
+from fgo_actors._schemas import schema_error
+from fgo_actors.testing import RecordedRequest, scripted_reply
+
+from .conftest import StartLLM, make_trajectories
+
+TRAJ_ID = re.compile(r"^### Trajectory (\S+)$", re.MULTILINE)
+
+
+def _gw(url: str, **kw: Any) -> LLMGateway:
+    cfg: dict[str, Any] = {"base_url": url, "model": "m", "max_concurrency": 4}
+    cfg.update(kw)
+    return LLMGateway(GatewayConfig(**cfg))
+
+
+def _optimize_requests(server_requests: list[RecordedRequest]) -> list[RecordedRequest]:
+    return [r for r in server_requests if r.schema_name == "fgo_optimize"]
+
+
+def _ids_in(request: RecordedRequest) -> list[str]:
+    return TRAJ_ID.findall(request.body["messages"][1]["content"])
+
+
+def _nodes(result: RunResult, kind: str) -> list[MergeNode]:
+    return [n for n in result.report.merge_tree if n.kind == kind]
+
+
+def _leaves_under(result: RunResult, node_id: str) -> set[str]:
+    by_id = {n.id: n for n in result.report.merge_tree}
+    node = by_id[node_id]
+    if node.kind == "leaf":
+        return {node.id}
+    return set().union(*(_leaves_under(result, c) for c in node.children))
+
+
+async def _run(url: str, trajectories: list[Trajectory], config: RunConfig, **gw: Any) -> RunResult:
+    async with _gw(url, **gw) as gateway:
+        return await run(trajectories, gateway, config)
+
+
+async def test_fgo_end_to_end_partition_merges_and_provenance(start_llm: StartLLM) -> None:
+    server, url = await start_llm()
+    trajectories = make_trajectories(60)
+    config = RunConfig(context_tokens=4096, subset_tokens=1600, module_tokens=700)
+    result = await _run(url, trajectories, config)
+    report = result.report
+    assert report.status == "ok"
+    assert schema_error("report", report.to_json()) is None
+    assert result.module is not None
+    assert schema_error("module", result.module.to_json()) is None
+
+    # Divide: every trajectory lands in exactly one optimize prompt.
+    optimize = _optimize_requests(server.requests)
+    seen = Counter(i for r in optimize for i in _ids_in(r))
+    assert set(seen) == {t.id for t in trajectories}
+    assert set(seen.values()) == {1}
+    assert report.subsets == len(optimize) > 4
+
+    # Merge: exactly subsets - 1 merges at fan-in 2, one root covering every subset.
+    leaves, merges = _nodes(result, "leaf"), _nodes(result, "merge")
+    assert len(leaves) == report.subsets
+    assert len(merges) == report.subsets - 1
+    assert report.llm_calls["merge"] == len(merges)
+    assert report.root is not None
+    assert _leaves_under(result, report.root) == {n.id for n in leaves}
+
+    # Every subset's rule reaches the root (the scripted merge consolidates but
+    # drops nothing), with provenance naming its subset and lineage through merges.
+    assert 0 < len(result.module.rules) <= 6
+    assert {s for r in result.module.rules for s in r.subsets} == {n.id for n in leaves}
+    assert all(not n.stats["dropped_rules"] for n in merges)
+    assert report.failures == ()
+    assert all(r.merged_from for r in result.module.rules)
+    traj_ids = {t.id for t in trajectories}
+    assert all(set(r.trajectories) <= traj_ids and r.trajectories for r in result.module.rules)
+
+
+@pytest.mark.parametrize(
+    ("n", "steps", "words", "epochs", "subset_tokens"),
+    [(40, 4, 12, 1, 1200), (12, 60, 40, 3, 1200), (30, 6, 30, 2, 1000), (5, 400, 30, 1, 2000)],
+)
+async def test_no_optimize_prompt_exceeds_subset_budget(
+    start_llm: StartLLM, n: int, steps: int, words: int, epochs: int, subset_tokens: int
+) -> None:
+    server, url = await start_llm()
+    trajectories = make_trajectories(n, steps=steps, words=words)
+    config = RunConfig(
+        context_tokens=8192, subset_tokens=subset_tokens, module_tokens=300, epochs=epochs
+    )
+    result = await _run(url, trajectories, config)
+    counter = default_counter()
+    optimize = _optimize_requests(server.requests)
+    assert result.report.failures == ()
+    assert len(optimize) == result.report.subsets * epochs
+    sizes = [counter.count_messages(r.body["messages"]) for r in optimize]
+    assert max(sizes) <= subset_tokens
+    # Long trajectories are truncated, not dropped: each still appears once per epoch.
+    seen = Counter(i for r in optimize for i in _ids_in(r))
+    assert set(seen) == {t.id for t in trajectories}
+    if steps >= 60:
+        assert result.report.truncated_trajectories > 0
+        assert "middle omitted" in optimize[0].body["messages"][1]["content"]
+
+
+async def test_merge_starts_before_slowest_subset_finishes(
+    start_llm: StartLLM, autojump_clock: trio.testing.MockClock
+) -> None:
+    trajectories = make_trajectories(40)
+    slow_id = trajectories[-1].id
+
+    def latency(body: dict[str, Any]) -> float:
+        prompt = body["messages"][1]["content"]
+        if "fgo_optimize" in json.dumps(body["response_format"]) and slow_id in prompt:
+            return 500.0
+        return 1.0
+
+    _server, url = await start_llm(latency=latency)
+    config = RunConfig(context_tokens=4096, subset_tokens=1600, module_tokens=700)
+    result = await _run(url, trajectories, config)
+    leaves = _nodes(result, "leaf")
+    slow = max(leaves, key=lambda n: n.finished_at)
+    assert slow.finished_at >= 500
+    merges = _nodes(result, "merge")
+    early = [m for m in merges if m.finished_at < slow.finished_at]
+    # Merges of the fast subsets ran (and finished) while the slow one was still going.
+    assert len(early) >= len(leaves) // 2
+    assert min(m.started_at for m in merges) < 10
+    # Only merges on the slow leaf's path to the root wait for it.
+    assert len(merges) - len(early) <= len(leaves).bit_length() + 1
+
+
+async def test_barrier_mode_waits_for_all_subsets(
+    start_llm: StartLLM, autojump_clock: trio.testing.MockClock
+) -> None:
+    _server, url = await start_llm(latency=1.0)
+    config = RunConfig(
+        context_tokens=4096, subset_tokens=1600, module_tokens=700, eager_merge=False
+    )
+    result = await _run(url, make_trajectories(40), config)
+    last_leaf = max(n.finished_at for n in _nodes(result, "leaf"))
+    assert min(n.started_at for n in _nodes(result, "merge")) >= last_leaf
+
+
+@pytest.mark.parametrize("limit", [1, 3, 8])
+async def test_in_flight_never_exceeds_max_concurrency(
+    start_llm: StartLLM, autojump_clock: trio.testing.MockClock, limit: int
+) -> None:
+    server, url = await start_llm(latency=2.0)
+    config = RunConfig(context_tokens=4096, subset_tokens=1500, module_tokens=700)
+    result = await _run(url, make_trajectories(50), config, max_concurrency=limit)
+    assert result.report.subsets > 8
+    assert server.max_in_flight == limit
+    assert result.report.max_in_flight == limit
+
+
+@pytest.mark.parametrize("fan_in", [3, 4])
+async def test_fan_in(start_llm: StartLLM, fan_in: int) -> None:
+    _server, url = await start_llm()
+    config = RunConfig(context_tokens=4096, subset_tokens=1500, module_tokens=700, fan_in=fan_in)
+    result = await _run(url, make_trajectories(50), config)
+    merges = _nodes(result, "merge")
+    assert all(2 <= len(m.children) <= fan_in for m in merges)
+    assert len(merges) <= expected_merges(result.report.subsets, 2)
+    assert result.report.root is not None
+    assert len(_leaves_under(result, result.report.root)) == result.report.subsets
+
+
+async def test_merge_reply_that_drops_rules_loses_them(start_llm: StartLLM) -> None:
+    def policy(body: dict[str, Any]) -> str:
+        reply = json.loads(scripted_reply(body))
+        if "rules" in reply:  # a merge: keep only the first child's rules
+            reply["rules"] = reply["rules"][:1]
+        return json.dumps(reply)
+
+    _server, url = await start_llm(policy=policy)
+    config = RunConfig(context_tokens=4096, subset_tokens=1600, module_tokens=700)
+    result = await _run(url, make_trajectories(30), config)
+    assert result.module is not None
+    assert len(result.module.rules) == 1
+    dropped = [n for n in _nodes(result, "merge") if n.stats["dropped_rules"]]
+    assert len(dropped) == len(_nodes(result, "merge"))
+
+
+async def test_token_budget_stops_cleanly_with_partial_result(start_llm: StartLLM) -> None:
+    _server, url = await start_llm()
+    config = RunConfig(context_tokens=4096, subset_tokens=1600, module_tokens=700)
+    result = await _run(
+        url, make_trajectories(60), config, token_budget=12_000, max_completion_tokens=512
+    )
+    report = result.report
+    assert report.status == "budget_exhausted"
+    assert report.prompt_tokens + report.completion_tokens <= 12_000
+    assert any(f.kind == "budget" for f in report.failures)
+    # The partial module still holds what the optimized subsets learned.
+    assert result.module is not None
+    assert result.module.rules
+    assert schema_error("report", report.to_json()) is None
+
+
+async def test_initial_module_rules_are_kept_and_revisable(start_llm: StartLLM) -> None:
+    def policy(body: dict[str, Any]) -> str:
+        if "fgo_optimize" in json.dumps(body.get("response_format")):
+            return json.dumps(
+                {"actions": [{"op": "revise_rule", "id": "base.r1", "text": "Open containers."}]}
+            )
+        return scripted_reply(body)
+
+    _server, url = await start_llm(policy=policy)
+    initial = Module(instructions="Tidy the house.", rules=(Rule(id="base.r1", text="Be tidy."),))
+    async with _gw(url) as gateway:
+        result = await run(
+            make_trajectories(10),
+            gateway,
+            RunConfig(context_tokens=4096, subset_tokens=1800, module_tokens=700),
+            initial=initial,
+        )
+    assert result.module is not None
+    assert [r.text for r in result.module.rules] == ["Open containers."]
+    assert result.module.instructions == "Tidy the house."
+    (rule,) = result.module.rules
+    assert set(rule.subsets) == {n.id for n in _nodes(result, "leaf")}
+
+
+async def test_all_at_once_cuts_what_does_not_fit(start_llm: StartLLM) -> None:
+    server, url = await start_llm()
+    trajectories = make_trajectories(80)
+    config = RunConfig(strategy="all-at-once", context_tokens=3000, module_tokens=300, epochs=2)
+    result = await _run(url, trajectories, config, max_completion_tokens=512)
+    report = result.report
+    optimize = _optimize_requests(server.requests)
+    assert len(optimize) == 2
+    assert report.merge_tree == ()
+    included = set(_ids_in(optimize[0]))
+    assert report.cut_trajectories == len(trajectories) - len(included) > 0
+    counter = default_counter()
+    assert counter.count_messages(optimize[0].body["messages"]) <= 3000 - 512
+
+
+async def test_batch_is_sequential_over_one_module(start_llm: StartLLM) -> None:
+    server, url = await start_llm()
+    config = RunConfig(
+        strategy="batch", context_tokens=4096, subset_tokens=1600, module_tokens=700, epochs=2
+    )
+    result = await _run(url, make_trajectories(30), config)
+    report = result.report
+    optimize = _optimize_requests(server.requests)
+    assert len(optimize) == report.subsets * 2
+    assert server.max_in_flight == 1
+    assert report.llm_calls["merge"] == 0
+    assert report.failures == ()
+    assert result.module is not None
+    # One module, updated in turn: the scripted optimizer adds, then revises.
+    assert len(result.module.rules) == 6
+
+
+async def test_unreachable_endpoint_fails_the_run_with_a_report(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    state = RunState()
+    async with _gw("http://127.0.0.1:9/v1", retry_attempts=2) as gateway:
+        with pytest.raises(RunFailedError) as info:
+            await run(make_trajectories(10), gateway, RunConfig(), state=state)
+    assert info.value.result.module is None
+    assert info.value.result.report.status == "failed"
+    assert "ConnectError" in (info.value.result.report.error or "")
+
+
+async def test_all_optimize_calls_invalid_fails_the_run(start_llm: StartLLM) -> None:
+    _server, url = await start_llm(policy=lambda body: "no json here")
+    with pytest.raises(RunFailedError, match="every optimize call failed") as info:
+        await _run(url, make_trajectories(10), RunConfig(context_tokens=4096), max_reasks=1)
+    report = info.value.result.report
+    assert report.status == "failed"
+    assert report.failures
+    assert all(f.kind == "optimize" for f in report.failures)
+    assert report.llm_calls["reasks"] == report.llm_calls["optimize"] // 2
+
+
+async def test_statistics_snapshot_tracks_progress(start_llm: StartLLM) -> None:
+    _server, url = await start_llm()
+    state = RunState()
+    config = RunConfig(context_tokens=4096, subset_tokens=1600, module_tokens=700)
+    async with _gw(url) as gateway:
+        result = await run(make_trajectories(30), gateway, config, state=state)
+    stats = state.statistics()
+    assert stats.phase == "done"
+    assert stats.subsets_total == stats.subsets_done == result.report.subsets
+    assert stats.merges_done == stats.merges_expected == result.report.subsets - 1
