@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import sys
 from pathlib import Path
@@ -297,7 +298,7 @@ def _print_summary(result: RunResult, out: Path, report_path: Path) -> None:
     if r.failures:
         lines["failures"] = len(r.failures)
     for k, v in lines.items():
-        click.echo(f"{k}: {v}")
+        click.echo(f"{k}: {json.dumps(v) if isinstance(v, dict) else v}")
     structlog.get_logger().info("written", module=str(out), report=str(report_path))
 
 

@@ -17,7 +17,7 @@ import structlog
 import trio
 
 from ._errors import BudgetExhaustedError, LLMUnavailableError, UnitFailedError
-from ._forest import MergeForest, expected_merges
+from ._forest import MergeForest
 from ._gateway import LLMGateway
 from ._model import MergeNode, Module, RunReport, Status, Subset, Trajectory
 from ._partition import item_budget
@@ -136,18 +136,22 @@ async def _run_fgo(
 ) -> tuple[Module, str | None]:
     module_tokens, budget = _item_budget(gateway, config, initial)
     forest = MergeForest(config.fan_in, eager=config.eager_merge)
+    state.fan_in = config.fan_in
     workers = config.optimizers or gateway.config.max_concurrency
     subsets_send, subsets_recv = trio.open_memory_channel[Subset](0)
     leaves_send, leaves_recv = trio.open_memory_channel[MergeNode](workers)
     async with trio.open_nursery() as nursery:
         nursery.start_soon(
-            _partition_then_count,
-            trajectories,
-            subsets_send,
-            gateway,
-            budget,
-            config,
-            state,
+            functools.partial(
+                partitioner,
+                trajectories,
+                subsets_send,
+                counter=gateway.counter,
+                item_budget=budget,
+                seed=config.seed,
+                group_key=config.group_key,
+                state=state,
+            ),
             name="partitioner",
         )
         with subsets_recv, leaves_send:
@@ -179,27 +183,6 @@ async def _run_fgo(
     if root is None:
         return initial, None
     return state.nodes[root].module, root
-
-
-async def _partition_then_count(
-    trajectories: Sequence[Trajectory],
-    out: trio.MemorySendChannel[Subset],
-    gateway: LLMGateway,
-    budget: int,
-    config: RunConfig,
-    state: RunState,
-) -> None:
-    await partitioner(
-        trajectories,
-        out,
-        counter=gateway.counter,
-        item_budget=budget,
-        seed=config.seed,
-        group_key=config.group_key,
-        state=state,
-    )
-    if state.subsets_total is not None:
-        state.merges_expected = expected_merges(state.subsets_total, config.fan_in)
 
 
 async def _run_batch(

@@ -86,6 +86,7 @@ class RunState:
     subsets_done: int = 0
     merges_done: int = 0
     merges_expected: int | None = None
+    fan_in: int = 2
     truncated: int = 0
     cut: int | None = None
     nodes: dict[str, MergeNode] = attrs.field(factory=dict)
@@ -105,6 +106,10 @@ class RunState:
         structlog.get_logger().warning("unit_failed", unit=unit, kind=kind, error=message[:500])
 
     def statistics(self) -> RunStatistics:
+        if self.merges_expected is None and self.subsets_total is not None:
+            from ._forest import expected_merges
+
+            self.merges_expected = expected_merges(self.subsets_total, self.fan_in)
         return RunStatistics(
             phase=self.phase,
             subsets_total=self.subsets_total,
