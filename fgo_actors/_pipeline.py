@@ -315,5 +315,13 @@ def _report(
         merge_tree=tuple(sorted(state.nodes.values(), key=lambda n: n.started_at)),
         root=root,
         failures=tuple(state.failures),
-        config=config.to_json(),
+        config={
+            **config.to_json(),
+            "model": gateway.config.model,
+            "base_url": gateway.config.base_url,
+            "max_concurrency": gateway.config.max_concurrency,
+            "structured_output": gateway.config.structured_output,
+            "max_completion_tokens": gateway.config.max_completion_tokens,
+            "token_encoding": gateway.counter.encoding_name,
+        },
     )

@@ -27,7 +27,7 @@ from fgo_actors import (
 )
 from fgo_actors._forest import expected_merges
 from fgo_actors._schemas import schema_error
-from fgo_actors.testing import RecordedRequest, scripted_reply
+from fgo_actors.testing import Fault, RecordedRequest, scripted_reply
 
 from .conftest import StartLLM, make_trajectories
 
@@ -313,3 +313,28 @@ async def test_statistics_snapshot_tracks_progress(start_llm: StartLLM) -> None:
     assert stats.phase == "done"
     assert stats.subsets_total == stats.subsets_done == result.report.subsets
     assert stats.merges_done == stats.merges_expected == result.report.subsets - 1
+
+
+async def test_reasked_prompts_stay_within_the_subset_budget(start_llm: StartLLM) -> None:
+    long_error = "x" * 5000  # not JSON: the parse error quotes nothing, but it is re-asked
+    server, url = await start_llm(faults=[Fault(content=long_error)] * 4)
+    config = RunConfig(context_tokens=4096, subset_tokens=1200, module_tokens=300)
+    result = await _run(url, make_trajectories(20, words=30), config, max_concurrency=1)
+    optimize = _optimize_requests(server.requests)
+    assert result.report.llm_calls["reasks"] >= 2
+    counter = default_counter()
+    assert max(counter.count_messages(r.body["messages"]) for r in optimize) <= 1200
+    assert any(len(r.body["messages"]) == 3 for r in optimize)
+
+
+async def test_check_errors_are_reasked_with_their_message(start_llm: StartLLM) -> None:
+    bad = json.dumps({"actions": [{"op": "remove_rule", "id": "nope.r9"}]})
+    server, url = await start_llm(faults=[Fault(content=bad)])
+    config = RunConfig(context_tokens=4096, subset_tokens=1600, module_tokens=700)
+    result = await _run(url, make_trajectories(8), config, max_concurrency=1)
+    assert result.report.status == "ok"
+    reask = server.requests[1].body["messages"][-1]["content"]
+    assert "unknown rule id 'nope.r9'" in reask
+    # The rejected action was not applied silently, and the retry's edit was.
+    assert result.module is not None
+    assert result.module.rules
