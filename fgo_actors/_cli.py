@@ -206,7 +206,7 @@ def optimize(
     """
     interactive = sys.stderr.isatty() and not log_json
     configure_logging(json=not interactive, level="warning" if interactive else "info")
-    err = Console(stderr=True)
+    err = Console(stderr=True, soft_wrap=True)
     report_path = report_path or out.with_name(out.stem + ".report.json")
 
     try:
@@ -250,7 +250,9 @@ def optimize(
         err.print(f"[bold red]error:[/] {e}", highlight=False)
         sys.exit(EXIT_BAD_INPUT)
 
-    async def go() -> RunResult:
+    async def go() -> RunResult | RunFailedError | ValueError:
+        # Expected failures are returned, not raised: raised inside the nursery
+        # they would reach trio.run wrapped in an ExceptionGroup.
         state = RunState()
         async with LLMGateway(gw_config) as gateway, trio.open_nursery() as nursery:
             if interactive:
@@ -259,11 +261,16 @@ def optimize(
                 nursery.start_soon(log_progress, state, gateway)
             try:
                 return await run(data, gateway, config, initial=initial, state=state)
+            except (RunFailedError, ValueError) as e:
+                return e
             finally:
                 nursery.cancel_scope.cancel()
 
+    outcome = trio.run(go)
     try:
-        result = trio.run(go)
+        if isinstance(outcome, BaseException):
+            raise outcome
+        result = outcome
     except RunFailedError as e:
         atomic_write_json(report_path, e.result.report.to_json())
         err.print(f"[bold red]LLM failure:[/] {e}", highlight=False)

@@ -83,7 +83,7 @@ def apply_actions(
                 f"known ids: {sorted(known_traj)[:20]}"
             )
             return None
-        return tuple(evidence)
+        return _union(evidence)
 
     for i, action in enumerate(actions):
         op = action.get("op")
@@ -91,6 +91,9 @@ def apply_actions(
             instructions = str(action["text"])
         elif op == "add_rule":
             text = str(action["text"]).strip()
+            if not text:
+                errors.append(f"actions[{i}]: add_rule text is empty")
+                continue
             dup = next((r.id for r in rules.values() if _norm(r.text) == _norm(text)), None)
             if dup is not None:
                 errors.append(
@@ -112,12 +115,26 @@ def apply_actions(
                     f"existing ids: {list(rules)}"
                 )
                 continue
+            text = str(action["text"]).strip()
+            if not text:
+                errors.append(f"actions[{i}]: revise_rule text is empty; use remove_rule")
+                continue
+            dup = next(
+                (r.id for r in rules.values() if r.id != rid and _norm(r.text) == _norm(text)),
+                None,
+            )
+            if dup is not None:
+                errors.append(
+                    f"actions[{i}]: revise_rule would make {rid!r} repeat rule {dup!r}; "
+                    "remove one of them instead"
+                )
+                continue
             ev = evidence_of(i, action)
             if ev is None:
                 continue
             rules[rid] = attrs.evolve(
                 old,
-                text=str(action["text"]).strip(),
+                text=text,
                 subsets=_union(old.subsets, (subset_id,)),
                 trajectories=_union(old.trajectories, ev),
             )
@@ -199,12 +216,16 @@ def apply_merge(
                 f"the children's rule ids are: {sorted(by_id)}"
             )
             continue
+        text = str(item["text"]).strip()
+        if not text:
+            errors.append(f"rules[{i}].text is empty")
+            continue
         referenced.update(sources)
         src_rules = [r for s in sources for r in by_id[s]]
         rules.append(
             Rule(
                 id=f"{node_id}.r{len(rules) + 1}",
-                text=str(item["text"]).strip(),
+                text=text,
                 subsets=_union(*(r.subsets for r in src_rules)),
                 trajectories=_union(*(r.trajectories for r in src_rules)),
                 merged_from=tuple(dict.fromkeys(sources)),
@@ -247,7 +268,9 @@ def union_merge(children: Sequence[Module], *, node_id: str) -> Module:
         )
         for i, group in enumerate(merged.values(), start=1)
     )
-    instructions = list(dict.fromkeys(c.instructions.strip() for c in children if c.instructions))
+    instructions = list(
+        dict.fromkeys(c.instructions.strip() for c in children if c.instructions.strip())
+    )
     functions: dict[str, FunctionSpec] = {}
     for child in children:
         for f in child.functions:

@@ -98,6 +98,12 @@ def load_module(path: str | os.PathLike[str]) -> Module:
     return Module.from_json(obj, path=name)
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 def atomic_write_json(path: str | os.PathLike[str], obj: Any) -> None:
     """Write JSON to ``path`` via a temporary file in the same folder and a rename.
 
@@ -107,6 +113,8 @@ def atomic_write_json(path: str | os.PathLike[str], obj: Any) -> None:
     target.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
     try:
+        # mkstemp makes the file 0600; give it the mode a plain open() would.
+        os.fchmod(fd, 0o666 & ~_umask())
         with os.fdopen(fd, "w", encoding="utf-8") as f:
             json.dump(obj, f, indent=2, ensure_ascii=False)
             f.write("\n")

@@ -96,13 +96,22 @@ def pack(sizes: Sequence[int], budget: int) -> list[range]:
     return [range(bounds[i], bounds[i + 1]) for i in range(len(starts))]
 
 
-def item_budget(subset_tokens: int, overhead_tokens: int) -> int:
+MIN_ITEM_ROOM = 64
+
+
+def item_budget(
+    subset_tokens: int,
+    overhead_tokens: int,
+    *,
+    what: str = "the subset budget",
+    fix: str = "raise --subset-tokens/--context-tokens or lower --module-tokens",
+) -> int:
     """Tokens left for trajectories once template, module and re-ask room are set aside."""
     room = subset_tokens - overhead_tokens
-    if room < 64:
+    if room < MIN_ITEM_ROOM:
         raise ValueError(
-            f"the subset budget ({subset_tokens} tokens) leaves only {room} tokens for "
-            f"trajectories after the prompt template and module ({overhead_tokens} tokens); "
-            "raise --subset-tokens/--context-tokens or lower --module-tokens"
+            f"{what} ({subset_tokens} tokens) leaves only {room} tokens for trajectories "
+            f"after the prompt template, module cap and re-ask room ({overhead_tokens} tokens); "
+            f"{fix}"
         )
     return room

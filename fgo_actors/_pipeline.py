@@ -232,7 +232,15 @@ async def _run_all_at_once(
     """Baseline: one prompt per epoch with every trajectory that fits the context."""
     module_tokens = max(config.module_budget, 0)
     overhead = optimize_overhead_tokens(gateway.counter, module_tokens)
-    room = item_budget(config.context_tokens - gateway.config.max_completion_tokens, overhead)
+    room = item_budget(
+        config.context_tokens - gateway.config.max_completion_tokens,
+        overhead,
+        what=(
+            f"--context-tokens ({config.context_tokens}) minus --max-completion-tokens "
+            f"({gateway.config.max_completion_tokens})"
+        ),
+        fix="raise --context-tokens or lower --max-completion-tokens/--module-tokens",
+    )
     state.phase = "partitioning"
     rendered = await render_all(
         trajectories, gateway.counter, room - PER_ITEM_SLACK, config.group_key

@@ -94,6 +94,10 @@ def group_key_of(traj: Trajectory, key: str) -> str:
     return ""
 
 
+# Below this a trajectory cannot even be cut down to a marker.
+MIN_RENDER_TOKENS = 16
+
+
 def render_trajectory(
     traj: Trajectory, counter: TokenCounter, max_tokens: int, *, group_key: str = "task_type"
 ) -> RenderedTrajectory:
@@ -102,6 +106,8 @@ def render_trajectory(
     The header (id, task) and the outcome are always kept; steps keep their
     head and tail.
     """
+    if max_tokens < MIN_RENDER_TOKENS:
+        raise ValueError(f"max_tokens must be at least {MIN_RENDER_TOKENS}, got {max_tokens}")
     header = f"### Trajectory {traj.id}\nTask: {traj.task}"
     if traj.task_type:
         header += f"\nTask type: {traj.task_type}"

@@ -1,0 +1,393 @@
+"""Tests for the pure merge scheduler (MergeForest), including a stateful model test."""
+
+from __future__ import annotations
+
+import math
+from collections import Counter
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from hypothesis.stateful import (
+    RuleBasedStateMachine,
+    initialize,
+    invariant,
+    precondition,
+    rule,
+)
+
+from fgo_actors import MergeForest, MergeJob
+from fgo_actors._forest import expected_merges
+
+
+def drain(forest: MergeForest, jobs: list[MergeJob], *, lifo: bool = False) -> list[MergeJob]:
+    """Complete jobs (and the jobs they unlock) until none are in flight; return all of them."""
+    seen: list[MergeJob] = []
+    pending = list(jobs)
+    while pending:
+        job = pending.pop() if lifo else pending.pop(0)
+        seen.append(job)
+        pending.extend(forest.complete(job))
+    return seen
+
+
+def leaves_under(node: str, children: dict[str, tuple[str, ...]]) -> list[str]:
+    if node not in children:
+        return [node]
+    return [leaf for c in children[node] for leaf in leaves_under(c, children)]
+
+
+class ForestMachine(RuleBasedStateMachine):
+    """Drives a MergeForest one event at a time and checks it against a simple model."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fan_in = 2
+        self.eager = True
+        self.forest = MergeForest(2)
+        self.closed = False
+        self.leaves: list[str] = []
+        # Trees not being merged, with their rank.
+        self.available: dict[str, int] = {}
+        self.in_flight: dict[str, MergeJob] = {}
+        # Every tree made by a merge -> its children (a job's id or the node id given).
+        self.tree_children: dict[str, tuple[str, ...]] = {}
+        self.job_ids: set[str] = set()
+        self.used_as_child: set[str] = set()
+        self.merges_done = 0
+
+    @initialize(fan_in=st.integers(min_value=2, max_value=4), eager=st.booleans())
+    def start(self, fan_in: int, eager: bool) -> None:
+        self.fan_in = fan_in
+        self.eager = eager
+        self.forest = MergeForest(fan_in, eager=eager)
+
+    # -- bookkeeping -------------------------------------------------------
+    def receive(self, jobs: list[MergeJob]) -> None:
+        if not self.eager and not self.closed:
+            assert jobs == [], "a lazy forest must not merge before close()"
+        for job in jobs:
+            assert 2 <= len(job.children) <= self.fan_in, job
+            assert len(set(job.children)) == len(job.children), job
+            assert job.id not in self.job_ids, f"job id {job.id} reused"
+            assert job.id not in self.leaves
+            if len(job.children) < self.fan_in:
+                # A partial merge only folds the end of input, and only when no merge in
+                # flight could still supply another partner.
+                assert self.closed, job
+                assert not self.in_flight, (job, self.in_flight)
+            self.job_ids.add(job.id)
+            ranks = []
+            for child in job.children:
+                assert child not in self.used_as_child, f"{child} merged twice"
+                assert child in self.available, f"{child} is not an available tree"
+                ranks.append(self.available.pop(child))
+                self.used_as_child.add(child)
+            assert job.rank == max(ranks) + 1, (job, ranks)
+            self.in_flight[job.id] = job
+
+    # -- rules -------------------------------------------------------------
+    @precondition(lambda self: not self.closed)
+    @rule()
+    def add_leaf(self) -> None:
+        leaf = f"leaf{len(self.leaves)}"
+        self.leaves.append(leaf)
+        self.available[leaf] = 0
+        self.receive(self.forest.add_leaf(leaf))
+
+    @precondition(lambda self: bool(self.in_flight))
+    @rule(index=st.integers(min_value=0), rename=st.booleans())
+    def complete(self, index: int, rename: bool) -> None:
+        job = list(self.in_flight.values())[index % len(self.in_flight)]
+        del self.in_flight[job.id]
+        node = f"node-{job.id}" if rename else job.id
+        self.tree_children[node] = job.children
+        self.available[node] = job.rank
+        self.merges_done += 1
+        self.receive(self.forest.complete(job, node if rename else None))
+
+    @rule()
+    def close(self) -> None:
+        self.closed = True
+        self.receive(self.forest.close())
+
+    # -- invariants --------------------------------------------------------
+    @invariant()
+    def matches_model(self) -> None:
+        assert Counter(self.forest.trees()) == Counter(list(self.available))
+        assert {j.id for j in self.forest.in_flight()} == set(self.in_flight)
+        stats = self.forest.statistics()
+        assert stats.trees == len(self.available)
+        assert stats.in_flight == len(self.in_flight)
+        assert stats.merges_started == len(self.job_ids)
+        assert stats.merges_done == self.merges_done
+        assert stats.closed == self.closed
+
+    @invariant()
+    def trees_listed_lowest_rank_first(self) -> None:
+        ranks = [self.available[t] for t in self.forest.trees()]
+        assert ranks == sorted(ranks)
+
+    @invariant()
+    def carries_happen_eagerly(self) -> None:
+        if self.eager or self.closed:
+            per_rank = Counter(self.available.values())
+            assert all(n < self.fan_in for n in per_rank.values()), per_rank
+
+    @invariant()
+    def fold_makes_progress_after_close(self) -> None:
+        if self.closed:
+            n = len(self.available)
+            # Only a lone tree, or a few trees waiting for a merge in flight, may wait.
+            assert n <= 1 or (self.in_flight and n < self.fan_in), (n, self.in_flight)
+            assert self.forest.done == (not self.in_flight and n <= 1)
+        else:
+            assert not self.forest.done
+
+    def teardown(self) -> None:
+        if not self.closed:
+            self.close()
+        while self.in_flight:
+            self.complete(0, False)
+            self.matches_model()
+            self.fold_makes_progress_after_close()
+        assert self.forest.done
+        root = self.forest.root()
+        n = len(self.leaves)
+        if n == 0:
+            assert root is None
+            assert self.merges_done == 0
+            return
+        assert root is not None
+        assert self.forest.trees() == [root]
+        assert list(self.available) == [root]
+        under = leaves_under(root, self.tree_children)
+        assert sorted(under) == sorted(self.leaves)
+        assert len(under) == len(set(under))
+        # Every tree except the root was a child of exactly one merge.
+        assert self.used_as_child == (set(self.leaves) | set(self.tree_children)) - {root}
+        if self.fan_in == 2:
+            assert self.merges_done == n - 1
+        else:
+            assert math.ceil((n - 1) / (self.fan_in - 1)) <= self.merges_done <= n - 1
+
+
+TestForestMachine = settings(max_examples=150, stateful_step_count=40, deadline=None)(
+    ForestMachine
+).TestCase
+
+
+# -- plain unit tests ----------------------------------------------------------
+
+
+def test_eager_merge_as_soon_as_fan_in_leaves_exist() -> None:
+    forest = MergeForest(2)
+    assert forest.add_leaf("a") == []
+    jobs = forest.add_leaf("b")
+    assert jobs == [MergeJob(id="m1", children=("a", "b"), rank=1)]
+    assert forest.in_flight() == jobs
+    assert forest.trees() == []
+
+
+def test_eager_fan_in_three_waits_for_three() -> None:
+    forest = MergeForest(3)
+    assert forest.add_leaf("a") == []
+    assert forest.add_leaf("b") == []
+    jobs = forest.add_leaf("c")
+    assert len(jobs) == 1
+    assert jobs[0].children == ("a", "b", "c")
+    assert jobs[0].rank == 1
+
+
+def test_eager_carry_chains_like_a_binary_counter() -> None:
+    forest = MergeForest(2)
+    forest.add_leaf("a")
+    [j1] = forest.add_leaf("b")
+    assert forest.complete(j1) == []
+    forest.add_leaf("c")
+    [j2] = forest.add_leaf("d")
+    [j3] = forest.complete(j2)  # two rank-1 trees carry into rank 2
+    assert j3.children == (j1.id, j2.id)
+    assert j3.rank == 2
+    assert forest.close() == []
+    assert forest.complete(j3) == []
+    assert forest.done
+    assert forest.root() == j3.id
+
+
+def test_lazy_forest_merges_only_after_close() -> None:
+    forest = MergeForest(2, eager=False)
+    for i in range(5):
+        assert forest.add_leaf(f"l{i}") == []
+    assert forest.in_flight() == []
+    jobs = forest.close()
+    assert jobs
+    done = drain(forest, jobs)
+    assert forest.done
+    assert len(done) == 4
+    assert forest.root() is not None
+
+
+def test_fold_waits_for_in_flight_partner() -> None:
+    forest = MergeForest(2)
+    forest.add_leaf("a")
+    [j1] = forest.add_leaf("b")
+    forest.add_leaf("c")
+    # "c" is alone but a merge is in flight: wait for it rather than merge "c" alone.
+    assert forest.close() == []
+    assert not forest.done
+    [j2] = forest.complete(j1)
+    assert set(j2.children) == {"c", j1.id}
+    assert forest.complete(j2) == []
+    assert forest.root() == j2.id
+
+
+def test_fold_fan_in_three_waits_for_a_third_partner() -> None:
+    forest = MergeForest(3)
+    forest.add_leaf("a")
+    forest.add_leaf("b")
+    [j1] = forest.add_leaf("c")
+    forest.add_leaf("d")
+    forest.add_leaf("e")
+    # Two trees are left but a merge is in flight: merge all three once it lands.
+    assert forest.close() == []
+    [j2] = forest.complete(j1)
+    assert j2.children == ("d", "e", j1.id)
+    assert j2.rank == 2
+    assert forest.complete(j2) == []
+    assert forest.root() == j2.id
+
+
+def test_complete_with_custom_node_id() -> None:
+    forest = MergeForest(2)
+    forest.add_leaf("a")
+    [job] = forest.add_leaf("b")
+    forest.close()
+    assert forest.complete(job, "merged-ab") == []
+    assert forest.root() == "merged-ab"
+
+
+def test_close_without_leaves() -> None:
+    forest = MergeForest(2)
+    assert forest.close() == []
+    assert forest.done
+    assert forest.root() is None
+
+
+def test_single_leaf_is_the_root() -> None:
+    forest = MergeForest(3)
+    forest.add_leaf("only")
+    assert forest.close() == []
+    assert forest.root() == "only"
+
+
+def test_complete_unknown_job_raises_key_error() -> None:
+    forest = MergeForest(2)
+    with pytest.raises(KeyError, match="nope"):
+        forest.complete(MergeJob(id="nope", children=("a", "b"), rank=1))
+
+
+def test_complete_twice_raises_key_error() -> None:
+    forest = MergeForest(2)
+    forest.add_leaf("a")
+    [job] = forest.add_leaf("b")
+    forest.complete(job)
+    with pytest.raises(KeyError, match="m1"):
+        forest.complete(job)
+
+
+def test_add_leaf_after_close_raises() -> None:
+    forest = MergeForest(2)
+    forest.add_leaf("a")
+    forest.close()
+    with pytest.raises(RuntimeError, match="after close"):
+        forest.add_leaf("b")
+
+
+@pytest.mark.parametrize("fan_in", [1, 0, -3])
+def test_fan_in_below_two_rejected(fan_in: int) -> None:
+    with pytest.raises(ValueError, match="fan_in"):
+        MergeForest(fan_in)
+
+
+def test_root_before_done_raises() -> None:
+    forest = MergeForest(2)
+    forest.add_leaf("a")
+    with pytest.raises(RuntimeError, match="not finished"):
+        forest.root()
+
+
+def test_id_prefix() -> None:
+    forest = MergeForest(2, id_prefix="e1-m")
+    forest.add_leaf("a")
+    [job] = forest.add_leaf("b")
+    assert job.id == "e1-m1"
+
+
+# -- whole runs in random completion orders -------------------------------------
+
+
+@settings(max_examples=150, deadline=None)
+@given(
+    n=st.integers(min_value=0, max_value=40),
+    fan_in=st.integers(min_value=2, max_value=4),
+    eager=st.booleans(),
+    completions=st.lists(st.booleans(), min_size=1, max_size=40),
+    lifo=st.booleans(),
+)
+def test_every_run_ends_in_one_root_over_all_leaves(
+    n: int, fan_in: int, eager: bool, completions: list[bool], lifo: bool
+) -> None:
+    forest = MergeForest(fan_in, eager=eager)
+    children: dict[str, tuple[str, ...]] = {}
+    pending: list[MergeJob] = []
+    leaves = [f"x{i}" for i in range(n)]
+    for i, leaf in enumerate(leaves):
+        pending.extend(forest.add_leaf(leaf))
+        if completions[i % len(completions)] and pending:
+            job = pending.pop() if lifo else pending.pop(0)
+            children[job.id] = job.children
+            pending.extend(forest.complete(job))
+    if not eager:
+        assert forest.statistics().merges_started == 0
+    pending.extend(forest.close())
+    for job in drain(forest, pending, lifo=lifo):
+        children[job.id] = job.children
+        assert 2 <= len(job.children) <= fan_in
+    assert forest.done
+    root = forest.root()
+    if n == 0:
+        assert root is None
+        return
+    assert root is not None
+    assert sorted(leaves_under(root, children)) == sorted(leaves)
+    stats = forest.statistics()
+    assert stats.merges_started == stats.merges_done == len(children)
+    if fan_in == 2:
+        assert len(children) == n - 1
+    all_children = [c for cs in children.values() for c in cs]
+    assert len(all_children) == len(set(all_children))
+
+
+# -- expected_merges ----------------------------------------------------------------
+
+
+@pytest.mark.parametrize("n", [0, 1, 2, 3, 7, 8, 33])
+def test_expected_merges_binary(n: int) -> None:
+    assert expected_merges(n) == max(n - 1, 0)
+    assert expected_merges(n, 2) == max(n - 1, 0)
+
+
+@settings(max_examples=100, deadline=None)
+@given(n=st.integers(min_value=1, max_value=200), fan_in=st.integers(min_value=2, max_value=6))
+def test_expected_merges_bounds(n: int, fan_in: int) -> None:
+    merges = expected_merges(n, fan_in)
+    assert math.ceil((n - 1) / (fan_in - 1)) <= merges <= n - 1
+
+
+@pytest.mark.parametrize(
+    ("n", "fan_in", "merges"),
+    [(9, 3, 4), (16, 4, 5), (27, 3, 13), (64, 4, 21), (125, 5, 31), (5, 4, 2)],
+)
+def test_expected_merges_examples(n: int, fan_in: int, merges: int) -> None:
+    assert expected_merges(n, fan_in) == merges

@@ -1,0 +1,401 @@
+"""Property tests for the pure partition logic, subset packing and trajectory rendering."""
+
+from __future__ import annotations
+
+import itertools
+import re
+from collections import Counter
+from collections.abc import Sequence
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from fgo_actors import Outcome, Step, Trajectory, default_counter
+from fgo_actors._model import RenderedTrajectory
+from fgo_actors._partition import interleave, item_budget, order_for_packing, pack
+from fgo_actors._prompts import MIN_RENDER_TOKENS, PER_ITEM_SLACK, render_trajectory
+from fgo_actors.actors.partitioner import make_subsets
+
+SETTINGS = settings(max_examples=150, deadline=None)
+
+
+# -- helpers -----------------------------------------------------------------
+
+
+def plain_next_fit_bins(sizes: Sequence[int], budget: int) -> int:
+    """Reference next-fit: open a new bin whenever the next item does not fit."""
+    bins = 0
+    used = 0
+    for s in sizes:
+        if bins == 0 or used + s > budget:
+            bins += 1
+            used = 0
+        used += s
+    return bins
+
+
+def assert_runs_cover(runs: Sequence[range], n: int) -> None:
+    """Every index 0..n-1 in exactly one run, in order, runs contiguous and non-empty."""
+    flat = [i for run in runs for i in run]
+    assert flat == list(range(n))
+    for run in runs:
+        assert run.step == 1
+        assert len(run) >= 1
+    for a, b in itertools.pairwise(runs):
+        assert a.stop == b.start
+
+
+def assert_stratified(flags: Sequence[bool], total_successes: int) -> None:
+    """Each prefix holds successes in about the overall ratio (off by at most one)."""
+    n = len(flags)
+    if n == 0:
+        return
+    ratio = total_successes / n
+    seen = 0
+    for k, flag in enumerate(flags, start=1):
+        seen += flag
+        assert abs(seen - k * ratio) <= 1, (k, seen, k * ratio, flags)
+
+
+@st.composite
+def sizes_and_budget(draw: st.DrawFn, max_size: int = 80) -> tuple[list[int], int]:
+    budget = draw(st.integers(min_value=1, max_value=400))
+    sizes = draw(st.lists(st.integers(min_value=0, max_value=budget), max_size=max_size))
+    return sizes, budget
+
+
+rendered_items = st.lists(
+    st.tuples(
+        st.sampled_from(["", "alpha", "beta", "gamma"]),
+        st.booleans(),
+        st.integers(min_value=0, max_value=300),
+    ),
+    max_size=60,
+).map(
+    lambda rows: [
+        RenderedTrajectory(id=f"t{i}", text=f"text {i}", tokens=tok, success=ok, group=g)
+        for i, (g, ok, tok) in enumerate(rows)
+    ]
+)
+
+
+# -- interleave --------------------------------------------------------------
+
+
+@SETTINGS
+@given(n_s=st.integers(min_value=0, max_value=60), n_f=st.integers(min_value=0, max_value=60))
+def test_interleave_is_an_order_preserving_stratified_merge(n_s: int, n_f: int) -> None:
+    successes = [f"s{i}" for i in range(n_s)]
+    failures = [f"f{i}" for i in range(n_f)]
+    out = interleave(successes, failures)
+    assert len(out) == n_s + n_f
+    assert Counter(out) == Counter(successes + failures)
+    # Each input keeps its own order.
+    assert [x for x in out if x.startswith("s")] == successes
+    assert [x for x in out if x.startswith("f")] == failures
+    assert_stratified([x.startswith("s") for x in out], n_s)
+
+
+def test_interleave_examples() -> None:
+    assert interleave([], []) == []
+    assert interleave(["s"], []) == ["s"]
+    assert interleave([], ["f1", "f2"]) == ["f1", "f2"]
+    assert interleave(["s1", "s2"], ["f1", "f2"]) in (
+        ["s1", "f1", "s2", "f2"],
+        ["f1", "s1", "f2", "s2"],
+    )
+    out = interleave(["s1"], ["f1", "f2", "f3", "f4", "f5", "f6", "f7", "f8"])
+    # One success among nine goes in the middle, not at an end.
+    assert 2 <= out.index("s1") <= 6
+
+
+# -- order_for_packing -------------------------------------------------------
+
+
+@SETTINGS
+@given(items=rendered_items, seed=st.integers(min_value=0, max_value=2**32))
+def test_order_for_packing_is_a_grouped_stratified_permutation(
+    items: list[RenderedTrajectory], seed: int
+) -> None:
+    out = order_for_packing(items, seed)
+    assert sorted(i.id for i in out) == sorted(i.id for i in items)
+    assert Counter(out) == Counter(items)
+
+    # Groups are contiguous and appear in sorted order.
+    groups_in_order = [
+        g for k, g in enumerate(i.group for i in out) if k == 0 or out[k - 1].group != g
+    ]
+    assert len(groups_in_order) == len(set(groups_in_order))
+    assert groups_in_order == sorted(groups_in_order)
+
+    # Within a group, outcomes are stratified.
+    for g in set(groups_in_order):
+        members = [i.success for i in out if i.group == g]
+        assert_stratified(members, sum(members))
+
+    # Deterministic for a seed.
+    assert order_for_packing(items, seed) == out
+
+
+def test_order_for_packing_seed_only_shuffles_within_outcome() -> None:
+    items = [
+        RenderedTrajectory(id=f"t{i}", text="", tokens=1, success=i % 2 == 0, group="g")
+        for i in range(20)
+    ]
+    a = order_for_packing(items, 1)
+    b = order_for_packing(items, 2)
+    assert [i.success for i in a] == [i.success for i in b]
+    assert a != b
+
+
+# -- pack --------------------------------------------------------------------
+
+
+@SETTINGS
+@given(sb=sizes_and_budget())
+def test_pack_covers_every_index_once_within_budget(sb: tuple[list[int], int]) -> None:
+    sizes, budget = sb
+    runs = pack(sizes, budget)
+    assert_runs_cover(runs, len(sizes))
+    for run in runs:
+        assert sum(sizes[i] for i in run) <= budget
+    assert len(runs) <= plain_next_fit_bins(sizes, budget)
+    # Next-fit on a fixed order is optimal for contiguous runs, so no fewer either.
+    assert len(runs) == plain_next_fit_bins(sizes, budget)
+
+
+def test_pack_balances_the_last_subset() -> None:
+    runs = pack([10] * 11, 100)
+    assert_runs_cover(runs, 11)
+    assert sorted(len(r) for r in runs) == [5, 6]
+
+
+def test_pack_edge_cases() -> None:
+    assert pack([], 10) == []
+    assert pack([10], 10) == [range(0, 1)]
+    assert pack([0, 0, 0], 1) == [range(0, 3)]
+    assert pack([5, 5, 5], 5) == [range(0, 1), range(1, 2), range(2, 3)]
+
+
+@SETTINGS
+@given(sb=sizes_and_budget(max_size=20), extra=st.integers(min_value=1, max_value=50))
+def test_pack_rejects_an_item_larger_than_the_budget(sb: tuple[list[int], int], extra: int) -> None:
+    sizes, budget = sb
+    sizes = [*sizes, budget + extra]
+    with pytest.raises(ValueError, match="larger than the budget"):
+        pack(sizes, budget)
+
+
+@pytest.mark.parametrize("budget", [0, -1])
+def test_pack_rejects_a_nonpositive_budget(budget: int) -> None:
+    with pytest.raises(ValueError, match="budget must be positive"):
+        pack([], budget)
+
+
+# -- item_budget -------------------------------------------------------------
+
+
+@SETTINGS
+@given(
+    subset=st.integers(min_value=0, max_value=200_000),
+    overhead=st.integers(min_value=0, max_value=200_000),
+)
+def test_item_budget(subset: int, overhead: int) -> None:
+    if subset - overhead >= 64:
+        assert item_budget(subset, overhead) == subset - overhead
+    else:
+        with pytest.raises(ValueError, match=str(subset)):
+            item_budget(subset, overhead)
+
+
+def test_item_budget_boundary() -> None:
+    assert item_budget(1064, 1000) == 64
+    with pytest.raises(ValueError, match="leaves only 63 tokens"):
+        item_budget(1063, 1000)
+
+
+# -- make_subsets ------------------------------------------------------------
+
+
+@SETTINGS
+@given(
+    items=rendered_items,
+    headroom=st.integers(min_value=0, max_value=1500),
+    seed=st.integers(min_value=0, max_value=1000),
+)
+def test_make_subsets_covers_every_trajectory_once(
+    items: list[RenderedTrajectory], headroom: int, seed: int
+) -> None:
+    budget = max((i.tokens for i in items), default=0) + PER_ITEM_SLACK + headroom
+    subsets = make_subsets(items, budget, seed)
+
+    ids = [t.id for s in subsets for t in s.items]
+    assert sorted(ids) == sorted(i.id for i in items)
+    assert len(ids) == len(set(ids))
+    # The subsets are consecutive slices of the packing order.
+    assert [t for s in subsets for t in s.items] == order_for_packing(items, seed)
+
+    for s in subsets:
+        assert s.items
+        assert sum(t.tokens + PER_ITEM_SLACK for t in s.items) <= budget
+
+    subset_ids = [s.id for s in subsets]
+    assert len(subset_ids) == len(set(subset_ids))
+    width = max(3, len(str(len(subsets))))
+    assert subset_ids == [f"s{n:0{width}d}" for n in range(1, len(subsets) + 1)]
+
+
+def test_make_subsets_ids_widen_past_999() -> None:
+    items = [
+        RenderedTrajectory(id=f"t{i}", text="", tokens=10, success=True, group="")
+        for i in range(1000)
+    ]
+    subsets = make_subsets(items, 10 + PER_ITEM_SLACK, seed=0)
+    assert len(subsets) == 1000
+    assert subsets[0].id == "s0001"
+    assert subsets[-1].id == "s1000"
+
+
+def test_make_subsets_rejects_an_item_over_budget() -> None:
+    items = [
+        RenderedTrajectory(id="a", text="", tokens=10, success=True, group=""),
+        RenderedTrajectory(id="b", text="", tokens=100, success=False, group=""),
+    ]
+    with pytest.raises(ValueError, match="larger than the budget"):
+        make_subsets(items, 100, seed=0)  # 100 + slack > 100
+    assert [t.id for s in make_subsets(items, 100 + PER_ITEM_SLACK, 0) for t in s.items] in (
+        ["a", "b"],
+        ["b", "a"],
+    )
+
+
+# -- render_trajectory -------------------------------------------------------
+
+COUNTER = default_counter()
+
+# Words, digits, punctuation and some multi-byte characters (no surrogates).
+TEXT_ALPHABET = st.sampled_from(list("abcdefghij KLMNO 0123456789 .,;:!?-_()[]{}\"'\né漢字🙂\t"))
+texts = st.text(alphabet=TEXT_ALPHABET, max_size=200)
+words = st.lists(
+    st.sampled_from(["search", "the", "file", "error", "retry", "ok", "42", "é", "漢字", "🙂"]),
+    max_size=60,
+).map(" ".join)
+
+steps = st.lists(
+    st.builds(
+        Step,
+        role=st.sampled_from(["system", "user", "assistant", "tool"]),
+        content=st.one_of(st.none(), texts, words),
+        name=st.one_of(st.none(), st.sampled_from(["search", "read_file"])),
+    ),
+    max_size=25,
+)
+
+trajectories = st.builds(
+    Trajectory,
+    id=st.text(alphabet="abcdefxyz0123456789-_", min_size=1, max_size=12),
+    task=st.text(alphabet=TEXT_ALPHABET, min_size=1, max_size=60),
+    steps=steps.map(tuple),
+    outcome=st.builds(
+        Outcome,
+        success=st.booleans(),
+        feedback=st.one_of(st.none(), st.sampled_from(["wrong answer", "great"])),
+    ),
+    metadata=st.one_of(st.none(), st.just({"task_type": "qa"})),
+)
+
+
+def outcome_line(traj: Trajectory) -> str:
+    line = "Outcome: " + ("SUCCESS" if traj.outcome.success else "FAILURE")
+    if traj.outcome.feedback:
+        line += f". Feedback: {traj.outcome.feedback}"
+    return line
+
+
+def header_of(traj: Trajectory) -> str:
+    header = f"### Trajectory {traj.id}\nTask: {traj.task}"
+    if traj.task_type:
+        header += f"\nTask type: {traj.task_type}"
+    return header
+
+
+@SETTINGS
+@given(traj=trajectories, margin=st.integers(min_value=30, max_value=400))
+def test_render_trajectory_truncation_keeps_header_task_and_outcome(
+    traj: Trajectory, margin: int
+) -> None:
+    full = render_trajectory(traj, COUNTER, 10**9)
+    assert not full.truncated
+    assert full.tokens == COUNTER.count(full.text)
+
+    fixed = COUNTER.count(f"{header_of(traj)}\nSteps:\n\n{outcome_line(traj)}")
+    max_tokens = fixed + margin
+    out = render_trajectory(traj, COUNTER, max_tokens)
+
+    assert out.id == traj.id
+    assert out.success == traj.outcome.success
+    assert out.tokens == COUNTER.count(out.text)
+    assert out.tokens <= max_tokens
+    assert out.truncated == (full.tokens > max_tokens)
+    if not out.truncated:
+        assert out.text == full.text
+    assert out.text.startswith(f"### Trajectory {traj.id}\nTask: {traj.task}")
+    assert out.text.startswith(header_of(traj) + "\nSteps:\n")
+    assert out.text.endswith("\n" + outcome_line(traj))
+
+
+@SETTINGS
+@given(traj=trajectories, max_tokens=st.integers(min_value=MIN_RENDER_TOKENS, max_value=250))
+def test_render_trajectory_always_fits_max_tokens(traj: Trajectory, max_tokens: int) -> None:
+    full = render_trajectory(traj, COUNTER, 10**9)
+    out = render_trajectory(traj, COUNTER, max_tokens)
+    assert out.tokens == COUNTER.count(out.text)
+    assert out.tokens <= max_tokens
+    assert out.truncated == (full.tokens > max_tokens)
+    if not out.truncated:
+        assert out.text == full.text
+
+
+def test_render_trajectory_rejects_a_budget_too_small_for_any_text() -> None:
+    traj = Trajectory(id="t", task="x" * 500, steps=(), outcome=Outcome(success=True))
+    with pytest.raises(ValueError, match="max_tokens must be at least"):
+        render_trajectory(traj, COUNTER, MIN_RENDER_TOKENS - 1)
+
+
+def test_render_trajectory_long_example() -> None:
+    traj = Trajectory(
+        id="traj-7",
+        task="Find the cheapest flight from Oslo to Lima.",
+        steps=tuple(
+            Step(role="assistant" if i % 2 else "user", content=f"step {i} " + "lorem " * 40)
+            for i in range(30)
+        ),
+        outcome=Outcome(success=False, score=0.25, feedback="booked the wrong date"),
+        metadata={"task_type": "travel"},
+    )
+    out = render_trajectory(traj, COUNTER, 300)
+    assert out.truncated
+    assert out.group == "travel"
+    assert out.tokens == COUNTER.count(out.text) <= 300
+    assert out.text.startswith(
+        "### Trajectory traj-7\nTask: Find the cheapest flight from Oslo to Lima.\n"
+        "Task type: travel\nSteps:\n[user] step 0 "
+    )
+    assert re.search(r"\[\.\.\. 30 steps, middle omitted to fit budget \.\.\.\]", out.text)
+    assert out.text.endswith("\nOutcome: FAILURE (score 0.25). Feedback: booked the wrong date")
+    # The tail of the last step survives.
+    assert "lorem \nOutcome:" in out.text
+
+
+def test_render_trajectory_group_key() -> None:
+    traj = Trajectory(
+        id="t",
+        task="x",
+        steps=(),
+        outcome=Outcome(success=True),
+        metadata={"task_type": "qa", "domain": 3},
+    )
+    assert render_trajectory(traj, COUNTER, 1000).group == "qa"
+    assert render_trajectory(traj, COUNTER, 1000, group_key="domain").group == "3"
+    assert render_trajectory(traj, COUNTER, 1000, group_key="missing").group == ""
