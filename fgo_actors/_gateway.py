@@ -34,7 +34,10 @@ from ._schemas import load_schema, schema_error
 from ._tokens import TokenCounter, default_counter
 
 T = TypeVar("T")
-StructuredMode = Literal["json_schema", "json_object", "none"]
+StructuredMode = Literal["auto", "json_schema", "json_object", "none"]
+# ``owned_by`` values in GET /models that mark a llama.cpp server, which wants
+# ``json_object`` + ``schema`` (llama-cpp-python answers HTTP 500 to json_schema).
+LLAMA_CPP_OWNERS = frozenset({"me", "llamacpp", "llama.cpp"})
 SCHEMA_FILES = {"fgo_optimize": "optimize_response", "fgo_merge": "merge_response"}
 
 
@@ -55,14 +58,29 @@ class GatewayConfig:
     token_budget: int | None = None
     max_completion_tokens: int = 2048
     temperature: float = 0.2
-    structured_output: StructuredMode = "json_schema"
+    structured_output: StructuredMode = "auto"
     strict: bool = True
 
     def __attrs_post_init__(self) -> None:
+        if not self.base_url.startswith(("http://", "https://")):
+            raise ValueError(
+                f"base URL {self.base_url!r} must start with http:// or https:// "
+                "(e.g. http://127.0.0.1:8080/v1)"
+            )
         if self.max_concurrency < 1:
             raise ValueError("max_concurrency must be at least 1")
         if self.token_budget is not None and self.token_budget <= 0:
             raise ValueError("token_budget must be positive")
+        for name in ("call_timeout", "connect_timeout"):
+            value = getattr(self, name)
+            if not (math.isfinite(value) and value > 0):
+                raise ValueError(f"{name} must be a positive number of seconds, got {value}")
+        if self.retry_attempts < 1:
+            raise ValueError("retry_attempts must be at least 1")
+        if self.max_reasks < 0:
+            raise ValueError("max_reasks must not be negative")
+        if self.max_completion_tokens < 1:
+            raise ValueError("max_completion_tokens must be at least 1")
 
 
 @attrs.frozen
@@ -174,7 +192,12 @@ class LLMGateway:
         self._in_flight = 0
         self._max_in_flight = 0
         self._reserved = 0
+        self._budget_released = trio.Event()
         self._exhausted = False
+        self._mode: StructuredMode | None = (
+            None if config.structured_output == "auto" else config.structured_output
+        )
+        self._mode_lock = trio.Lock()
         self._log = structlog.get_logger()
 
     async def __aenter__(self) -> LLMGateway:
@@ -227,9 +250,8 @@ class LLMGateway:
             send = list(messages)
             if error is not None:
                 send.append(reask_message(self.counter, error))
-                self._reasks += 1
             try:
-                content = await self.chat(role, send, schema_name)
+                content = await self.chat(role, send, schema_name, reask=error is not None)
                 obj = parse_json_reply(content)
                 problem = schema_error(SCHEMA_FILES[schema_name], obj)
                 if problem is not None:
@@ -245,18 +267,28 @@ class LLMGateway:
         raise UnitFailedError(f"{role} reply still invalid after {attempts} attempts: {error}")
 
     async def chat(
-        self, role: str, messages: Sequence[dict[str, str]], schema_name: str | None = None
+        self,
+        role: str,
+        messages: Sequence[dict[str, str]],
+        schema_name: str | None = None,
+        *,
+        reask: bool = False,
     ) -> str:
-        """One chat completion; returns the reply text. Retries transport-level failures."""
+        """One chat completion; returns the reply text. Retries transport-level failures.
+
+        A request the server refuses as malformed (HTTP 400, 413, 422: typically
+        a prompt over its context) fails just this unit, with UnitFailedError.
+        """
         body: dict[str, Any] = {
             "model": self.config.model,
             "messages": list(messages),
             "temperature": self.config.temperature,
             "max_tokens": self.config.max_completion_tokens,
         }
-        if schema_name is not None and self.config.structured_output != "none":
+        mode = await self.structured_mode() if schema_name is not None else "none"
+        if schema_name is not None and mode != "none":
             schema = _wire_schema(schema_name)
-            if self.config.structured_output == "json_schema":
+            if mode == "json_schema":
                 body["response_format"] = {
                     "type": "json_schema",
                     "json_schema": {
@@ -274,7 +306,9 @@ class LLMGateway:
             prompt_estimate = self.counter.count_messages(messages)
         async with self._limiter:
             need = (prompt_estimate or 0) + self.config.max_completion_tokens
-            self._reserve(need)
+            await self._reserve(need)
+            if reask:
+                self._reasks += 1
             self._in_flight += 1
             self._max_in_flight = max(self._max_in_flight, self._in_flight)
             started = trio.current_time()
@@ -283,6 +317,10 @@ class LLMGateway:
             finally:
                 self._in_flight -= 1
                 self._reserved -= need
+                self._budget_released.set()
+                self._budget_released = trio.Event()
+        # Usage is booked before the reply is judged: a refused or empty reply
+        # still cost its tokens.
         content, finish = _content_of(data)
         raw_usage = data.get("usage")
         usage: dict[str, Any] = raw_usage if isinstance(raw_usage, dict) else {}
@@ -295,10 +333,13 @@ class LLMGateway:
             )
         completion_tokens = _int_or(usage.get("completion_tokens"), None)
         if completion_tokens is None:
-            completion_tokens = self.counter.count(content)
+            completion_tokens = self.counter.count(content or "")
         self._calls[role] = self._calls.get(role, 0) + 1
         self._prompt[role] = self._prompt.get(role, 0) + prompt_tokens
         self._completion[role] = self._completion.get(role, 0) + completion_tokens
+        budget = self.config.token_budget
+        if budget is not None and self.used_tokens >= budget:
+            self._exhausted = True
         self._log.info(
             "llm_call",
             role=role,
@@ -307,6 +348,8 @@ class LLMGateway:
             seconds=round(trio.current_time() - started, 3),
             finish_reason=finish,
         )
+        if content is None:
+            raise ReplyRejectedError("the reply's message content is empty")
         if finish == "length":
             raise ReplyRejectedError(
                 f"the reply was cut off at {self.config.max_completion_tokens} tokens; "
@@ -314,25 +357,60 @@ class LLMGateway:
             )
         return content
 
+    async def structured_mode(self) -> StructuredMode:
+        """The structured-output form to send; ``auto`` is resolved once, by asking
+        the server's ``GET /models`` who it is."""
+        if self._mode is not None:
+            return self._mode
+        async with self._mode_lock:
+            if self._mode is None:
+                self._mode = await self._detect_mode()
+                self._log.info("structured_output", mode=self._mode, url=self.url)
+        return self._mode
+
+    async def _detect_mode(self) -> StructuredMode:
+        try:
+            with trio.move_on_after(self.config.connect_timeout):
+                r = await self._client.get(self.config.base_url.rstrip("/") + "/models")
+                owners = {
+                    str(m.get("owned_by", "")).lower()
+                    for m in r.json().get("data", [])
+                    if isinstance(m, dict)
+                }
+                if owners & LLAMA_CPP_OWNERS:
+                    return "json_object"
+        except (httpx.HTTPError, ValueError, AttributeError):
+            pass
+        return "json_schema"
+
     # -- internals --------------------------------------------------------
-    def _reserve(self, need: int) -> None:
+    async def _reserve(self, need: int) -> None:
+        """Set aside a call's worst case. While calls in flight hold reservations
+        that would leave too little, wait for them: the budget is exhausted only
+        when what is already spent leaves too little."""
         budget = self.config.token_budget
         if budget is None:
             self._reserved += need
             return
-        if self._exhausted or self.used_tokens + self._reserved + need > budget:
-            self._exhausted = True
-            raise BudgetExhaustedError(
-                f"token budget of {budget} reached ({self.used_tokens} used, "
-                f"next call needs up to {need})"
-            )
-        self._reserved += need
+        while True:
+            if self._exhausted or self.used_tokens + need > budget:
+                self._exhausted = True
+                raise BudgetExhaustedError(
+                    f"token budget of {budget} reached ({self.used_tokens} used, "
+                    f"next call needs up to {need})"
+                )
+            if self.used_tokens + self._reserved + need <= budget:
+                self._reserved += need
+                return
+            await self._budget_released.wait()
 
     def _retry_hook(self, exc: Exception) -> bool | float:
         if isinstance(exc, _RetryableStatusError):
             if exc.retry_after is not None:
                 return min(exc.retry_after, self.config.retry_after_max)
             return True
+        if isinstance(exc, httpx.UnsupportedProtocol | httpx.LocalProtocolError):
+            return False
         return isinstance(exc, httpx.TransportError | _CallTimeoutError | _BadBodyError)
 
     async def _post(self, body: dict[str, Any]) -> dict[str, Any]:
@@ -343,9 +421,12 @@ class LLMGateway:
         # its own first attempt, so backoff, Retry-After and the attempt count
         # are exactly as if it had run from the start.
         first_error: Exception | None = None
+        attempts = 1
         try:
             return await self._post_once(body)
         except _RETRYABLE as e:
+            if self._retry_hook(e) is False:
+                raise LLMUnavailableError(f"LLM endpoint {self.url}: {e}") from e
             first_error = e
         try:
             async for attempt in stamina.retry_context(
@@ -360,11 +441,12 @@ class LLMGateway:
                         replay, first_error = first_error, None
                         raise replay
                     self._retries += 1
+                    attempts += 1
                     return await self._post_once(body)
         except _RETRYABLE as e:
             raise LLMUnavailableError(
-                f"LLM endpoint {self.url} failed after {cfg.retry_attempts} attempts: "
-                f"{type(e).__name__}: {e}"
+                f"LLM endpoint {self.url} failed after {attempts} "
+                f"attempt{'s' if attempts > 1 else ''}: {type(e).__name__}: {e}"
             ) from e
         raise AssertionError("unreachable")  # pragma: no cover
 
@@ -375,6 +457,11 @@ class LLMGateway:
             raise _CallTimeoutError(f"no reply within {self.config.call_timeout:g} s")
         if response.status_code == 429 or response.status_code >= 500:
             raise _RetryableStatusError(response)
+        if response.status_code in (400, 413, 422):
+            raise UnitFailedError(
+                f"the LLM endpoint refused this request: HTTP {response.status_code}: "
+                f"{response.text[:500]}"
+            )
         if response.status_code >= 400:
             hint = ""
             if response.status_code in (401, 403):
@@ -398,13 +485,14 @@ def _int_or(value: object, default: int | None) -> int | None:
     return value if isinstance(value, int) and not isinstance(value, bool) else default
 
 
-def _content_of(data: dict[str, Any]) -> tuple[str, str | None]:
+def _content_of(data: dict[str, Any]) -> tuple[str | None, str | None]:
     try:
         choice = data["choices"][0]
         content = choice["message"]["content"]
-    except (KeyError, IndexError, TypeError) as e:
-        raise ReplyRejectedError("the reply has no choices[0].message.content") from e
-    if not isinstance(content, str):
-        raise ReplyRejectedError("the reply's message content is empty")
+    except (KeyError, IndexError, TypeError):
+        return None, None
     finish = choice.get("finish_reason") if isinstance(choice, dict) else None
-    return content, finish if isinstance(finish, str) else None
+    return (
+        content if isinstance(content, str) else None,
+        finish if isinstance(finish, str) else None,
+    )

@@ -165,12 +165,15 @@ class FakeLLMServer:
         faults: list[Fault] | None = None,
         fault_for: Callable[[dict[str, Any]], Fault | None] | None = None,
         include_usage: bool = True,
+        owned_by: str = "fgo-actors-testing",
     ) -> None:
         self.policy = policy
         self.latency = latency
         self.faults: list[Fault] = list(faults or [])
         self.fault_for = fault_for
         self.include_usage = include_usage
+        self.owned_by = owned_by
+        self.model_listings = 0
         self.requests: list[RecordedRequest] = []
         self.in_flight = 0
         self.max_in_flight = 0
@@ -246,6 +249,14 @@ class FakeLLMServer:
     async def _respond(
         self, conn: h11.Connection, stream: trio.SocketStream, request: h11.Request, raw: bytes
     ) -> bool:
+        if request.method == b"GET" and request.target.endswith(b"/models"):
+            self.model_listings += 1
+            listing = {
+                "object": "list",
+                "data": [{"id": "fake", "object": "model", "owned_by": self.owned_by}],
+            }
+            await self._send(conn, stream, 200, json.dumps(listing).encode())
+            return True
         if request.method != b"POST" or not request.target.endswith(b"/chat/completions"):
             await self._send(conn, stream, 404, b'{"error": "not found"}')
             return True

@@ -78,3 +78,13 @@ def make_trajectories(
 
 def examples() -> list[dict[str, Any]]:
     return [json.loads(line) for line in EXAMPLES.read_text().splitlines() if line.strip()]
+
+
+def pytest_terminal_summary(terminalreporter: Any) -> None:
+    """Make a skipped real-model test impossible to miss."""
+    for report in terminalreporter.stats.get("skipped", []):
+        text = str(getattr(report, "longrepr", ""))
+        if "REAL LOCAL MODEL NOT TESTED" in text:
+            terminalreporter.write_sep("!", "REAL LOCAL MODEL NOT TESTED", red=True, bold=True)
+            terminalreporter.write_line(text, red=True)
+            terminalreporter.write_sep("!", "", red=True, bold=True)

@@ -360,8 +360,9 @@ def test_bad_initial_module_exits_2(server_url: str, tmp_path: Path) -> None:
 
 
 def test_no_base_url_exits_2(tmp_path: Path) -> None:
+    """No endpoint and no local model installed (an empty FGO_HOME): bad input."""
     out = tmp_path / "m.json"
-    env = base_env()
+    env = base_env(FGO_HOME=str(tmp_path / "empty-home"))
     assert "FGO_BASE_URL" not in env
     proc = fgo(EXAMPLES, "--out", out, env=env)
     assert proc.returncode == 2, explain(proc)
@@ -410,6 +411,8 @@ def test_context_too_small_exits_2(server_url: str, tmp_path: Path, strategy: st
         strategy,
         "--context-tokens",
         "1024",
+        "--max-completion-tokens",
+        "800",
     )
     assert proc.returncode == 2, explain(proc)
     assert "Traceback" not in proc.stderr
@@ -421,9 +424,8 @@ def test_context_too_small_exits_2(server_url: str, tmp_path: Path, strategy: st
 # LLM failures: exit 3
 # ---------------------------------------------------------------------------
 
-# GatewayConfig retries 6 times with exponential backoff (about 30 s against a
-# closed port) and the CLI has no option to change that. stamina's test mode
-# turns the backoff off and caps the attempts; the CLI itself is unchanged.
+# By default a call is retried 5 times with exponential backoff (about 30 s
+# against a closed port); the test passes --retries 1.
 FAST_RETRY_CLI = [sys.executable, "-m", "fgo_actors._cli"]
 
 

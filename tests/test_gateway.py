@@ -227,3 +227,67 @@ async def test_token_budget_refuses_before_sending(start_llm: StartLLM) -> None:
             await gw.chat("optimize", MESSAGES)
         assert gw.statistics().budget_exhausted
     assert len(server.requests) == 1
+
+
+@pytest.mark.parametrize(
+    ("owned_by", "expected"),
+    [("me", "json_object"), ("llamacpp", "json_object"), ("vllm", "json_schema")],
+)
+async def test_auto_mode_asks_the_server_who_it_is(
+    start_llm: StartLLM, owned_by: str, expected: str
+) -> None:
+    server, url = await start_llm(policy=_reply(GOOD_OPTIMIZE), owned_by=owned_by)
+    async with LLMGateway(_config(url, structured_output="auto")) as gw:
+        for _ in range(3):
+            await gw.structured("optimize", MESSAGES, "fgo_optimize", _identity)
+        assert await gw.structured_mode() == expected
+    assert server.model_listings == 1  # detected once, then remembered
+    assert {r.body["response_format"]["type"] for r in server.requests} == {expected}
+
+
+async def test_auto_mode_falls_back_to_json_schema_without_models_endpoint() -> None:
+    # An endpoint that refuses connections: detection must not raise.
+    async with LLMGateway(_config("http://127.0.0.1:9/v1", structured_output="auto")) as gw:
+        assert await gw.structured_mode() == "json_schema"
+
+
+async def test_budget_waits_for_reservations_instead_of_giving_up(
+    start_llm: StartLLM, autojump_clock: trio.testing.MockClock
+) -> None:
+    server, url = await start_llm(latency=1.0, policy=_reply("ok"))
+    # Each call reserves ~1010 tokens but spends ~5: at most two fit at once.
+    cfg = _config(url, token_budget=2500, max_completion_tokens=1000, max_concurrency=4)
+    async with LLMGateway(cfg) as gw, trio.open_nursery() as n:
+        for _ in range(8):
+            n.start_soon(gw.chat, "optimize", MESSAGES)
+    assert len(server.requests) == 8
+    assert server.max_in_flight == 2
+    assert not gw.statistics().budget_exhausted
+    assert gw.used_tokens < 100
+
+
+async def test_malformed_request_fails_the_unit_not_the_endpoint(start_llm: StartLLM) -> None:
+    server, url = await start_llm(faults=[Fault(status=400)], policy=_reply(GOOD_OPTIMIZE))
+    async with LLMGateway(_config(url)) as gw:
+        with pytest.raises(UnitFailedError, match="HTTP 400"):
+            await gw.chat("optimize", MESSAGES)
+        # The endpoint is fine for the next unit.
+        assert await gw.chat("optimize", MESSAGES) == GOOD_OPTIMIZE
+    assert len(server.requests) == 2
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "message"),
+    [
+        ("base_url", "127.0.0.1:8080/v1", "http://"),
+        ("call_timeout", float("nan"), "call_timeout"),
+        ("call_timeout", -1.0, "call_timeout"),
+        ("retry_attempts", 0, "retry_attempts"),
+        ("max_reasks", -1, "max_reasks"),
+        ("max_completion_tokens", 0, "max_completion_tokens"),
+    ],
+)
+def test_gateway_config_is_validated(field: str, value: object, message: str) -> None:
+    kwargs: dict[str, Any] = {"base_url": "http://127.0.0.1:1/v1", "model": "m", field: value}
+    with pytest.raises(ValueError, match=message):
+        GatewayConfig(**kwargs)

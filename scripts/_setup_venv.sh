@@ -1,0 +1,15 @@
+# Sourced by the other scripts: make .venv and install the package with EXTRAS.
+# llama-cpp-python (the [local] extra) is only an sdist, so pip compiles it;
+# the flags below make a portable build (no -march=native) and pip keeps the
+# built wheel in its cache, so the compile happens once per machine.
+set -euo pipefail
+: "${EXTRAS:=local}"
+export CMAKE_ARGS="${CMAKE_ARGS:--DGGML_NATIVE=OFF -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON}"
+if [ ! -x .venv/bin/python ]; then
+    python3 -m venv .venv
+fi
+.venv/bin/python -m pip install --quiet --upgrade pip
+if ! .venv/bin/python -m pip show llama_cpp_python >/dev/null 2>&1; then
+    echo "installing llama-cpp-python: the first time, this compiles for about 5 minutes ..." >&2
+fi
+.venv/bin/python -m pip install --quiet -e ".[${EXTRAS}]"
