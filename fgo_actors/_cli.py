@@ -30,10 +30,10 @@ from ._pipeline import RunFailedError, RunResult, run
 from ._progress import log_progress, show_progress
 from ._state import RunConfig, RunState
 
-EXIT_OK = 0
 EXIT_BAD_INPUT = 2
 EXIT_LLM = 3
 EXIT_BUDGET = 4
+EXIT_INTERRUPTED = 130
 DEFAULT_CONTEXT_TOKENS = 8192
 
 
@@ -226,6 +226,13 @@ def optimize(
         initial = load_module(initial_module) if initial_module else Module()
     except InputError as e:
         fail(EXIT_BAD_INPUT, "error", e)
+    # Find unwritable outputs now, not after the LLM spend.
+    if out.resolve() == report_path.resolve():
+        fail(EXIT_BAD_INPUT, "error", f"--out and --report are the same file: {out}")
+    for target in (out, report_path):
+        problem = _unwritable(target)
+        if problem:
+            fail(EXIT_BAD_INPUT, "error", f"cannot write {target}: {problem}")
 
     use_local = not base_url
     if use_local and not (local.llama_cpp_available() and local.is_installed()):
@@ -303,6 +310,8 @@ def optimize(
         fail(EXIT_BAD_INPUT, "error", e)
     except local.LocalLLMError as e:
         fail(EXIT_LLM, "local model", e)
+    except KeyboardInterrupt:
+        fail(EXIT_INTERRUPTED, "interrupted", "nothing was written")
 
     if isinstance(outcome, RunFailedError):
         atomic_write_json(report_path, outcome.result.report.to_json())
@@ -405,6 +414,20 @@ def local_status(as_json: bool) -> None:
         if server
         else "server:           not running"
     )
+
+
+def _unwritable(target: Path) -> str | None:
+    """Why ``target`` cannot be written atomically, or None."""
+    if target.is_dir():
+        return "it is a folder"
+    parent = target.parent
+    try:
+        parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        return f"cannot create its folder ({e.strerror or e})"
+    if not os.access(parent, os.W_OK | os.X_OK):
+        return f"its folder {parent} is not writable"
+    return None
 
 
 def _print_summary(result: RunResult, out: Path, report_path: Path) -> None:

@@ -207,8 +207,14 @@ def apply_merge(
     errors: list[str] = []
     rules: list[Rule] = []
     referenced: set[str] = set()
+    # Merged ids never collide with a child's (an initial module may hold an
+    # earlier run's m1.r1): numbering continues past any such id.
+    ids = _next_ids(Module(rules=tuple(r for rs in by_id.values() for r in rs)), node_id)
     for i, item in enumerate(reply["rules"]):
         sources = [str(s) for s in item.get("from", [])]
+        if not sources:
+            errors.append(f"rules[{i}].from is empty: name the child rule ids this rule comes from")
+            continue
         unknown = [s for s in sources if s not in by_id]
         if unknown:
             errors.append(
@@ -224,7 +230,7 @@ def apply_merge(
         src_rules = [r for s in sources for r in by_id[s]]
         rules.append(
             Rule(
-                id=f"{node_id}.r{len(rules) + 1}",
+                id=next(ids),
                 text=text,
                 subsets=_union(*(r.subsets for r in src_rules)),
                 trajectories=_union(*(r.trajectories for r in src_rules)),
@@ -258,15 +264,16 @@ def union_merge(children: Sequence[Module], *, node_id: str) -> Module:
     for child in children:
         for r in child.rules:
             merged.setdefault(_norm(r.text), []).append(r)
+    ids = _next_ids(Module(rules=tuple(r for c in children for r in c.rules)), node_id)
     rules = tuple(
         Rule(
-            id=f"{node_id}.r{i}",
+            id=next(ids),
             text=group[0].text,
             subsets=_union(*(r.subsets for r in group)),
             trajectories=_union(*(r.trajectories for r in group)),
             merged_from=_union(r.id for r in group),
         )
-        for i, group in enumerate(merged.values(), start=1)
+        for group in merged.values()
     )
     instructions = list(
         dict.fromkeys(c.instructions.strip() for c in children if c.instructions.strip())

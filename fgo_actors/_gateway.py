@@ -101,6 +101,21 @@ class GatewayStatistics:
     def total_tokens(self) -> int:
         return sum(self.prompt_tokens.values()) + sum(self.completion_tokens.values())
 
+    def since(self, earlier: GatewayStatistics) -> GatewayStatistics:
+        """What happened after ``earlier`` (a snapshot of the same gateway)."""
+
+        def diff(now: dict[str, int], then: dict[str, int]) -> dict[str, int]:
+            return {k: v - then.get(k, 0) for k, v in now.items() if v - then.get(k, 0)}
+
+        return attrs.evolve(
+            self,
+            calls=diff(self.calls, earlier.calls),
+            prompt_tokens=diff(self.prompt_tokens, earlier.prompt_tokens),
+            completion_tokens=diff(self.completion_tokens, earlier.completion_tokens),
+            retries=self.retries - earlier.retries,
+            reasks=self.reasks - earlier.reasks,
+        )
+
 
 class _RetryableStatusError(Exception):
     def __init__(self, response: httpx.Response) -> None:

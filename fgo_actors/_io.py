@@ -34,7 +34,7 @@ def load_trajectories(path: str | os.PathLike[str]) -> list[Trajectory]:
         if not raw_line.strip():
             continue
         try:
-            text = raw_line.decode("utf-8")
+            text = raw_line.decode("utf-8-sig" if lineno == 1 else "utf-8")
         except UnicodeDecodeError as e:
             problems.append(InputError(f"not valid UTF-8 ({e.reason})", path=name, line=lineno))
             continue
@@ -86,7 +86,7 @@ def load_module(path: str | os.PathLike[str]) -> Module:
     p = Path(path)
     name = str(p)
     try:
-        text = p.read_text(encoding="utf-8")
+        text = p.read_text(encoding="utf-8-sig")
     except (OSError, UnicodeDecodeError) as e:
         raise InputError(f"cannot read module file: {e}", path=name) from e
     try:
@@ -98,10 +98,15 @@ def load_module(path: str | os.PathLike[str]) -> Module:
     return Module.from_json(obj, path=name)
 
 
-def _umask() -> int:
+def _read_umask() -> int:
     mask = os.umask(0)
     os.umask(mask)
     return mask
+
+
+# Read once, at import: os.umask can only be read by setting it, which is not
+# safe once other threads may create files.
+_UMASK = _read_umask()
 
 
 def atomic_write_json(path: str | os.PathLike[str], obj: Any) -> None:
@@ -114,14 +119,29 @@ def atomic_write_json(path: str | os.PathLike[str], obj: Any) -> None:
     fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
     try:
         # mkstemp makes the file 0600; give it the mode a plain open() would.
-        os.fchmod(fd, 0o666 & ~_umask())
+        os.fchmod(fd, 0o666 & ~_UMASK)
         with os.fdopen(fd, "w", encoding="utf-8") as f:
             json.dump(obj, f, indent=2, ensure_ascii=False)
             f.write("\n")
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, target)
+        _fsync_dir(target.parent)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
         raise
+
+
+def _fsync_dir(path: Path) -> None:
+    """Make a rename durable: fsync the folder that holds the new name."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)

@@ -4,14 +4,28 @@ from __future__ import annotations
 
 import logging
 import sys
-from typing import TextIO
+from typing import Any, TextIO
 
 import structlog
 
 
+class _CurrentStderr:
+    """Writes to whatever ``sys.stderr`` is at the time, so a live progress
+    display that redirects stderr can keep log lines above itself."""
+
+    def write(self, text: str) -> int:
+        return sys.stderr.write(text)
+
+    def flush(self) -> None:
+        sys.stderr.flush()
+
+    def isatty(self) -> bool:
+        return sys.stderr.isatty()
+
+
 def configure_logging(*, json: bool, level: str = "info", stream: TextIO | None = None) -> None:
     """JSON lines (for machines) or a console renderer (for people), to stderr."""
-    out = stream or sys.stderr
+    out: Any = stream or _CurrentStderr()
     renderer: structlog.typing.Processor = (
         structlog.processors.JSONRenderer()
         if json

@@ -319,7 +319,7 @@ class MergeNode:
     stats: JSON = attrs.field(factory=dict, eq=False)
 
     def to_json(self) -> JSON:
-        return {
+        out: JSON = {
             "id": self.id,
             "kind": self.kind,
             "method": self.method,
@@ -328,6 +328,9 @@ class MergeNode:
             "started_at": round(self.started_at, 6),
             "finished_at": round(self.finished_at, 6),
         }
+        if self.kind == "merge":
+            out["dropped_rules"] = list(self.stats.get("dropped_rules", []))
+        return out
 
 
 Status = Literal["ok", "budget_exhausted", "failed"]

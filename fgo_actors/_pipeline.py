@@ -18,10 +18,10 @@ import trio
 
 from ._errors import BudgetExhaustedError, LLMUnavailableError, UnitFailedError
 from ._forest import MergeForest
-from ._gateway import LLMGateway
+from ._gateway import GatewayStatistics, LLMGateway
 from ._model import MergeNode, Module, RunReport, Status, Subset, Trajectory
 from ._partition import item_budget
-from ._prompts import PER_ITEM_SLACK, optimize_overhead_tokens
+from ._prompts import PER_ITEM_SLACK, merge_messages, optimize_overhead_tokens, render_module
 from ._state import RunConfig, RunState
 from .actors import make_subsets, merger, optimize_subset, optimizer, partitioner
 from .actors.partitioner import render_all
@@ -43,15 +43,10 @@ class RunFailedError(LLMUnavailableError):
         self.result = result
 
 
-def _first(group: BaseException, kind: type[BaseException]) -> BaseException | None:
-    if isinstance(group, kind):
-        return group
-    if isinstance(group, BaseExceptionGroup):
-        for sub in group.exceptions:
-            found = _first(sub, kind)
-            if found is not None:
-                return found
-    return None
+def _first(group: BaseExceptionGroup[LLMUnavailableError]) -> LLMUnavailableError:
+    """The first leaf of an exception group (nurseries may nest groups)."""
+    first = group.exceptions[0]
+    return _first(first) if isinstance(first, BaseExceptionGroup) else first
 
 
 async def run(
@@ -72,7 +67,9 @@ async def run(
         raise ValueError("no trajectories to optimize from")
     config = config or RunConfig()
     state = state or RunState()
+    state.started_at = trio.current_time()
     initial = initial or Module()
+    baseline = gateway.statistics()
     log = structlog.get_logger()
     log.info(
         "run_started",
@@ -90,14 +87,12 @@ async def run(
             module = await _run_batch(trajectories, gateway, config, initial, state)
         else:
             module = await _run_all_at_once(trajectories, gateway, config, initial, state)
-    except BaseException as group:
-        found = _first(group, LLMUnavailableError)
-        if found is None:
-            raise
-        assert isinstance(found, LLMUnavailableError)
-        error = found
+    except* LLMUnavailableError as group:
+        error = _first(group)
+    if module is not None and initial.metadata:
+        module = attrs.evolve(module, metadata=dict(initial.metadata))
     state.phase = "done"
-    report = _report(config, gateway, state, len(trajectories), root, error)
+    report = _report(config, gateway, baseline, state, len(trajectories), root, error)
     result = RunResult(module=module if error is None else None, report=report)
     log.info(
         "run_finished",
@@ -118,12 +113,36 @@ async def run(
     return result
 
 
-def _item_budget(gateway: LLMGateway, config: RunConfig, initial: Module) -> tuple[int, int]:
-    """(module token cap, token room for trajectories in one optimize prompt)."""
-    from ._prompts import render_module
+def _module_cap(gateway: LLMGateway, config: RunConfig, initial: Module) -> int:
+    """The module size cap: the configured one, or the initial module's size if larger."""
+    return max(config.module_budget, gateway.counter.count(render_module(initial)))
 
-    module_tokens = max(config.module_budget, gateway.counter.count(render_module(initial)))
-    overhead = optimize_overhead_tokens(gateway.counter, module_tokens)
+
+def _item_budget(gateway: LLMGateway, config: RunConfig, initial: Module) -> tuple[int, int]:
+    """(module token cap, token room for trajectories in one optimize prompt).
+
+    Also checks that an optimize prompt and a merge prompt, each with its reply,
+    fit the context: a prompt the server cannot take would fail at run time.
+    """
+    counter = gateway.counter
+    module_tokens = _module_cap(gateway, config, initial)
+    completion = gateway.config.max_completion_tokens
+    if config.subset_budget + completion > config.context_tokens:
+        raise ValueError(
+            f"--subset-tokens ({config.subset_budget}) plus --max-completion-tokens "
+            f"({completion}) exceed --context-tokens ({config.context_tokens})"
+        )
+    if config.strategy == "fgo":
+        empty = merge_messages([], module_tokens=module_tokens)
+        merge_prompt = counter.count_messages(empty) + config.fan_in * (module_tokens + 64)
+        if merge_prompt + completion > config.context_tokens:
+            raise ValueError(
+                f"a merge of {config.fan_in} modules of up to {module_tokens} tokens "
+                f"(about {merge_prompt} prompt tokens) plus --max-completion-tokens "
+                f"({completion}) exceeds --context-tokens ({config.context_tokens}); "
+                "lower --module-tokens or --fan-in"
+            )
+    overhead = optimize_overhead_tokens(counter, module_tokens)
     return module_tokens, item_budget(config.subset_budget, overhead)
 
 
@@ -230,7 +249,7 @@ async def _run_all_at_once(
     state: RunState,
 ) -> Module:
     """Baseline: one prompt per epoch with every trajectory that fits the context."""
-    module_tokens = max(config.module_budget, 0)
+    module_tokens = _module_cap(gateway, config, initial)
     overhead = optimize_overhead_tokens(gateway.counter, module_tokens)
     room = item_budget(
         config.context_tokens - gateway.config.max_completion_tokens,
@@ -282,12 +301,13 @@ async def _run_all_at_once(
 def _report(
     config: RunConfig,
     gateway: LLMGateway,
+    baseline: GatewayStatistics,
     state: RunState,
     n_trajectories: int,
     root: str | None,
     error: LLMUnavailableError | None,
 ) -> RunReport:
-    stats = gateway.statistics()
+    stats = gateway.statistics().since(baseline)
     roles = sorted(set(stats.prompt_tokens) | set(stats.completion_tokens))
     status: Status = (
         "failed" if error is not None else ("budget_exhausted" if state.budget_exhausted else "ok")

@@ -71,10 +71,14 @@ def _step_text(step: Any) -> str:
     if step.content:
         parts.append(step.content)
     for call in step.tool_calls or ():
-        fn = call.get("function", {}) if isinstance(call, dict) else {}
-        name = fn.get("name", "?")
-        args = fn.get("arguments", "")
-        parts.append(f"-> call {name}({args})")
+        fn = call.get("function") if isinstance(call, dict) else None
+        if isinstance(fn, dict):
+            args = fn.get("arguments", "")
+            if not isinstance(args, str):
+                args = json.dumps(args, ensure_ascii=False)
+            parts.append(f"-> call {fn.get('name', '?')}({args})")
+        else:
+            parts.append(f"-> call {json.dumps(call, ensure_ascii=False)}")
     return " ".join(parts)
 
 

@@ -8,6 +8,7 @@ import attrs
 import structlog
 import trio
 
+from ._forest import expected_merges
 from ._model import Failure, MergeNode, Strategy
 
 
@@ -80,13 +81,15 @@ class RunStatistics:
 class RunState:
     """Mutable run state shared by the actors of one run (all on one trio thread)."""
 
-    started_at: float = attrs.field(factory=trio.current_time)
+    # Set by run() when the run starts (trio time); a RunState can be made anywhere.
+    started_at: float = 0.0
     phase: Phase = "starting"
     subsets_total: int | None = None
     subsets_done: int = 0
     merges_done: int = 0
     merges_expected: int | None = None
     fan_in: int = 2
+    subsets_skipped: int = 0
     truncated: int = 0
     cut: int | None = None
     nodes: dict[str, MergeNode] = attrs.field(factory=dict)
@@ -105,17 +108,20 @@ class RunState:
         self.failures.append(Failure(unit=unit, kind=kind, error=message))
         structlog.get_logger().warning("unit_failed", unit=unit, kind=kind, error=message[:500])
 
-    def statistics(self) -> RunStatistics:
-        if self.merges_expected is None and self.subsets_total is not None:
-            from ._forest import expected_merges
+    def _merges_expected(self) -> int | None:
+        if self.merges_expected is not None:
+            return self.merges_expected
+        if self.subsets_total is None:
+            return None
+        return expected_merges(self.subsets_total - self.subsets_skipped, self.fan_in)
 
-            self.merges_expected = expected_merges(self.subsets_total, self.fan_in)
+    def statistics(self) -> RunStatistics:
         return RunStatistics(
             phase=self.phase,
             subsets_total=self.subsets_total,
             subsets_done=self.subsets_done,
             merges_done=self.merges_done,
-            merges_expected=self.merges_expected,
+            merges_expected=self._merges_expected(),
             failures=len(self.failures),
             elapsed=self.now(),
         )

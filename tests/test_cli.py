@@ -491,3 +491,16 @@ def test_token_budget_exhausted_exits_4(server_url: str, tmp_path: Path, budget:
     if budget == 3000:  # not even one optimize call fits
         assert report["llm_calls"]["optimize"] == 0
         assert module == {"instructions": "", "rules": [], "functions": []}
+
+
+def test_unwritable_outputs_are_found_before_the_run(server_url: str, tmp_path: Path) -> None:
+    afile = tmp_path / "afile"
+    afile.write_text("x")
+    proc = fgo(EXAMPLES, "--out", afile / "m.json", "--base-url", server_url)
+    assert proc.returncode == 2, explain(proc)
+    assert "cannot write" in flat(proc.stderr)
+    same = tmp_path / "same.json"
+    proc = fgo(EXAMPLES, "--out", same, "--report", same, "--base-url", server_url)
+    assert proc.returncode == 2, explain(proc)
+    assert "same file" in flat(proc.stderr)
+    assert not same.exists()

@@ -497,7 +497,7 @@ def test_apply_merge_provenance_is_the_union_of_its_sources(
             st.fixed_dictionaries(
                 {
                     "text": st.sampled_from(TEXT_POOL),
-                    "from": st.lists(st.sampled_from([*ids, "bogus.r1"]), max_size=3),
+                    "from": st.lists(st.sampled_from([*ids, "bogus.r1"]), min_size=1, max_size=3),
                 }
             ),
             max_size=6,
@@ -547,3 +547,22 @@ def test_records_are_frozen() -> None:
     with pytest.raises(attrs.exceptions.FrozenInstanceError):
         BASE.rules[0].text = "x"  # type: ignore[misc]
     assert BASE.to_json() == BASE_JSON
+
+
+def test_apply_merge_rejects_a_rule_without_lineage() -> None:
+    child = Module(rules=(Rule(id="s1.r1", text="a"),))
+    result = apply_merge([child], merge_reply([{"text": "new", "from": []}]), node_id="m1")
+    assert result.module.rules == ()
+    assert len(result.errors) == 1
+    assert "rules[0].from is empty" in result.errors[0]
+
+
+def test_merged_ids_never_collide_with_a_childs() -> None:
+    # An initial module from an earlier run may already hold m1.r1.
+    child = Module(rules=(Rule(id="m1.r1", text="old"), Rule(id="s1.r1", text="new")))
+    reply = merge_reply([{"text": "old", "from": ["m1.r1"]}, {"text": "new", "from": ["s1.r1"]}])
+    result = apply_merge([child], reply, node_id="m1")
+    assert [r.id for r in result.module.rules] == ["m1.r2", "m1.r3"]
+    assert result.module.rules[0].merged_from == ("m1.r1",)
+    union = union_merge([child], node_id="m1")
+    assert [r.id for r in union.rules] == ["m1.r2", "m1.r3"]

@@ -111,9 +111,17 @@ def steps(draw: st.DrawFn) -> JSONDict:
     if draw(st.booleans()):
         step["name"] = draw(st.text(max_size=10))
     if draw(st.booleans()):
-        step["tool_calls"] = draw(
-            st.lists(st.dictionaries(st.text(max_size=6), json_values, max_size=3), max_size=2)
+        call = st.fixed_dictionaries(
+            {
+                "id": st.text(max_size=6),
+                "type": st.just("function"),
+                "function": st.fixed_dictionaries(
+                    {"name": st.text(max_size=8), "arguments": st.text(max_size=20)}
+                ),
+            },
+            optional={"extra": json_values},
         )
+        step["tool_calls"] = draw(st.lists(call, max_size=2))
     if draw(st.booleans()):
         step["tool_call_id"] = draw(st.text(max_size=10))
     step.update(draw(extras(STEP_KNOWN)))
@@ -919,7 +927,9 @@ async def _run_pipeline(strategy: str, **config: Any) -> RunReport:
     server = FakeLLMServer()
     async with trio.open_nursery() as nursery:
         url = await nursery.start(server.serve)
-        gw_config = GatewayConfig(base_url=url, model="fake", max_concurrency=3)
+        gw_config = GatewayConfig(
+            base_url=url, model="fake", max_concurrency=3, max_completion_tokens=512
+        )
         async with LLMGateway(gw_config) as gateway:
             result = await run(
                 trajectories,
@@ -960,3 +970,25 @@ async def test_pipeline_report_validates(strategy: str, config: dict[str, Any]) 
     if strategy == "all-at-once":
         assert out["cut_trajectories"] == 0
         assert out["subsets"] == 1
+
+
+def test_tool_call_shapes_are_checked(tmp_path: Path) -> None:
+    bad = {
+        "id": "t1",
+        "task": "x",
+        "steps": [{"role": "assistant", "content": None, "tool_calls": [{"function": "act"}]}],
+        "outcome": {"success": True},
+    }
+    path = tmp_path / "bad.jsonl"
+    path.write_text(json.dumps(bad) + "\n")
+    with pytest.raises(InputError) as info:
+        load_trajectories(path)
+    assert info.value.line == 1
+    assert info.value.field == "steps[0].tool_calls[0].function"
+
+
+def test_byte_order_mark_is_accepted(tmp_path: Path) -> None:
+    good = {"id": "t1", "task": "x", "steps": [], "outcome": {"success": True}}
+    path = tmp_path / "bom.jsonl"
+    path.write_bytes(b"\xef\xbb\xbf" + json.dumps(good).encode() + b"\n")
+    assert [t.id for t in load_trajectories(path)] == ["t1"]

@@ -183,7 +183,7 @@ async def test_in_flight_never_exceeds_max_concurrency(
 @pytest.mark.parametrize("fan_in", [3, 4])
 async def test_fan_in(start_llm: StartLLM, fan_in: int) -> None:
     _server, url = await start_llm()
-    config = RunConfig(context_tokens=4096, subset_tokens=1500, module_tokens=700, fan_in=fan_in)
+    config = RunConfig(context_tokens=8192, subset_tokens=1500, module_tokens=700, fan_in=fan_in)
     result = await _run(url, make_trajectories(50), config)
     merges = _nodes(result, "merge")
     assert all(2 <= len(m.children) <= fan_in for m in merges)
@@ -338,3 +338,60 @@ async def test_check_errors_are_reasked_with_their_message(start_llm: StartLLM) 
     # The rejected action was not applied silently, and the retry's edit was.
     assert result.module is not None
     assert result.module.rules
+
+
+async def test_reports_count_only_their_own_run_on_a_shared_gateway(start_llm: StartLLM) -> None:
+    server, url = await start_llm()
+    config = RunConfig(context_tokens=4096, subset_tokens=1600, module_tokens=700)
+    async with _gw(url) as gateway:
+        first = await run(make_trajectories(20), gateway, config)
+        second = await run(make_trajectories(20), gateway, config)
+    assert first.report.llm_calls == second.report.llm_calls
+    # Each report holds its own tokens: together they are what the server billed.
+    billed = [
+        sum(len(m["content"] or "") for m in r.body["messages"]) // 4 + 1 for r in server.requests
+    ]
+    assert first.report.prompt_tokens + second.report.prompt_tokens == sum(billed)
+    assert first.report.prompt_tokens == sum(billed[: len(billed) // 2])
+    total = first.report.llm_calls["optimize"] + first.report.llm_calls["merge"]
+    assert len(server.requests) == 2 * total
+
+
+async def test_all_at_once_respects_a_large_initial_module(start_llm: StartLLM) -> None:
+    server, url = await start_llm()
+    initial = Module(
+        rules=tuple(
+            Rule(id=f"base.r{i}", text=f"Rule number {i}: " + "be careful " * 8) for i in range(40)
+        )
+    )
+    config = RunConfig(strategy="all-at-once", context_tokens=8192, module_tokens=300)
+    async with _gw(url, max_completion_tokens=1024) as gateway:
+        result = await run(make_trajectories(30), gateway, config, initial=initial)
+    assert result.report.status == "ok"
+    counter = default_counter()
+    (request,) = _optimize_requests(server.requests)
+    assert counter.count_messages(request.body["messages"]) <= 8192 - 1024
+
+
+async def test_merge_prompts_must_fit_the_context(start_llm: StartLLM) -> None:
+    _server, url = await start_llm()
+    config = RunConfig(context_tokens=4096, subset_tokens=2000, module_tokens=1500, fan_in=3)
+    async with _gw(url, max_completion_tokens=1024) as gateway:
+        with pytest.raises(ValueError, match="a merge of 3 modules"):
+            await run(make_trajectories(10), gateway, config)
+
+
+async def test_tool_calls_are_rendered_whatever_their_arguments(start_llm: StartLLM) -> None:
+    server, url = await start_llm()
+    call = {"id": "c1", "type": "function", "function": {"name": "act", "arguments": {"x": 1}}}
+    trajectory = Trajectory.from_json(
+        {
+            "id": "tc",
+            "task": "use a tool",
+            "steps": [{"role": "assistant", "content": None, "tool_calls": [call]}],
+            "outcome": {"success": True},
+        }
+    )
+    async with _gw(url) as gateway:
+        await run([trajectory], gateway, RunConfig(context_tokens=4096))
+    assert '-> call act({"x": 1})' in _optimize_requests(server.requests)[0].prompt

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from typing import Any
 
-import attrs
 import structlog
 import trio
 
@@ -84,12 +83,13 @@ async def optimizer(
                 state.successful_units += 1
             state.subsets_done += 1
             if done_epochs == 0:
+                state.subsets_skipped += 1
                 log.warning("subset_not_optimized", subset=subset.id)
                 continue
             node = MergeNode(
                 id=subset.id,
                 kind="leaf",
-                module=attrs.evolve(module, metadata={}),
+                module=module,
                 children=(),
                 subsets=(subset.id,),
                 started_at=started,
