@@ -251,6 +251,11 @@ class ServerInfo:
         return attrs.asdict(self)
 
 
+# Servers started by this process, so stopping one reaps it (and Popen does
+# not warn about a child it lost track of).
+_CHILDREN: dict[int, subprocess.Popen[bytes]] = {}
+
+
 def _state_file() -> Path:
     return cache_dir() / "local-llm.json"
 
@@ -367,6 +372,7 @@ def start(
             start_new_session=True,
             env={**os.environ, "PYTHONUNBUFFERED": "1"},
         )
+    _CHILDREN[proc.pid] = proc
     url = f"http://127.0.0.1:{port}/v1"
     log(f"starting the local model server (pid {proc.pid}, log {log_path}) ...")
     deadline = time.monotonic() + ready_timeout
@@ -407,6 +413,15 @@ def _tail(path: Path, lines: int = 15) -> str:
 
 
 def _terminate(pid: int, grace: float = 10.0) -> None:
+    child = _CHILDREN.pop(pid, None)
+    if child is not None:
+        child.terminate()
+        try:
+            child.wait(grace)
+        except subprocess.TimeoutExpired:
+            child.kill()
+            child.wait()
+        return
     with contextlib.suppress(ProcessLookupError):
         os.kill(pid, signal.SIGTERM)
     deadline = time.monotonic() + grace

@@ -257,6 +257,7 @@ async def test_real_local_model_optimizes_and_merges() -> None:
     item = max(render_trajectory(t, counter, 10_000).tokens for t in trajectories)
     # Room for exactly one trajectory per subset: two optimize calls, one merge.
     subset_tokens = optimize_overhead_tokens(counter, module_tokens) + item + PER_ITEM_SLACK + 8
+    already_running = local.running()
     with local.serving() as server:
         cfg = GatewayConfig(
             base_url=server.url,
@@ -285,4 +286,10 @@ async def test_real_local_model_optimizes_and_merges() -> None:
     assert result.module is not None
     assert schema_error("module", result.module.to_json()) is None
     assert schema_error("report", report.to_json()) is None
-    assert result.module.rules or result.module.instructions
+    # What a 1.5B model writes varies; that the pipeline ran through it does not.
+    leaves = [n for n in report.merge_tree if n.kind == "leaf"]
+    merges = [n for n in report.merge_tree if n.kind == "merge"]
+    assert len(leaves) + len(report.failures) >= 2
+    assert len(merges) == max(0, len(leaves) - 1)
+    if already_running is None:
+        assert local.running() is None  # the server started for the test was stopped
