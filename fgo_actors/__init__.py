@@ -12,6 +12,7 @@ from ._errors import InputError as InputError
 from ._errors import LLMUnavailableError as LLMUnavailableError
 from ._errors import ReplyRejectedError as ReplyRejectedError
 from ._errors import UnitFailedError as UnitFailedError
+from ._forest import ForestStatistics as ForestStatistics
 from ._forest import MergeForest as MergeForest
 from ._forest import MergeJob as MergeJob
 from ._gateway import GatewayConfig as GatewayConfig
@@ -25,6 +26,7 @@ from ._model import FunctionSpec as FunctionSpec
 from ._model import MergeNode as MergeNode
 from ._model import Module as Module
 from ._model import Outcome as Outcome
+from ._model import RenderedTrajectory as RenderedTrajectory
 from ._model import Rule as Rule
 from ._model import RunReport as RunReport
 from ._model import Step as Step
@@ -45,6 +47,7 @@ __all__ = [
     "BudgetExhaustedError",
     "FGOError",
     "Failure",
+    "ForestStatistics",
     "FunctionSpec",
     "GatewayConfig",
     "GatewayStatistics",
@@ -56,6 +59,7 @@ __all__ = [
     "MergeNode",
     "Module",
     "Outcome",
+    "RenderedTrajectory",
     "ReplyRejectedError",
     "Rule",
     "RunConfig",

@@ -20,6 +20,8 @@ import attrs
 
 @attrs.frozen
 class MergeJob:
+    """A merge the forest wants run: merge ``children`` into the tree ``id`` of ``rank``."""
+
     id: str
     children: tuple[str, ...]
     rank: int
@@ -27,6 +29,8 @@ class MergeJob:
 
 @attrs.frozen
 class ForestStatistics:
+    """Snapshot of a forest: trees waiting, merges in flight, started and done."""
+
     trees: int
     in_flight: int
     merges_started: int

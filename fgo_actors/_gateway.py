@@ -43,6 +43,9 @@ SCHEMA_FILES = {"fgo_optimize": "optimize_response", "fgo_merge": "merge_respons
 
 @attrs.frozen
 class GatewayConfig:
+    """Where the LLM is and how to call it. ``base_url`` ends before
+    ``/chat/completions`` (e.g. ``http://127.0.0.1:8080/v1``)."""
+
     base_url: str
     model: str
     api_key: str | None = None

@@ -83,6 +83,7 @@ def load_trajectories(path: str | os.PathLike[str]) -> list[Trajectory]:
 
 
 def load_module(path: str | os.PathLike[str]) -> Module:
+    """Read and validate a module JSON file; InputError names the field."""
     p = Path(path)
     name = str(p)
     try:

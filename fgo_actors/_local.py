@@ -16,6 +16,7 @@ Everything here is synchronous: the CLI calls it before and after trio runs.
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import hashlib
 import importlib.util
 import json
@@ -80,6 +81,7 @@ QWEN_CODER_1_5B = LocalModel(
 )
 DEFAULT_MODEL = QWEN_CODER_1_5B
 CHUNK = 1 << 20
+PR_SET_PDEATHSIG = 1  # from <linux/prctl.h>
 Progress = Callable[[int, int], None]  # (bytes done, bytes total)
 
 
@@ -320,13 +322,16 @@ def start(
     threads: int = 1,
     batch_threads: int = 2,
     ready_timeout: float = 180.0,
+    detach: bool = True,
     log: Callable[[str], None] = lambda s: None,
 ) -> ServerInfo:
     """Start ``llama_cpp.server`` on 127.0.0.1 and a free port; wait until it answers.
 
     ``threads=1`` keeps generation steady when other work loads the CPU; prompt
-    processing uses ``batch_threads``. The process outlives this call (its own
-    session), and its URL is recorded for ``running()`` and ``stop()``.
+    processing uses ``batch_threads``. Its URL is recorded for ``running()``
+    and ``stop()``. With ``detach`` the server outlives this process (its own
+    session); without, it gets SIGTERM when this process dies, however it
+    dies, so a run's temporary server is never orphaned.
     """
     if not llama_cpp_available():
         raise LocalLLMError(
@@ -369,7 +374,8 @@ def start(
             stdin=subprocess.DEVNULL,
             stdout=log_file,
             stderr=subprocess.STDOUT,
-            start_new_session=True,
+            start_new_session=detach,
+            preexec_fn=None if detach else _die_with_parent,
             env={**os.environ, "PYTHONUNBUFFERED": "1"},
         )
     _CHILDREN[proc.pid] = proc
@@ -403,6 +409,15 @@ def start(
     )
     atomic_write_json(_state_file(), info.to_json())
     return info
+
+
+def _die_with_parent() -> None:  # pragma: no cover - runs in the child
+    """Ask Linux to send SIGTERM to this (child) process when its parent dies."""
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+    except (OSError, AttributeError):
+        pass  # not Linux: stop() is the only way out
 
 
 def _tail(path: Path, lines: int = 15) -> str:
@@ -456,7 +471,7 @@ def serving(
         log(f"using the running local model server at {existing.url}")
         yield existing
         return
-    info = start(model, log=log)
+    info = start(model, detach=False, log=log)
     try:
         yield info
     finally:

@@ -63,6 +63,8 @@ class Step:
 
 @attrs.frozen
 class Outcome:
+    """How a trajectory ended: success, an optional score and feedback text."""
+
     success: bool
     score: float | None = None
     feedback: str | None = None
@@ -301,7 +303,7 @@ class Subset:
 
 
 NodeKind = Literal["leaf", "merge"]
-NodeMethod = Literal["llm", "union", "unchanged"]
+NodeMethod = Literal["llm", "union"]
 
 
 @attrs.frozen
@@ -339,6 +341,8 @@ Strategy = Literal["fgo", "all-at-once", "batch"]
 
 @attrs.frozen
 class Failure:
+    """A unit (``s003/epoch1``, ``m4``) that failed cleanly, and why."""
+
     unit: str
     kind: str
     error: str

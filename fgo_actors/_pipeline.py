@@ -16,14 +16,14 @@ import attrs
 import structlog
 import trio
 
-from ._errors import BudgetExhaustedError, LLMUnavailableError, UnitFailedError
+from ._errors import LLMUnavailableError
 from ._forest import MergeForest
 from ._gateway import GatewayStatistics, LLMGateway
 from ._model import MergeNode, Module, RunReport, Status, Subset, Trajectory
 from ._partition import item_budget
 from ._prompts import PER_ITEM_SLACK, merge_messages, optimize_overhead_tokens, render_module
 from ._state import RunConfig, RunState
-from .actors import make_subsets, merger, optimize_subset, optimizer, partitioner
+from .actors import make_subsets, merger, optimize_unit, optimizer, partitioner
 from .actors.partitioner import render_all
 
 
@@ -225,16 +225,18 @@ async def _run_batch(
     module = initial
     for epoch in range(config.epochs):
         for subset in subsets:
-            try:
-                module = await optimize_subset(
-                    gateway, module, subset.items, subset_id=subset.id, module_tokens=module_tokens
-                )
-                state.successful_units += 1
-            except UnitFailedError as e:
-                state.fail(f"{subset.id}/epoch{epoch + 1}", "optimize", e)
-            except BudgetExhaustedError as e:
-                state.budget_exhausted = True
-                state.fail(f"{subset.id}/epoch{epoch + 1}", "budget", e)
+            edited = await optimize_unit(
+                gateway,
+                module,
+                subset.items,
+                subset_id=subset.id,
+                epoch=epoch,
+                module_tokens=module_tokens,
+                state=state,
+            )
+            if edited is not None:
+                module = edited
+            if state.budget_exhausted:
                 return module
             if epoch == config.epochs - 1:
                 state.subsets_done += 1
@@ -283,16 +285,18 @@ async def _run_all_at_once(
         )
     module = initial
     for epoch in range(config.epochs):
-        try:
-            module = await optimize_subset(
-                gateway, module, tuple(chosen), subset_id="all", module_tokens=module_tokens
-            )
-            state.successful_units += 1
-        except UnitFailedError as e:
-            state.fail(f"all/epoch{epoch + 1}", "optimize", e)
-        except BudgetExhaustedError as e:
-            state.budget_exhausted = True
-            state.fail(f"all/epoch{epoch + 1}", "budget", e)
+        edited = await optimize_unit(
+            gateway,
+            module,
+            tuple(chosen),
+            subset_id="all",
+            epoch=epoch,
+            module_tokens=module_tokens,
+            state=state,
+        )
+        if edited is not None:
+            module = edited
+        if state.budget_exhausted:
             break
     state.subsets_done = 1
     return module

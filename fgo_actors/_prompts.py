@@ -10,6 +10,7 @@ import json
 from collections.abc import Sequence
 from typing import Any
 
+from ._errors import ReplyRejectedError
 from ._model import Module, RenderedTrajectory, Trajectory
 from ._tokens import TokenCounter
 
@@ -63,6 +64,21 @@ def module_for_prompt(module: Module) -> dict[str, Any]:
 
 def render_module(module: Module) -> str:
     return json.dumps(module_for_prompt(module), ensure_ascii=False, indent=1)
+
+
+def accept_edits(
+    counter: TokenCounter, module: Module, errors: Sequence[str], cap: int, advice: str
+) -> Module:
+    """``module`` if its reply had no errors and it fits ``cap`` tokens as the LLM
+    sees it; else ReplyRejectedError, worded for a re-ask."""
+    if errors:
+        raise ReplyRejectedError("; ".join(errors))
+    size = counter.count(render_module(module))
+    if size > cap:
+        raise ReplyRejectedError(
+            f"the resulting module is {size} tokens, above the limit of {cap}; {advice}"
+        )
+    return module
 
 
 def _step_text(step: Any) -> str:

@@ -19,6 +19,7 @@ Needs the local model: `fgo local-llm install`. It reuses a server started with
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import statistics
@@ -31,7 +32,14 @@ from typing import Any
 import structlog
 import trio
 
-from fgo_actors import GatewayConfig, LLMGateway, RunConfig, load_trajectories, run
+from fgo_actors import (
+    GatewayConfig,
+    LLMGateway,
+    ReplyRejectedError,
+    RunConfig,
+    load_trajectories,
+    run,
+)
 from fgo_actors import _local as local
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -45,7 +53,10 @@ FILLER = (
 async def _timed_call(gw: LLMGateway, content: str) -> dict[str, Any]:
     before = gw.statistics()
     start = time.perf_counter()
-    await gw.chat("bench", [{"role": "user", "content": content}])
+    # The prompt probe's reply is cut at max_tokens=1 on purpose: the gateway
+    # books its usage, then rejects it as cut off.
+    with contextlib.suppress(ReplyRejectedError):
+        await gw.chat("bench", [{"role": "user", "content": content}])
     seconds = time.perf_counter() - start
     after = gw.statistics().since(before)
     return {
@@ -116,6 +127,7 @@ def main() -> None:
     parser.add_argument("--gen-tokens", type=int, default=128, help="generation probe length")
     parser.add_argument("--skip-runs", action="store_true", help="only the call probes")
     args = parser.parse_args()
+    sys.stdout.reconfigure(line_buffering=True)  # type: ignore[union-attr]
     structlog.configure(wrapper_class=structlog.make_filtering_bound_logger(logging.WARNING))
     if not local.is_installed() or not local.llama_cpp_available():
         sys.exit(

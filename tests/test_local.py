@@ -12,6 +12,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 import zipfile
 from pathlib import Path
 
@@ -293,3 +294,28 @@ async def test_real_local_model_optimizes_and_merges() -> None:
     assert len(merges) == max(0, len(leaves) - 1)
     if already_running is None:
         assert local.running() is None  # the server started for the test was stopped
+
+
+def test_a_runs_temporary_server_dies_with_its_parent(tmp_path: Path) -> None:
+    """The child of a SIGKILLed parent gets SIGTERM (what serving() relies on)."""
+    parent_code = (
+        "import subprocess, sys, time\n"
+        "from fgo_actors._local import _die_with_parent\n"
+        "child = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(60)'],"
+        " preexec_fn=_die_with_parent)\n"
+        "print(child.pid, flush=True)\n"
+        "time.sleep(60)\n"
+    )
+    parent = subprocess.Popen(
+        [sys.executable, "-c", parent_code], stdout=subprocess.PIPE, text=True, cwd=ROOT
+    )
+    assert parent.stdout is not None
+    with parent.stdout:
+        child_pid = int(parent.stdout.readline())
+    assert local._pid_alive(child_pid)
+    parent.kill()
+    parent.wait()
+    deadline = time.monotonic() + 10
+    while local._pid_alive(child_pid) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not local._pid_alive(child_pid)

@@ -5,7 +5,7 @@ the end-of-channel cascade is what shuts a pipeline down.
 """
 
 from .merger import merge_modules, merger
-from .optimizer import optimize_subset, optimizer
+from .optimizer import optimize_subset, optimize_unit, optimizer
 from .partitioner import make_subsets, partitioner
 
 __all__ = [
@@ -13,6 +13,7 @@ __all__ = [
     "merge_modules",
     "merger",
     "optimize_subset",
+    "optimize_unit",
     "optimizer",
     "partitioner",
 ]

@@ -9,11 +9,11 @@ import structlog
 import trio
 
 from .._edits import apply_merge, union_merge
-from .._errors import BudgetExhaustedError, ReplyRejectedError, UnitFailedError
+from .._errors import BudgetExhaustedError, UnitFailedError
 from .._forest import MergeForest, MergeJob
 from .._gateway import LLMGateway
 from .._model import MergeNode, Module
-from .._prompts import merge_messages, render_module
+from .._prompts import accept_edits, merge_messages
 from .._state import RunState
 
 
@@ -44,16 +44,15 @@ async def merge_modules(
     def check(reply: dict[str, Any]) -> Module:
         nonlocal dropped
         result = apply_merge(child_modules, reply, node_id=job.id)
-        if result.errors:
-            raise ReplyRejectedError("; ".join(result.errors))
-        size = gateway.counter.count(render_module(result.module))
-        if size > module_tokens:
-            raise ReplyRejectedError(
-                f"the merged module is {size} tokens, above the limit of {module_tokens}; "
-                "deduplicate and generalise rules to make it shorter"
-            )
+        module = accept_edits(
+            gateway.counter,
+            result.module,
+            result.errors,
+            module_tokens,
+            "deduplicate and generalise rules to make it shorter",
+        )
         dropped = result.dropped_rules
-        return result.module
+        return module
 
     method: Any = "llm"
     try:

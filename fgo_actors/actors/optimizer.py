@@ -8,10 +8,10 @@ import structlog
 import trio
 
 from .._edits import apply_actions
-from .._errors import BudgetExhaustedError, ReplyRejectedError, UnitFailedError
+from .._errors import BudgetExhaustedError, UnitFailedError
 from .._gateway import LLMGateway
 from .._model import MergeNode, Module, RenderedTrajectory, Subset
-from .._prompts import optimize_messages, render_module
+from .._prompts import accept_edits, optimize_messages
 from .._state import RunState
 
 
@@ -31,17 +31,47 @@ async def optimize_subset(
         result = apply_actions(
             module, reply["actions"], subset_id=subset_id, trajectory_ids=trajectory_ids
         )
-        if result.errors:
-            raise ReplyRejectedError("; ".join(result.errors))
-        size = gateway.counter.count(render_module(result.module))
-        if size > module_tokens:
-            raise ReplyRejectedError(
-                f"the edited module would be {size} tokens, above the limit of {module_tokens}; "
-                "merge or remove rules to make room"
-            )
-        return result.module
+        return accept_edits(
+            gateway.counter,
+            result.module,
+            result.errors,
+            module_tokens,
+            "merge or remove rules to make room",
+        )
 
     return await gateway.structured("optimize", messages, "fgo_optimize", check)
+
+
+async def optimize_unit(
+    gateway: LLMGateway,
+    module: Module,
+    items: tuple[RenderedTrajectory, ...],
+    *,
+    subset_id: str,
+    epoch: int,
+    module_tokens: int,
+    state: RunState,
+) -> Module | None:
+    """One optimize unit, its outcome recorded in ``state``.
+
+    Returns the edited module, or None when the unit failed cleanly (bad
+    replies after re-asks, a refused request, or an exhausted budget, which
+    also sets ``state.budget_exhausted``). Only LLMUnavailableError escapes.
+    """
+    unit = f"{subset_id}/epoch{epoch + 1}"
+    try:
+        edited = await optimize_subset(
+            gateway, module, items, subset_id=subset_id, module_tokens=module_tokens
+        )
+    except UnitFailedError as e:
+        state.fail(unit, "optimize", e)
+        return None
+    except BudgetExhaustedError as e:
+        state.budget_exhausted = True
+        state.fail(unit, "budget", e)
+        return None
+    state.successful_units += 1
+    return edited
 
 
 async def optimizer(
@@ -64,23 +94,19 @@ async def optimizer(
             module = initial
             done_epochs = 0
             for epoch in range(epochs):
-                try:
-                    module = await optimize_subset(
-                        gateway,
-                        module,
-                        subset.items,
-                        subset_id=subset.id,
-                        module_tokens=module_tokens,
-                    )
-                except UnitFailedError as e:
-                    state.fail(f"{subset.id}/epoch{epoch + 1}", "optimize", e)
+                edited = await optimize_unit(
+                    gateway,
+                    module,
+                    subset.items,
+                    subset_id=subset.id,
+                    epoch=epoch,
+                    module_tokens=module_tokens,
+                    state=state,
+                )
+                if edited is None:
                     break
-                except BudgetExhaustedError as e:
-                    state.budget_exhausted = True
-                    state.fail(f"{subset.id}/epoch{epoch + 1}", "budget", e)
-                    break
+                module = edited
                 done_epochs += 1
-                state.successful_units += 1
             state.subsets_done += 1
             if done_epochs == 0:
                 state.subsets_skipped += 1
