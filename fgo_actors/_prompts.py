@@ -50,7 +50,9 @@ Reply with one JSON object: {"analysis": "<brief reasoning>", "instructions": ".
 "rules": [{"text": "...", "from": ["<child rule id>", ...]}], \
 "functions": [{"name": "...", "description": "...", "parameters": {...}, "code": "..."}]}.
 Every merged rule lists in "from" the ids of the child rules it came from. \
-Use only rule ids shown below."""
+Use only rule ids shown below. "instructions" are the agent's own instructions \
+(not these instructions to you): merge the versions' instructions, or reply \
+with an empty string if they are all empty."""
 
 
 def module_for_prompt(module: Module) -> dict[str, Any]:
