@@ -291,17 +291,21 @@ class LLMGateway:
         schema_name: str | None = None,
         *,
         reask: bool = False,
+        max_tokens: int | None = None,
+        accept_cut: bool = False,
     ) -> str:
         """One chat completion; returns the reply text. Retries transport-level failures.
 
         A request the server refuses as malformed (HTTP 400, 413, 422: typically
         a prompt over its context) fails just this unit, with UnitFailedError.
+        ``max_tokens`` overrides the reply cap for this call; a reply cut off at
+        the cap is rejected unless ``accept_cut``.
         """
         body: dict[str, Any] = {
             "model": self.config.model,
             "messages": list(messages),
             "temperature": self.config.temperature,
-            "max_tokens": self.config.max_completion_tokens,
+            "max_tokens": max_tokens or self.config.max_completion_tokens,
         }
         mode = await self.structured_mode() if schema_name is not None else "none"
         if schema_name is not None and mode != "none":
@@ -323,7 +327,7 @@ class LLMGateway:
         if self.config.token_budget is not None:
             prompt_estimate = self.counter.count_messages(messages)
         async with self._limiter:
-            need = (prompt_estimate or 0) + self.config.max_completion_tokens
+            need = (prompt_estimate or 0) + (max_tokens or self.config.max_completion_tokens)
             await self._reserve(need)
             if reask:
                 self._reasks += 1
@@ -368,11 +372,9 @@ class LLMGateway:
         )
         if content is None:
             raise ReplyRejectedError("the reply's message content is empty")
-        if finish == "length":
-            raise ReplyRejectedError(
-                f"the reply was cut off at {self.config.max_completion_tokens} tokens; "
-                "be more concise"
-            )
+        if finish == "length" and not accept_cut:
+            cap = max_tokens or self.config.max_completion_tokens
+            raise ReplyRejectedError(f"the reply was cut off at {cap} tokens; be more concise")
         return content
 
     async def structured_mode(self) -> StructuredMode:

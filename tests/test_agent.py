@@ -1,0 +1,153 @@
+"""The environment protocol, the TextWorldExpress adapter and the reference agent.
+
+The adapter runs the real simulator (textworld-express, a JVM); the agent
+talks to the real loopback LLM server, whose policy here reads the numbered
+action list and answers with a number.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+import pytest
+import trio
+
+from fgo_actors import GatewayConfig, LLMGateway, Module, Rule, Trajectory
+from fgo_actors._agent import AgentConfig, collect, parse_choice, rollout, turn_message
+from fgo_actors._schemas import schema_error
+from fgo_actors.envs import Task, TaskSet, TextWorldExpress
+
+from .conftest import StartLLM
+
+pytest.importorskip("textworld_express")
+
+TWC = "numLocations=1,numItemsToPutAway=2,includeDoors=0"
+ACTION_LINE = re.compile(r"^(\d+)\. (.+)$", re.MULTILINE)
+
+
+def gold_path(task: Task) -> list[str]:
+    env = TextWorldExpress()
+    try:
+        return env.gold_actions(task)
+    finally:
+        env.close()
+
+
+def numbered_actions(body: dict[str, Any]) -> dict[str, int]:
+    last = body["messages"][-1]["content"]
+    return {action: int(n) for n, action in ACTION_LINE.findall(last)}
+
+
+def test_task_set_parsing() -> None:
+    ts = TaskSet.parse("twc:test:0-3,7", params=TWC)
+    assert [t.id for t in ts.tasks()] == [f"twc/test/{s}" for s in (0, 1, 2, 3, 7)]
+    assert ts.tasks()[0].params == TWC
+    for bad in ("twc:test", "twc:prod:0-3", "twc:test:3-1", "twc:test:a", "twc:test:1,1"):
+        with pytest.raises(ValueError, match="task set"):
+            TaskSet.parse(bad)
+
+
+def test_parse_choice_takes_the_number_only() -> None:
+    assert parse_choice("3", 5) == 2
+    assert parse_choice(" 2. take mug", 5) == 1
+    assert parse_choice("I pick 5", 5) == 4
+    assert parse_choice("6", 5) is None
+    assert parse_choice("0", 5) is None
+    assert parse_choice("open the wardrobe", 5) is None
+
+
+def test_turn_message_restates_rules_next_to_the_observation() -> None:
+    module = Module(rules=(Rule(id="r1", text="Open containers first."),))
+    text = turn_message("You see a wardrobe.", ["open wardrobe", "look around"], module)
+    assert text.index("You see a wardrobe.") < text.index("Remember:\n- Open containers first.")
+    assert text.endswith("1. open wardrobe\n2. look around\nReply with the number of one action.")
+
+
+async def test_adapter_plays_the_real_game_to_success() -> None:
+    task = Task("twc", "train", 3, TWC)
+    gold = await trio.to_thread.run_sync(gold_path, task)
+    env = await trio.to_thread.run_sync(TextWorldExpress)
+    try:
+        first = await trio.to_thread.run_sync(env.reset, task)
+        assert first.observation
+        assert first.valid_actions
+        assert not first.done
+        assert "task" in env.task_description.lower()
+        result = first
+        for action in gold:
+            assert action in result.valid_actions
+            result = await trio.to_thread.run_sync(env.step, action)
+        assert result.success
+        assert result.done
+        assert result.score == pytest.approx(1.0)
+    finally:
+        await trio.to_thread.run_sync(env.close)
+
+
+async def test_rollout_records_a_successful_episode(start_llm: StartLLM) -> None:
+    task = Task("twc", "train", 3, TWC)
+    gold = await trio.to_thread.run_sync(gold_path, task)
+    plan = iter(gold)
+
+    def policy(body: dict[str, Any]) -> str:
+        return str(numbered_actions(body)[next(plan)])
+
+    server, url = await start_llm(policy=policy)
+    module = Module(instructions="Tidy up.", rules=(Rule(id="r1", text="Open containers."),))
+    env = await trio.to_thread.run_sync(TextWorldExpress)
+    try:
+        async with LLMGateway(GatewayConfig(base_url=url, model="m")) as gw:
+            traj = await rollout(env, task, module, gw, trajectory_id="ep-1")
+    finally:
+        await trio.to_thread.run_sync(env.close)
+    assert isinstance(traj, Trajectory)
+    assert schema_error("trajectory", traj.to_json()) is None
+    assert traj.id == "ep-1"
+    assert traj.outcome.success
+    assert traj.outcome.score == pytest.approx(1.0)
+    assert traj.metadata is not None
+    assert traj.metadata["steps"] == len(gold)
+    assert traj.metadata["invalid_replies"] == 0
+    assert traj.metadata["task_type"] == "twc"
+    # system, then (user, assistant) per step, then the final observation.
+    assert len(traj.steps) == 2 + 2 * len(gold)
+    # Every request: the same system prompt (a stable prefix), the rules restated.
+    systems = {r.body["messages"][0]["content"] for r in server.requests}
+    assert len(systems) == 1
+    assert "Open containers." in systems.pop()
+    assert all("Remember:\n- Open containers." in r.prompt for r in server.requests)
+    assert all(r.body["max_tokens"] == AgentConfig().max_reply_tokens for r in server.requests)
+
+
+async def test_invalid_replies_end_the_episode_without_acting(start_llm: StartLLM) -> None:
+    server, url = await start_llm(policy=lambda body: "banana")
+    env = await trio.to_thread.run_sync(TextWorldExpress)
+    try:
+        async with LLMGateway(GatewayConfig(base_url=url, model="m")) as gw:
+            traj = await rollout(env, Task("twc", "train", 1, TWC), Module(), gw)
+    finally:
+        await trio.to_thread.run_sync(env.close)
+    assert not traj.outcome.success
+    assert traj.metadata is not None
+    assert traj.metadata["invalid_replies"] == AgentConfig().max_invalid
+    assert len(server.requests) == AgentConfig().max_invalid
+    assert "named no listed action number" in server.requests[-1].prompt
+    assert "3 invalid replies" in (traj.outcome.feedback or "")
+
+
+async def test_collect_plays_every_task_once(start_llm: StartLLM) -> None:
+    server, url = await start_llm(policy=lambda body: "1", latency=0.01)
+    tasks = TaskSet.parse("twc:dev:0-4", params=TWC).tasks()
+    got: list[Trajectory] = []
+    send, receive = trio.open_memory_channel[Trajectory](0)
+    config = AgentConfig(max_steps=4)
+    gw_config = GatewayConfig(base_url=url, model="m", max_concurrency=2)
+    async with LLMGateway(gw_config) as gw, trio.open_nursery() as nursery:
+        nursery.start_soon(lambda: collect(tasks, Module(), gw, send, workers=2, config=config))
+        async with receive:
+            async for traj in receive:
+                got.append(traj)
+    assert sorted(t.id for t in got) == sorted(t.id for t in tasks)
+    assert all(t.metadata is not None and t.metadata["steps"] <= 4 for t in got)
+    assert server.max_in_flight <= 2
