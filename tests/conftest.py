@@ -4,6 +4,10 @@ from __future__ import annotations
 
 import json
 import logging
+import re
+import select
+import subprocess
+import sys
 from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -46,6 +50,39 @@ def start_llm(nursery: trio.Nursery) -> StartLLM:
         return server, url
 
     return start
+
+
+@pytest.fixture(scope="session")
+def server_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """The scripted OpenAI-compatible server, as a subprocess, for the whole session."""
+    log = tmp_path_factory.mktemp("server") / "stderr.txt"
+    with log.open("wb") as err:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "fgo_actors.testing", "--port", "0"],
+            stdout=subprocess.PIPE,
+            stderr=err,
+            cwd=ROOT,
+        )
+    assert proc.stdout is not None
+    try:
+        ready, _, _ = select.select([proc.stdout], [], [], 20)
+        assert ready, f"the server printed nothing in 20 s; stderr: {log.read_text()}"
+        line = proc.stdout.readline().decode()
+        m = re.fullmatch(
+            r"scripted OpenAI-compatible server at (http://127\.0\.0\.1:\d+/v1) "
+            r"\(Ctrl-C to stop\)\n",
+            line,
+        )
+        assert m, f"unexpected first line {line!r}; stderr: {log.read_text()}"
+        yield m.group(1)
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(timeout=10)
+        proc.stdout.close()
 
 
 def make_trajectories(

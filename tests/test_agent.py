@@ -7,13 +7,18 @@ action list and answers with a number.
 
 from __future__ import annotations
 
+import json
+import os
 import re
+import subprocess
+import sys
+from pathlib import Path
 from typing import Any
 
 import pytest
 import trio
 
-from fgo_actors import GatewayConfig, LLMGateway, Module, Rule, Trajectory
+from fgo_actors import GatewayConfig, LLMGateway, Module, Rule, Trajectory, load_trajectories
 from fgo_actors._agent import AgentConfig, collect, parse_choice, rollout, turn_message
 from fgo_actors._schemas import schema_error
 from fgo_actors.envs import Task, TaskSet, TextWorldExpress
@@ -151,3 +156,72 @@ async def test_collect_plays_every_task_once(start_llm: StartLLM) -> None:
     assert sorted(t.id for t in got) == sorted(t.id for t in tasks)
     assert all(t.metadata is not None and t.metadata["steps"] <= 4 for t in got)
     assert server.max_in_flight <= 2
+
+
+def test_environment_wire_shapes_match_the_schema() -> None:
+    from fgo_actors.envs import StepResult
+
+    task = Task("twc", "test", 4, TWC)
+    assert schema_error("environment", task.to_json()) is None
+    result = StepResult(observation="You see a mug.", valid_actions=("take mug",), score=0.5)
+    assert schema_error("environment", result.to_json()) is None
+    assert schema_error("environment", {"env": "twc", "fold": "prod", "seed": 1}) is not None
+
+
+def test_collect_command_writes_valid_trajectories(server_url: str, tmp_path: Path) -> None:
+    out = tmp_path / "trajs.jsonl"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("FGO_")}
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "fgo_actors._cli",
+            "collect",
+            "--tasks",
+            "twc:dev:0-2",
+            "--params",
+            TWC,
+            "--out",
+            str(out),
+            "--max-steps",
+            "3",
+            "--base-url",
+            server_url,
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=120,
+        check=False,
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert sorted(r["id"] for r in rows) == ["twc/dev/0", "twc/dev/1", "twc/dev/2"]
+    assert all(schema_error("trajectory", r) is None for r in rows)
+    assert not (tmp_path / "trajs.jsonl.partial").exists()
+    assert "3 episodes" in proc.stdout
+    loaded = load_trajectories(out)  # what fgo optimize reads
+    assert len(loaded) == 3
+
+
+def test_collect_command_rejects_a_bad_task_set(tmp_path: Path) -> None:
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "fgo_actors._cli",
+            "collect",
+            "--tasks",
+            "twc:prod:0-2",
+            "--out",
+            str(tmp_path / "t.jsonl"),
+            "--base-url",
+            "http://127.0.0.1:9/v1",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert proc.returncode == 2
+    assert "fold must be one of" in proc.stderr

@@ -5,14 +5,11 @@ from __future__ import annotations
 import json
 import os
 import pty
-import re
-import select
 import socket
 import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -41,39 +38,6 @@ REPORT_V = _validator("report")
 
 def schema_errors(v: jsonschema.Draft202012Validator, instance: object) -> list[str]:
     return [f"{list(e.absolute_path)}: {e.message}" for e in v.iter_errors(instance)]
-
-
-@pytest.fixture(scope="module")
-def server_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    """The scripted OpenAI-compatible server, as a subprocess, for the whole module."""
-    log = tmp_path_factory.mktemp("server") / "stderr.txt"
-    with log.open("wb") as err:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "fgo_actors.testing", "--port", "0"],
-            stdout=subprocess.PIPE,
-            stderr=err,
-            cwd=ROOT,
-        )
-    assert proc.stdout is not None
-    try:
-        ready, _, _ = select.select([proc.stdout], [], [], 20)
-        assert ready, f"the server printed nothing in 20 s; stderr: {log.read_text()}"
-        line = proc.stdout.readline().decode()
-        m = re.fullmatch(
-            r"scripted OpenAI-compatible server at (http://127\.0\.0\.1:\d+/v1) "
-            r"\(Ctrl-C to stop\)\n",
-            line,
-        )
-        assert m, f"unexpected first line {line!r}; stderr: {log.read_text()}"
-        yield m.group(1)
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(timeout=10)
-        proc.stdout.close()
 
 
 def base_env(**extra: str) -> dict[str, str]:
