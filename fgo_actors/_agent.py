@@ -6,8 +6,10 @@ Built so that a module can steer a small model:
 - the valid actions are offered as a numbered list and the reply is taken by
   number, with no fuzzy mapping that could change what the model meant; a
   reply that names no listed number is an invalid turn, recorded as such;
-- the system prompt is the same on every step, so llama.cpp can reuse its
-  cached prefix; the conversation keeps the last few turns.
+- the prompt only grows from step to step (system prompt, then the turns so
+  far), so llama.cpp reuses its cached prefix and evaluates just the new
+  turn; when the turns outgrow their token budget, the oldest half is
+  dropped at once, which costs one cache miss rather than one per step.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ import trio
 from ._errors import ReplyRejectedError
 from ._gateway import LLMGateway
 from ._model import Module, Outcome, Step, Trajectory
+from ._tokens import TokenCounter
 from .envs import Environment, StepResult, Task
 
 AGENT_SYSTEM = """\
@@ -35,7 +38,7 @@ _NUMBER = re.compile(r"\d+")
 @attrs.frozen
 class AgentConfig:
     max_steps: int = 25
-    history_turns: int = 4  # earlier turns kept in the prompt
+    history_tokens: int = 2000  # budget for earlier turns in the prompt
     max_reply_tokens: int = 8
     max_invalid: int = 3  # invalid replies in a row that end the episode
 
@@ -64,6 +67,15 @@ def turn_message(
     listing = "\n".join(f"{i}. {a}" for i, a in enumerate(actions, start=1))
     parts.append(f"Actions:\n{listing}\nReply with the number of one action.")
     return "\n\n".join(parts)
+
+
+def _drop_oldest_half(
+    window: list[dict[str, str]], counter: TokenCounter, budget: int
+) -> list[dict[str, str]]:
+    """Drop whole (user, assistant) turns from the front until half the budget is left."""
+    while window and counter.count_messages(window) > budget // 2:
+        window = window[2:]
+    return window
 
 
 def parse_choice(reply: str, n_actions: int) -> int | None:
@@ -113,7 +125,8 @@ async def rollout(
         steps += 1
         recorded += [Step(role="user", content=user), Step(role="assistant", content=reply)]
         window += [{"role": "user", "content": user}, {"role": "assistant", "content": reply}]
-        window = window[-2 * config.history_turns :]
+        if gateway.counter.count_messages(window) > config.history_tokens:
+            window = _drop_oldest_half(window, gateway.counter, config.history_tokens)
         choice = parse_choice(reply, len(actions))
         if choice is None:
             invalid_in_a_row += 1

@@ -7,6 +7,7 @@ action list and answers with a number.
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import re
@@ -18,7 +19,15 @@ from typing import Any
 import pytest
 import trio
 
-from fgo_actors import GatewayConfig, LLMGateway, Module, Rule, Trajectory, load_trajectories
+from fgo_actors import (
+    GatewayConfig,
+    LLMGateway,
+    Module,
+    Rule,
+    Trajectory,
+    default_counter,
+    load_trajectories,
+)
 from fgo_actors._agent import AgentConfig, collect, parse_choice, rollout, turn_message
 from fgo_actors._schemas import schema_error
 from fgo_actors.envs import Task, TaskSet, TextWorldExpress
@@ -225,3 +234,26 @@ def test_collect_command_rejects_a_bad_task_set(tmp_path: Path) -> None:
     )
     assert proc.returncode == 2
     assert "fold must be one of" in proc.stderr
+
+
+async def test_prompt_grows_as_a_stable_prefix_and_sheds_old_turns(start_llm: StartLLM) -> None:
+    server, url = await start_llm(policy=lambda body: "1")
+    env = await trio.to_thread.run_sync(TextWorldExpress)
+    config = AgentConfig(max_steps=12, history_tokens=700)
+    try:
+        async with LLMGateway(GatewayConfig(base_url=url, model="m")) as gw:
+            await rollout(env, Task("twc", "train", 2, TWC), Module(), gw, config)
+    finally:
+        await trio.to_thread.run_sync(env.close)
+    prompts = [r.body["messages"] for r in server.requests]
+    extended = drops = 0
+    for before, after in itertools.pairwise(prompts):
+        if after[: len(before)] == before:
+            extended += 1  # the previous prompt is a prefix: the cache is reused
+        else:
+            drops += 1
+            assert after[0] == before[0]  # the system prompt always stays
+    assert drops >= 1
+    assert extended >= 2 * drops
+    counter = default_counter()
+    assert all(counter.count_messages(p[1:-1]) <= 700 for p in prompts)
