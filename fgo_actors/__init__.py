@@ -35,6 +35,9 @@ from ._model import Trajectory as Trajectory
 from ._pipeline import RunFailedError as RunFailedError
 from ._pipeline import RunResult as RunResult
 from ._pipeline import run as run
+from ._sandbox import SandboxLimits as SandboxLimits
+from ._sandbox import SandboxResult as SandboxResult
+from ._sandbox import run_function as run_function
 from ._state import RunConfig as RunConfig
 from ._state import RunState as RunState
 from ._state import RunStatistics as RunStatistics
@@ -68,6 +71,8 @@ __all__ = [
     "RunResult",
     "RunState",
     "RunStatistics",
+    "SandboxLimits",
+    "SandboxResult",
     "Step",
     "Subset",
     "TokenCounter",
@@ -78,4 +83,5 @@ __all__ = [
     "load_module",
     "load_trajectories",
     "run",
+    "run_function",
 ]

@@ -1,0 +1,458 @@
+"""Run LLM-written tool functions in a separate, limited Python process.
+
+LLM-written code never runs in our own process. ``run_function`` starts a
+fresh ``sys.executable -I`` for every call, hands it the code, the function's
+name and its arguments as JSON on stdin, and reads back one JSON line saying
+what happened.
+
+Threat model, honestly: this is process isolation with resource limits and an
+empty environment. It is meant for code that is buggy, greedy or confused,
+not for code written by a determined attacker. What it does protect:
+
+- **our process's memory and state**: the code runs in another process, so it
+  cannot read our objects, patch our modules or crash our interpreter;
+- **our environment variables and secrets**: the child starts with an empty
+  environment (no ``FGO_API_KEY``, no ``HOME``, no ``PATH``), in isolated mode
+  (``-I``: no ``PYTHON*`` variables, no user site-packages, no script
+  directory on ``sys.path``), and it inherits only stdin, stdout and stderr,
+  none of our other file descriptors (sockets, log files);
+- **our working directory**: the child's cwd is a fresh scratch directory that
+  is deleted after the call;
+- **runaway CPU, memory, files and time**: rlimits on address space
+  (``RLIMIT_AS``), CPU seconds, open files and file size, a wall-clock
+  timeout after which the whole process group is killed, and caps on how
+  much output and result we read back.
+
+What it does *not* do: there is no seccomp filter, no network, PID, mount or
+user namespace, no chroot. The code runs as our user, so it can read any file
+we can read (``~/.ssh``, the project, ``/proc``), write anywhere we can write,
+open network connections, and start processes; a process that calls
+``setsid`` itself escapes the group kill. It can also forge the result line
+if it goes looking for the runner's private file descriptor. For untrusted
+code from an adversary, put this inside a real sandbox (a container with no
+network, gVisor, nsjail, a separate VM).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import shutil
+import signal
+import stat
+import subprocess
+import sys
+import tempfile
+from typing import Any
+
+import attrs
+import trio
+
+# Extra room on the result channel beyond ``output_bytes``: the JSON envelope
+# around the value, or an error message (the runner cuts those to 1000
+# characters, which ``ensure_ascii`` may escape to six bytes each).
+_RESULT_ENVELOPE_BYTES = 8192
+# After the child exits we keep reading its pipes only this long: a process
+# that escaped the group kill could otherwise hold them open for ever.
+_DRAIN_GRACE_SECONDS = 1.0
+_CHUNK = 65536
+
+
+@attrs.frozen
+class SandboxLimits:
+    """How much one sandboxed call may use. All values must be positive.
+
+    ``timeout`` is wall-clock seconds from starting the process (interpreter
+    start-up, about 30 ms, included). ``memory_mb`` caps the address space
+    (``RLIMIT_AS``, so it counts reserved virtual memory, not just resident
+    pages), ``cpu_seconds`` the CPU time (``RLIMIT_CPU``), ``max_files`` the
+    number of open file descriptors (``RLIMIT_NOFILE``) and ``file_size_mb``
+    the size of any file the code writes (``RLIMIT_FSIZE``). ``output_bytes``
+    caps both the captured output and the JSON of the return value.
+    """
+
+    timeout: float = 5.0
+    memory_mb: int = 256
+    cpu_seconds: int = 5
+    output_bytes: int = 65536
+    max_files: int = 32
+    file_size_mb: int = 16
+
+    def __attrs_post_init__(self) -> None:
+        t = self.timeout
+        if isinstance(t, bool) or not isinstance(t, int | float) or not math.isfinite(t) or t <= 0:
+            raise ValueError(
+                f"SandboxLimits.timeout must be a positive number of seconds, got {t!r}"
+            )
+        for field in ("memory_mb", "cpu_seconds", "output_bytes", "max_files", "file_size_mb"):
+            value = getattr(self, field)
+            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+                raise ValueError(f"SandboxLimits.{field} must be a positive integer, got {value!r}")
+
+
+DEFAULT_LIMITS = SandboxLimits()
+
+
+@attrs.frozen
+class SandboxResult:
+    """The outcome of one sandboxed call.
+
+    ``ok`` is True only when the function returned a JSON-serialisable value,
+    which is then ``value`` (else ``value`` is None). ``error`` is None on
+    success, else one line such as ``"ValueError: bad input"``,
+    ``"TimeoutError: no result within 5 s"`` or ``"killed by signal 24
+    (SIGXCPU): ..."``. ``stdout`` is everything the code wrote to stdout and
+    stderr, interleaved in order, followed on an exception by its traceback;
+    it is cut to ``output_bytes`` (with a note saying so). ``seconds`` is the
+    wall time from start to exit.
+    """
+
+    ok: bool
+    value: Any
+    error: str | None
+    stdout: str
+    seconds: float
+    timed_out: bool
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "ok": self.ok,
+            "value": self.value,
+            "error": self.error,
+            "stdout": self.stdout,
+            "seconds": self.seconds,
+            "timed_out": self.timed_out,
+        }
+
+
+# The child's program, passed with ``-c``; argv carries the limits.
+#
+# The result channel: the parent reads the child's stdout pipe for the result
+# and its stderr pipe for everything else. The runner's first act is to keep a
+# private duplicate of fd 1 (``os.dup``, not inherited by grandchildren) and
+# then point fd 1 at the stderr pipe, so every way the code can print (print,
+# sys.__stdout__, os.write(1, ...), C extensions, child processes) lands in
+# the captured output and cannot corrupt the single JSON line the runner
+# writes to its duplicate at the end.
+#
+# The limits are set here, before the request is read or any of its code
+# runs, rather than in a ``preexec_fn``: trio starts processes from a worker
+# thread, and Python code between fork and exec in a threaded process is
+# documented as unsafe (it can deadlock the child). Soft and hard limits are
+# set together, so the code cannot raise them again (CPU keeps one second of
+# headroom so SIGXCPU comes before SIGKILL); a limit we are not allowed to
+# raise to the asked-for value is only ever lowered.
+#
+# After reporting, the runner leaves with os._exit: the code's threads and
+# atexit handlers do not get to run on.
+_RUNNER = r"""
+import io, json, linecache, os, resource, sys, traceback, types
+
+mem_mb, cpu_s, nofile, fsize_mb, out_cap = (int(a) for a in sys.argv[1:6])
+result_fd = os.dup(1)
+os.dup2(2, 1)
+sys.stdout = sys.__stdout__ = io.TextIOWrapper(
+    io.FileIO(1, "w", closefd=False), encoding="utf-8", errors="backslashreplace",
+    write_through=True,
+)
+sys.stderr = sys.__stderr__ = io.TextIOWrapper(
+    io.FileIO(2, "w", closefd=False), encoding="utf-8", errors="backslashreplace",
+    write_through=True,
+)
+
+def lower(which, soft, hard):
+    old_hard = resource.getrlimit(which)[1]
+    if old_hard != resource.RLIM_INFINITY:
+        soft, hard = min(soft, old_hard), min(hard, old_hard)
+    resource.setrlimit(which, (soft, hard))
+
+lower(resource.RLIMIT_CORE, 0, 0)
+lower(resource.RLIMIT_AS, mem_mb << 20, mem_mb << 20)
+lower(resource.RLIMIT_CPU, cpu_s, cpu_s + 1)
+lower(resource.RLIMIT_NOFILE, nofile, nofile)
+lower(resource.RLIMIT_FSIZE, fsize_mb << 20, fsize_mb << 20)
+
+def describe(exc):
+    kind = type(exc).__name__
+    try:
+        message = str(exc)
+    except BaseException:
+        message = "<the exception's message could not be printed>"
+    if isinstance(exc, MemoryError) and not message:
+        message = f"out of memory (the sandbox allows {mem_mb} MB of address space)"
+    elif isinstance(exc, SystemExit):
+        message = f"the code called sys.exit({exc.code!r})"
+    if len(message) > 1000:
+        message = message[:1000] + "..."
+    return f"{kind}: {message}" if message else kind
+
+def show_traceback(exc):
+    tb = exc.__traceback__
+    while tb is not None and tb.tb_frame.f_code.co_filename != "<tool>":
+        tb = tb.tb_next
+    depth, t = 0, tb
+    while t is not None:
+        depth, t = depth + 1, t.tb_next
+    if depth > 40:  # runaway recursion: formatting every frame takes seconds
+        for _ in range(depth - 40):
+            tb = tb.tb_next
+        print(f"[traceback: {depth - 40} outer frames left out]", file=sys.stderr)
+    try:
+        traceback.print_exception(type(exc), exc, tb, file=sys.stderr)
+    except BaseException:
+        pass
+
+def run():
+    request = json.loads(sys.stdin.buffer.read())
+    code, name = request["code"], request["name"]
+    linecache.cache["<tool>"] = (len(code), None, code.splitlines(True), "<tool>")
+    namespace = {"__name__": "__tool__"}
+    exec(compile(code, "<tool>", "exec"), namespace)
+    func = namespace.get(name)
+    if func is None:
+        defined = sorted(k for k, v in namespace.items() if callable(v) and not k.startswith("_"))
+        listed = ", ".join(defined[:20]) if defined else "nothing callable"
+        return {"ok": False, "error": f"NameError: the code defines no function named {name!r} "
+                f"(it defines: {listed})"}
+    if not callable(func):
+        return {"ok": False, "error": f"TypeError: {name!r} is a {type(func).__name__}, "
+                "not a function"}
+    value = func(**request["arguments"])
+    if isinstance(value, types.CoroutineType):
+        value.close()
+        return {"ok": False, "error": f"TypeError: {name!r} is an async function; "
+                "tool functions must be plain def functions"}
+    try:
+        text = json.dumps(value, allow_nan=False)
+    except (TypeError, ValueError, RecursionError) as exc:
+        return {"ok": False, "error": "TypeError: the return value is not JSON-serialisable: "
+                + str(exc)}
+    if len(text) > out_cap:
+        return {"ok": False, "error": f"ValueError: the return value is {len(text)} bytes "
+                f"of JSON, over the sandbox's cap of {out_cap} bytes"}
+    return text
+
+try:
+    outcome = run()
+except BaseException as exc:
+    if isinstance(exc, MemoryError):
+        exc.__traceback__ = None  # let go of the frames that hold the memory
+    elif not isinstance(exc, SystemExit):
+        show_traceback(exc)
+    outcome = {"ok": False, "error": describe(exc)}
+if isinstance(outcome, str):
+    line = '{"ok": true, "value": ' + outcome + "}\n"
+else:
+    line = json.dumps(outcome) + "\n"
+data = memoryview(line.encode("utf-8"))
+try:
+    while data:
+        data = data[os.write(result_fd, data):]
+except OSError:
+    os._exit(3)
+for stream in (sys.stdout, sys.stderr):  # in case the code swapped in buffered ones
+    try:
+        stream.flush()
+    except BaseException:
+        pass
+os._exit(0)
+"""
+
+
+@attrs.define
+class _Capture:
+    """Bytes read from one pipe: the first ``cap`` kept, the rest only counted."""
+
+    cap: int
+    data: bytearray = attrs.Factory(bytearray)
+    total: int = 0
+
+    async def drain(self, stream: trio.abc.ReceiveStream) -> None:
+        while chunk := await stream.receive_some(_CHUNK):
+            self.total += len(chunk)
+            room = self.cap - len(self.data)
+            if room > 0:
+                self.data += chunk[:room]
+
+    def text(self) -> str:
+        if self.total <= self.cap:
+            return self.data.decode("utf-8", errors="replace")
+        note = f"\n[output truncated: {self.total} bytes written, the sandbox keeps {self.cap}]"
+        keep = max(0, self.cap - len(note))
+        if keep == 0:
+            return bytes(self.data[: self.cap]).decode("utf-8", errors="replace")
+        return bytes(self.data[:keep]).decode("utf-8", errors="replace") + note
+
+
+async def run_function(
+    code: str,
+    name: str,
+    arguments: dict[str, Any],
+    limits: SandboxLimits = DEFAULT_LIMITS,
+) -> SandboxResult:
+    """Define ``code`` in a fresh sandboxed process and call ``name(**arguments)`` there.
+
+    Whatever the code does (raise, loop, exhaust memory, print, exit, return
+    something odd) comes back as a ``SandboxResult`` with ``ok=False`` and a
+    one-line ``error``; this function raises only for our own misuse: wrong
+    argument types, arguments that are not JSON-serialisable, or invalid
+    ``limits``. The child process and its scratch directory are gone when it
+    returns, also when the caller is cancelled.
+    """
+    if not isinstance(code, str) or not isinstance(name, str):
+        raise TypeError("run_function: code and name must be str")
+    if not isinstance(arguments, dict):
+        raise TypeError(f"run_function: arguments must be a dict, got {type(arguments).__name__}")
+    if not isinstance(limits, SandboxLimits):
+        raise TypeError(f"run_function: limits must be SandboxLimits, got {type(limits).__name__}")
+    if not sys.executable:
+        raise RuntimeError("run_function: sys.executable is unknown, so no Python can be started")
+    try:
+        request = json.dumps({"code": code, "name": name, "arguments": arguments})
+    except (TypeError, ValueError) as e:
+        raise TypeError(f"run_function: arguments must be JSON-serialisable: {e}") from e
+    scratch = tempfile.mkdtemp(prefix="fgo-sandbox-")
+    try:
+        return await _run_in(scratch, request.encode("utf-8"), limits)
+    finally:
+        with trio.CancelScope(shield=True):
+            await trio.to_thread.run_sync(_remove_tree, scratch)
+
+
+async def _run_in(scratch: str, request: bytes, limits: SandboxLimits) -> SandboxResult:
+    argv = [
+        sys.executable,
+        "-I",
+        "-c",
+        _RUNNER,
+        str(limits.memory_mb),
+        str(limits.cpu_seconds),
+        str(limits.max_files),
+        str(limits.file_size_mb),
+        str(limits.output_bytes),
+    ]
+    started = trio.current_time()
+    proc = await trio.lowlevel.open_process(
+        argv,
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        env={},
+        cwd=scratch,
+        start_new_session=True,  # its own process group, so we can kill all of it
+    )
+    stdin, stdout_pipe, stderr_pipe = proc.stdin, proc.stdout, proc.stderr
+    assert stdin is not None
+    assert stdout_pipe is not None
+    assert stderr_pipe is not None
+    result = _Capture(limits.output_bytes + _RESULT_ENVELOPE_BYTES)
+    output = _Capture(limits.output_bytes)
+    try:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(_feed, stdin, request)
+            nursery.start_soon(result.drain, stdout_pipe)
+            nursery.start_soon(output.drain, stderr_pipe)
+            with trio.move_on_at(started + limits.timeout) as waiting:
+                await proc.wait()
+            timed_out = waiting.cancelled_caught
+            # On a timeout this kills the runner and everything it started; after a
+            # normal exit it kills anything the code left running in the group
+            # (which would otherwise keep our pipes open).
+            _kill_group(proc.pid)
+            await proc.wait()
+            finished = trio.current_time()
+            nursery.cancel_scope.deadline = finished + _DRAIN_GRACE_SECONDS
+    finally:
+        with trio.CancelScope(shield=True):
+            if proc.returncode is None:  # we are being cancelled: leave nothing behind
+                _kill_group(proc.pid)
+                await proc.wait()
+            for stream in (stdin, stdout_pipe, stderr_pipe):
+                await stream.aclose()
+    seconds = finished - started
+    stdout = output.text()
+    if timed_out:
+        error = f"TimeoutError: no result within {limits.timeout:g} s"
+        return SandboxResult(False, None, error, stdout, seconds, timed_out=True)
+    reported = _parse_result(result)
+    if reported is None:
+        error = _describe_exit(proc.returncode, limits, stdout)
+        return SandboxResult(False, None, error, stdout, seconds, timed_out=False)
+    ok, value, reported_error = reported
+    return SandboxResult(ok, value, reported_error, stdout, seconds, timed_out=False)
+
+
+async def _feed(stream: trio.abc.SendStream, data: bytes) -> None:
+    # The child may die (or close stdin) before reading it all; its exit status
+    # then says why, so a broken pipe here is not an error of its own.
+    with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
+        await stream.send_all(data)
+        await stream.aclose()
+
+
+def _kill_group(pgid: int) -> None:
+    # The group id is the runner's pid (start_new_session). Once the runner is
+    # reaped and its group is empty, the id could in principle be reused, but
+    # only by a new session leader created in the microseconds before this call.
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(pgid, signal.SIGKILL)
+
+
+def _parse_result(result: _Capture) -> tuple[bool, Any, str | None] | None:
+    """The runner's report, or None when it wrote none."""
+    if result.total == 0:
+        return None
+    malformed = (False, None, "RuntimeError: the sandbox runner's report was malformed")
+    if result.total > result.cap:
+        return malformed
+    try:
+        outcome = json.loads(result.data)
+    except ValueError:
+        return malformed
+    if not isinstance(outcome, dict) or not isinstance(outcome.get("ok"), bool):
+        return malformed
+    if outcome["ok"]:
+        return True, outcome.get("value"), None
+    error = outcome.get("error")
+    if not isinstance(error, str):
+        return malformed
+    return False, None, error
+
+
+def _describe_exit(returncode: int | None, limits: SandboxLimits, stdout: str) -> str:
+    """Why a child that wrote no report ended."""
+    if returncode is not None and returncode < 0:
+        number = -returncode
+        try:
+            sig = signal.Signals(number)
+        except ValueError:
+            return f"killed by signal {number}"
+        hints = {
+            signal.SIGXCPU: f"the CPU time limit of {limits.cpu_seconds} s was reached",
+            signal.SIGKILL: "killed from outside (perhaps the system ran out of memory)",
+            signal.SIGSEGV: "the interpreter crashed (memory exhausted or recursion too deep?)",
+            signal.SIGXFSZ: f"a file grew past the limit of {limits.file_size_mb} MB",
+        }
+        hint = hints.get(sig)
+        return f"killed by signal {number} ({sig.name})" + (f": {hint}" if hint else "")
+    last = stdout.strip().splitlines()[-1:] if stdout.strip() else []
+    tail = f"; its last output: {last[0][:300]}" if last else ""
+    return f"the sandboxed process exited with code {returncode} without reporting a result{tail}"
+
+
+def _remove_tree(path: str) -> None:
+    """Delete the scratch directory, even where the code took its own permissions away."""
+    # Give every directory back its owner's rwx first (top-down, so each one is
+    # readable before os.walk lists it). Symlinks are skipped: chmod follows
+    # them, and a link may point anywhere.
+    with contextlib.suppress(OSError):
+        os.chmod(path, stat.S_IRWXU)
+    for root, dirs, _files in os.walk(path):
+        for d in dirs:
+            sub = os.path.join(root, d)
+            if not os.path.islink(sub):
+                with contextlib.suppress(OSError):
+                    os.chmod(sub, stat.S_IRWXU)
+    shutil.rmtree(path, ignore_errors=True)
