@@ -473,6 +473,173 @@ def collect(
     click.echo(f"trajectories: {out} ({n} episodes, {k} solved, {k / max(n, 1):.0%})")
 
 
+@main.command("eval")
+@click.option(
+    "--tasks", "task_spec", required=True, help="Task set ENV:FOLD:SEEDS, e.g. twc:test:0-39."
+)
+@click.option("--params", default="", help="Environment generation parameters.")
+@click.option(
+    "--module",
+    "module_path",
+    required=True,
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="The module to evaluate.",
+)
+@click.option(
+    "--baseline",
+    "baseline_path",
+    help="A module to compare with on the same seeds (a path, or 'empty').",
+)
+@click.option(
+    "--out",
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="Write the evaluation as JSON here.",
+)
+@click.option(
+    "--trajectories-out",
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="Also write every episode (JSONL).",
+)
+@click.option("--max-steps", type=int, default=25, show_default=True, callback=_positive)
+@click.option("--workers", type=int, default=2, show_default=True, callback=_positive)
+@click.option("--base-url", envvar="FGO_BASE_URL", help="OpenAI-compatible base URL.")
+@click.option("--model", envvar="FGO_MODEL", default="default", show_default=True)
+@click.option("--api-key-env", default="FGO_API_KEY", show_default=True)
+@click.option(
+    "--max-concurrency",
+    type=int,
+    callback=_positive,
+    help="LLM calls in flight at once [default: --workers; local model: 1].",
+)
+@click.option("--log-json", is_flag=True, help="JSON logs on stderr even on a terminal.")
+def eval_command(
+    task_spec: str,
+    params: str,
+    module_path: Path,
+    baseline_path: str | None,
+    out: Path | None,
+    trajectories_out: Path | None,
+    max_steps: int,
+    workers: int,
+    base_url: str | None,
+    model: str,
+    api_key_env: str,
+    max_concurrency: int | None,
+    log_json: bool,
+) -> None:
+    """Evaluate a module with the reference agent: success rate and score with 95%
+    confidence intervals, tokens, and (with --baseline) McNemar's exact test on
+    the same seeds."""
+    from ._agent import AgentConfig
+    from ._eval import evaluate
+    from ._stats import paired
+    from .envs import TaskSet
+
+    interactive = sys.stderr.isatty() and not log_json
+    configure_logging(json=not interactive, level="warning" if interactive else "info")
+    err = Console(stderr=True, soft_wrap=True)
+
+    def fail(code: int, label: str, message: object) -> NoReturn:
+        err.print(f"[bold red]{label}:[/] {message}", highlight=False)
+        sys.exit(code)
+
+    try:
+        tasks = TaskSet.parse(task_spec, params=params).tasks()
+        modules = [(module_path.stem, load_module(module_path))]
+        if baseline_path == "empty":
+            modules.append(("empty", Module()))
+        elif baseline_path:
+            modules.append((Path(baseline_path).stem, load_module(baseline_path)))
+    except (ValueError, InputError) as e:
+        fail(EXIT_BAD_INPUT, "error", e)
+    for target in (out, trajectories_out):
+        problem = _unwritable(target) if target else None
+        if problem:
+            fail(EXIT_BAD_INPUT, "error", f"cannot write {target}: {problem}")
+    _check_endpoint(base_url)
+    config = AgentConfig(max_steps=max_steps)
+
+    async def go(gw_config: GatewayConfig) -> list[Any] | LLMUnavailableError:
+        failures: list[LLMUnavailableError] = []
+        results: list[Any] = []
+        try:
+            async with LLMGateway(gw_config) as gateway:
+                for label, module in modules:
+                    err.print(f"evaluating {label} on {len(tasks)} tasks ...", highlight=False)
+                    results.append(
+                        await evaluate(
+                            tasks, module, gateway, label=label, workers=workers, config=config
+                        )
+                    )
+        except* LLMUnavailableError as group:
+            failures.extend(_leaves(group))
+        return failures[0] if failures else results
+
+    try:
+        with _endpoint(base_url, model, err) as (url, served_model, local_ctx):
+            gw_config = GatewayConfig(
+                base_url=url,
+                model=served_model,
+                api_key=os.environ.get(api_key_env) or None,
+                max_concurrency=max_concurrency or (1 if local_ctx else workers),
+                max_completion_tokens=64,
+            )
+            outcome = trio.run(go, gw_config)
+    except ValueError as e:
+        fail(EXIT_BAD_INPUT, "error", e)
+    except local.LocalLLMError as e:
+        fail(EXIT_LLM, "local model", e)
+    except KeyboardInterrupt:
+        fail(EXIT_INTERRUPTED, "interrupted", "nothing was written")
+    if isinstance(outcome, LLMUnavailableError):
+        fail(EXIT_LLM, "LLM failure", outcome)
+
+    summaries = [summary for summary, _ in outcome]
+    report: dict[str, Any] = {
+        "tasks": task_spec,
+        "params": params,
+        "max_steps": max_steps,
+        "results": [s.to_json() for s in summaries],
+    }
+    for s in summaries:
+        lo, hi = s.success_ci
+        click.echo(
+            f"{s.label:<20} solved {s.successes}/{s.episodes} = {s.success_rate:.0%} "
+            f"[95% CI {lo:.0%}-{hi:.0%}] · score {s.score_mean:.3f} · "
+            f"{s.prompt_tokens + s.completion_tokens} tokens · {s.wall_seconds:.0f} s"
+        )
+    if len(summaries) == 2:
+        cmp = paired(summaries[0].outcomes, summaries[1].outcomes)
+        report["paired"] = {
+            "a": summaries[0].label,
+            "b": summaries[1].label,
+            **cmp.to_json(),
+            "test": "McNemar exact, two-sided",
+        }
+        click.echo(
+            f"paired on {cmp.pairs} seeds: only {summaries[0].label} solved {cmp.only_a}, "
+            f"only {summaries[1].label} solved {cmp.only_b}; McNemar p = {cmp.p_value:.4f}"
+        )
+    if out:
+        atomic_write_json(out, report)
+    if trajectories_out:
+        # Ids get the module's label: the same seed is played once per module.
+        lines = [
+            {**t.to_json(), "id": f"{summary.label}/{t.id}"}
+            for summary, trajs in outcome
+            for t in trajs
+        ]
+        _atomic_write_jsonl(trajectories_out, lines)
+
+
+def _atomic_write_jsonl(path: Path, rows: list[dict[str, Any]]) -> None:
+    tmp = path.with_name(path.name + ".partial")
+    with tmp.open("w", encoding="utf-8") as f:
+        for row in rows:
+            f.write(json.dumps(row, ensure_ascii=False) + "\n")
+    os.replace(tmp, path)
+
+
 @main.group("local-llm")
 def local_llm() -> None:
     """Manage the embedded local model (used when no --base-url is given)."""

@@ -257,3 +257,91 @@ async def test_prompt_grows_as_a_stable_prefix_and_sheds_old_turns(start_llm: St
     assert extended >= 2 * drops
     counter = default_counter()
     assert all(counter.count_messages(p[1:-1]) <= 700 for p in prompts)
+
+
+async def test_evaluate_tells_a_steering_module_from_a_bare_agent(start_llm: StartLLM) -> None:
+    """An 'expert' module the fake LLM obeys (it follows the gold path) against a
+    bare agent that always picks action 1, paired on the same seeds."""
+    from fgo_actors._eval import evaluate
+    from fgo_actors._stats import paired
+
+    tasks = TaskSet.parse("twc:test:0-7", params=TWC).tasks()
+    golds: dict[str, list[str]] = {}
+    env = await trio.to_thread.run_sync(TextWorldExpress)
+    try:
+        for task in tasks:
+            first = await trio.to_thread.run_sync(env.reset, task)
+            golds[first.observation] = await trio.to_thread.run_sync(env.gold_actions, task)
+    finally:
+        await trio.to_thread.run_sync(env.close)
+
+    def policy(body: dict[str, Any]) -> str:
+        messages = body["messages"]
+        if "EXPERT" not in messages[0]["content"]:
+            return "1"
+        first_turn = messages[1]["content"]
+        gold = next(g for obs, g in golds.items() if obs in first_turn)
+        step = sum(1 for m in messages if m["role"] == "assistant")
+        return str(numbered_actions(body)[gold[step]])
+
+    _server, url = await start_llm(policy=policy)
+    expert = Module(instructions="EXPERT: follow the plan.")
+    config = AgentConfig(max_steps=12)
+    async with LLMGateway(GatewayConfig(base_url=url, model="m", max_concurrency=2)) as gw:
+        good, good_trajs = await evaluate(tasks, expert, gw, label="expert", config=config)
+        bare, _ = await evaluate(tasks, Module(), gw, label="bare", config=config)
+    assert good.successes == 8
+    assert good.success_ci[0] > 0.6
+    assert bare.successes < 8
+    assert good.llm_calls == sum(t.metadata["steps"] for t in good_trajs if t.metadata)
+    cmp = paired(good.outcomes, bare.outcomes)
+    assert cmp.pairs == 8
+    assert cmp.only_b == 0
+    assert cmp.only_a == 8 - bare.successes
+    if cmp.only_a >= 6:
+        assert cmp.p_value < 0.05
+
+
+def test_eval_command_writes_a_report(server_url: str, tmp_path: Path) -> None:
+    module = tmp_path / "m.json"
+    module.write_text(json.dumps(Module(instructions="Be tidy.").to_json()))
+    out = tmp_path / "eval.json"
+    trajs = tmp_path / "eval.jsonl"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("FGO_")}
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "fgo_actors._cli",
+            "eval",
+            "--tasks",
+            "twc:test:0-2",
+            "--params",
+            TWC,
+            "--module",
+            str(module),
+            "--baseline",
+            "empty",
+            "--out",
+            str(out),
+            "--trajectories-out",
+            str(trajs),
+            "--max-steps",
+            "3",
+            "--base-url",
+            server_url,
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=120,
+        check=False,
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    report = json.loads(out.read_text())
+    assert [r["label"] for r in report["results"]] == ["m", "empty"]
+    assert all(r["episodes"] == 3 for r in report["results"])
+    assert report["paired"]["pairs"] == 3
+    assert "McNemar p" in proc.stdout
+    ids = [json.loads(line)["id"] for line in trajs.read_text().splitlines()]
+    assert len(ids) == len(set(ids)) == 6

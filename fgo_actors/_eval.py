@@ -1,0 +1,93 @@
+"""Evaluate modules with the reference agent on a task set, with confidence intervals."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import attrs
+import trio
+
+from ._agent import AgentConfig, collect
+from ._gateway import LLMGateway
+from ._model import Module, Trajectory
+from ._stats import mean_interval, wilson_interval
+from .envs import Task
+
+
+@attrs.frozen
+class EvalSummary:
+    """How one module did on a task set."""
+
+    label: str
+    episodes: int
+    successes: int
+    success_rate: float
+    success_ci: tuple[float, float]
+    score_mean: float
+    score_ci: tuple[float, float]
+    llm_calls: int
+    prompt_tokens: int
+    completion_tokens: int
+    wall_seconds: float
+    outcomes: dict[str, bool] = attrs.field(eq=False)
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "label": self.label,
+            "episodes": self.episodes,
+            "successes": self.successes,
+            "success_rate": round(self.success_rate, 4),
+            "success_ci95": [round(x, 4) for x in self.success_ci],
+            "score_mean": round(self.score_mean, 4),
+            "score_ci95": [round(x, 4) for x in self.score_ci],
+            "llm_calls": self.llm_calls,
+            "prompt_tokens": self.prompt_tokens,
+            "completion_tokens": self.completion_tokens,
+            "wall_seconds": round(self.wall_seconds, 3),
+            "outcomes": dict(sorted(self.outcomes.items())),
+        }
+
+
+async def evaluate(
+    tasks: Sequence[Task],
+    module: Module,
+    gateway: LLMGateway,
+    *,
+    label: str = "module",
+    workers: int = 2,
+    config: AgentConfig | None = None,
+) -> tuple[EvalSummary, list[Trajectory]]:
+    """Play every task once with ``module``; summarise successes, scores and cost."""
+    before = gateway.statistics()
+    started = trio.current_time()
+    trajectories: list[Trajectory] = []
+    send, receive = trio.open_memory_channel[Trajectory](0)
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(
+            lambda: collect(tasks, module, gateway, send, workers=workers, config=config)
+        )
+        async with receive:
+            async for traj in receive:
+                trajectories.append(traj)
+    used = gateway.statistics().since(before)
+    outcomes = {t.id: t.outcome.success for t in trajectories}
+    successes = sum(outcomes.values())
+    scores = [t.outcome.score or 0.0 for t in trajectories]
+    mean, lo, hi = mean_interval(scores)
+    n = len(trajectories)
+    summary = EvalSummary(
+        label=label,
+        episodes=n,
+        successes=successes,
+        success_rate=successes / n if n else 0.0,
+        success_ci=wilson_interval(successes, n),
+        score_mean=mean,
+        score_ci=(lo, hi),
+        llm_calls=sum(used.calls.values()),
+        prompt_tokens=sum(used.prompt_tokens.values()),
+        completion_tokens=sum(used.completion_tokens.values()),
+        wall_seconds=trio.current_time() - started,
+        outcomes=outcomes,
+    )
+    return summary, sorted(trajectories, key=lambda t: t.id)
