@@ -992,3 +992,13 @@ def test_byte_order_mark_is_accepted(tmp_path: Path) -> None:
     path = tmp_path / "bom.jsonl"
     path.write_bytes(b"\xef\xbb\xbf" + json.dumps(good).encode() + b"\n")
     assert [t.id for t in load_trajectories(path)] == ["t1"]
+
+
+def test_bundled_example_modules_are_valid() -> None:
+    from fgo_actors import load_module
+
+    examples = sorted((Path(__file__).resolve().parent.parent / "examples").glob("*.json"))
+    assert [p.name for p in examples] == ["twc_expert.json", "twc_harmful.json"]
+    for path in examples:
+        module = load_module(path)
+        assert module.rules
