@@ -123,11 +123,16 @@ async def rollout(
         except ReplyRejectedError as e:  # an empty reply: an invalid turn
             reply = f"(no usable reply: {e})"
         steps += 1
-        recorded += [Step(role="user", content=user), Step(role="assistant", content=reply)]
         window += [{"role": "user", "content": user}, {"role": "assistant", "content": reply}]
         if gateway.counter.count_messages(window) > config.history_tokens:
             window = _drop_oldest_half(window, gateway.counter, config.history_tokens)
         choice = parse_choice(reply, len(actions))
+        # The record is compact (what an optimizer needs to read): the
+        # observation, and the reply with the action it chose; not the action
+        # list and restated rules the prompt carried.
+        seen = result.observation if note is None else f"{result.observation}\n({note})"
+        chosen = reply.strip() if choice is None else f"{reply.strip()} -> {actions[choice]}"
+        recorded += [Step(role="user", content=seen), Step(role="assistant", content=chosen)]
         if choice is None:
             invalid_in_a_row += 1
             invalid_total += 1

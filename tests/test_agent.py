@@ -345,3 +345,21 @@ def test_eval_command_writes_a_report(server_url: str, tmp_path: Path) -> None:
     assert "McNemar p" in proc.stdout
     ids = [json.loads(line)["id"] for line in trajs.read_text().splitlines()]
     assert len(ids) == len(set(ids)) == 6
+
+
+async def test_recorded_trajectory_is_compact(start_llm: StartLLM) -> None:
+    _server, url = await start_llm(policy=lambda body: "1")
+    module = Module(rules=(Rule(id="r1", text="Open containers first."),))
+    env = await trio.to_thread.run_sync(TextWorldExpress)
+    try:
+        async with LLMGateway(GatewayConfig(base_url=url, model="m")) as gw:
+            traj = await rollout(
+                env, Task("twc", "train", 5, TWC), module, gw, AgentConfig(max_steps=3)
+            )
+    finally:
+        await trio.to_thread.run_sync(env.close)
+    users = [s.content or "" for s in traj.steps if s.role == "user"]
+    replies = [s.content or "" for s in traj.steps if s.role == "assistant"]
+    assert len(replies) == 3
+    assert all(re.fullmatch(r"1 -> .+", r) for r in replies)
+    assert not any("Actions:" in u or "Remember:" in u for u in users)
