@@ -322,6 +322,43 @@ def optimize(
         sys.exit(EXIT_BUDGET)
 
 
+def _agent_endpoint_options(f: Any) -> Any:
+    """The endpoint options shared by the commands that run the reference agent."""
+    options = [
+        click.option("--base-url", envvar="FGO_BASE_URL", help="OpenAI-compatible base URL."),
+        click.option("--model", envvar="FGO_MODEL", default="default", show_default=True),
+        click.option("--api-key-env", default="FGO_API_KEY", show_default=True),
+        click.option(
+            "--max-concurrency",
+            type=int,
+            callback=_positive,
+            help="LLM calls in flight at once [default: --workers; local model: 1].",
+        ),
+        click.option("--log-json", is_flag=True, help="JSON logs on stderr even on a terminal."),
+    ]
+    for option in reversed(options):
+        f = option(f)
+    return f
+
+
+def _agent_gateway(
+    url: str,
+    served_model: str,
+    local_ctx: int | None,
+    api_key_env: str,
+    max_concurrency: int | None,
+    workers: int,
+) -> GatewayConfig:
+    """Agent turns are short replies; the local server answers one at a time."""
+    return GatewayConfig(
+        base_url=url,
+        model=served_model,
+        api_key=os.environ.get(api_key_env) or None,
+        max_concurrency=max_concurrency or (1 if local_ctx else workers),
+        max_completion_tokens=64,
+    )
+
+
 @main.command()
 @click.option(
     "--tasks", "task_spec", required=True, help="Task set ENV:FOLD:SEEDS, e.g. twc:train:0-19."
@@ -353,16 +390,7 @@ def optimize(
     callback=_positive,
     help="Episodes played at once (each owns an environment).",
 )
-@click.option("--base-url", envvar="FGO_BASE_URL", help="OpenAI-compatible base URL.")
-@click.option("--model", envvar="FGO_MODEL", default="default", show_default=True)
-@click.option("--api-key-env", default="FGO_API_KEY", show_default=True)
-@click.option(
-    "--max-concurrency",
-    type=int,
-    callback=_positive,
-    help="LLM calls in flight at once [default: --workers; local model: 1].",
-)
-@click.option("--log-json", is_flag=True, help="JSON logs on stderr even on a terminal.")
+@_agent_endpoint_options
 def collect(
     task_spec: str,
     params: str,
@@ -452,12 +480,8 @@ def collect(
 
     try:
         with _endpoint(base_url, model, err) as (url, served_model, local_ctx):
-            gw_config = GatewayConfig(
-                base_url=url,
-                model=served_model,
-                api_key=os.environ.get(api_key_env) or None,
-                max_concurrency=max_concurrency or (1 if local_ctx else workers),
-                max_completion_tokens=64,
+            gw_config = _agent_gateway(
+                url, served_model, local_ctx, api_key_env, max_concurrency, workers
             )
             failure = trio.run(go, gw_config)
     except ValueError as e:
@@ -502,16 +526,7 @@ def collect(
 )
 @click.option("--max-steps", type=int, default=25, show_default=True, callback=_positive)
 @click.option("--workers", type=int, default=2, show_default=True, callback=_positive)
-@click.option("--base-url", envvar="FGO_BASE_URL", help="OpenAI-compatible base URL.")
-@click.option("--model", envvar="FGO_MODEL", default="default", show_default=True)
-@click.option("--api-key-env", default="FGO_API_KEY", show_default=True)
-@click.option(
-    "--max-concurrency",
-    type=int,
-    callback=_positive,
-    help="LLM calls in flight at once [default: --workers; local model: 1].",
-)
-@click.option("--log-json", is_flag=True, help="JSON logs on stderr even on a terminal.")
+@_agent_endpoint_options
 def eval_command(
     task_spec: str,
     params: str,
@@ -577,12 +592,8 @@ def eval_command(
 
     try:
         with _endpoint(base_url, model, err) as (url, served_model, local_ctx):
-            gw_config = GatewayConfig(
-                base_url=url,
-                model=served_model,
-                api_key=os.environ.get(api_key_env) or None,
-                max_concurrency=max_concurrency or (1 if local_ctx else workers),
-                max_completion_tokens=64,
+            gw_config = _agent_gateway(
+                url, served_model, local_ctx, api_key_env, max_concurrency, workers
             )
             outcome = trio.run(go, gw_config)
     except ValueError as e:
