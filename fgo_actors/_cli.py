@@ -7,9 +7,9 @@ import functools
 import json
 import os
 import sys
-from collections.abc import Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import Any, NoReturn, TypeVar
 
 import click
 import structlog
@@ -27,9 +27,9 @@ from rich.progress import (
 )
 
 from . import _local as local
-from ._errors import InputError, LLMUnavailableError
+from ._errors import InputError, LLMUnavailableError, leaf_exceptions
 from ._gateway import GatewayConfig, LLMGateway
-from ._io import atomic_write_json, load_module, load_trajectories
+from ._io import atomic_write_json, atomic_write_jsonl, load_module, load_trajectories
 from ._logging import configure_logging
 from ._model import Module, Trajectory
 from ._pipeline import RunFailedError, RunResult, run
@@ -223,9 +223,7 @@ def optimize(
     err = Console(stderr=True, soft_wrap=True)
     report_path = report_path or out.with_name(out.stem + ".report.json")
 
-    def fail(code: int, label: str, message: object) -> NoReturn:
-        err.print(f"[bold red]{label}:[/] {message}", highlight=False)
-        sys.exit(code)
+    fail = functools.partial(_fail, err)
 
     try:
         data = load_trajectories(trajectories)
@@ -417,9 +415,7 @@ def collect(
     configure_logging(json=not interactive, level="warning" if interactive else "info")
     err = Console(stderr=True, soft_wrap=True)
 
-    def fail(code: int, label: str, message: object) -> NoReturn:
-        err.print(f"[bold red]{label}:[/] {message}", highlight=False)
-        sys.exit(code)
+    fail = functools.partial(_fail, err)
 
     try:
         task_set = TaskSet.parse(task_spec, params=params)
@@ -433,15 +429,6 @@ def collect(
     tasks = task_set.tasks()
     partial = out.with_name(out.name + ".partial")
     counts = {"episodes": 0, "successes": 0}
-
-    async def go(gw_config: GatewayConfig) -> LLMUnavailableError | None:
-        # Returned, not raised: trio.run would hand it over in an ExceptionGroup.
-        failures: list[LLMUnavailableError] = []
-        try:
-            await play(gw_config)
-        except* LLMUnavailableError as group:
-            failures.extend(_leaves(group))
-        return failures[0] if failures else None
 
     async def play(gw_config: GatewayConfig) -> None:
         send, receive = trio.open_memory_channel[Trajectory](0)
@@ -478,20 +465,16 @@ def collect(
                             rate = f"{counts['successes']}/{counts['episodes']} solved"
                             bar.update(task, advance=1, rate=rate)
 
-    try:
-        with _endpoint(base_url, model, err) as (url, served_model, local_ctx):
-            gw_config = _agent_gateway(
-                url, served_model, local_ctx, api_key_env, max_concurrency, workers
-            )
-            failure = trio.run(go, gw_config)
-    except ValueError as e:
-        fail(EXIT_BAD_INPUT, "error", e)
-    except local.LocalLLMError as e:
-        fail(EXIT_LLM, "local model", e)
-    except KeyboardInterrupt:
-        fail(EXIT_INTERRUPTED, "interrupted", f"episodes so far are in {partial}")
-    if failure is not None:
-        fail(EXIT_LLM, "LLM failure", f"{failure}; episodes so far are in {partial}")
+    _run_agent_command(
+        err,
+        play,
+        base_url=base_url,
+        model=model,
+        api_key_env=api_key_env,
+        max_concurrency=max_concurrency,
+        workers=workers,
+        on_stop=f"episodes so far are in {partial}",
+    )
     os.replace(partial, out)
     n, k = counts["episodes"], counts["successes"]
     click.echo(f"trajectories: {out} ({n} episodes, {k} solved, {k / max(n, 1):.0%})")
@@ -546,7 +529,7 @@ def eval_command(
     confidence intervals, tokens, and (with --baseline) McNemar's exact test on
     the same seeds."""
     from ._agent import AgentConfig
-    from ._eval import evaluate
+    from ._eval import EvalSummary, evaluate
     from ._stats import paired
     from .envs import TaskSet
 
@@ -554,9 +537,7 @@ def eval_command(
     configure_logging(json=not interactive, level="warning" if interactive else "info")
     err = Console(stderr=True, soft_wrap=True)
 
-    def fail(code: int, label: str, message: object) -> NoReturn:
-        err.print(f"[bold red]{label}:[/] {message}", highlight=False)
-        sys.exit(code)
+    fail = functools.partial(_fail, err)
 
     try:
         tasks = TaskSet.parse(task_spec, params=params).tasks()
@@ -574,36 +555,28 @@ def eval_command(
     _check_endpoint(base_url)
     config = AgentConfig(max_steps=max_steps)
 
-    async def go(gw_config: GatewayConfig) -> list[Any] | LLMUnavailableError:
-        failures: list[LLMUnavailableError] = []
-        results: list[Any] = []
-        try:
-            async with LLMGateway(gw_config) as gateway:
-                for label, module in modules:
-                    err.print(f"evaluating {label} on {len(tasks)} tasks ...", highlight=False)
-                    results.append(
-                        await evaluate(
-                            tasks, module, gateway, label=label, workers=workers, config=config
-                        )
+    async def play(gw_config: GatewayConfig) -> list[tuple[EvalSummary, list[Trajectory]]]:
+        results = []
+        async with LLMGateway(gw_config) as gateway:
+            for label, module in modules:
+                err.print(f"evaluating {label} on {len(tasks)} tasks ...", highlight=False)
+                results.append(
+                    await evaluate(
+                        tasks, module, gateway, label=label, workers=workers, config=config
                     )
-        except* LLMUnavailableError as group:
-            failures.extend(_leaves(group))
-        return failures[0] if failures else results
+                )
+        return results
 
-    try:
-        with _endpoint(base_url, model, err) as (url, served_model, local_ctx):
-            gw_config = _agent_gateway(
-                url, served_model, local_ctx, api_key_env, max_concurrency, workers
-            )
-            outcome = trio.run(go, gw_config)
-    except ValueError as e:
-        fail(EXIT_BAD_INPUT, "error", e)
-    except local.LocalLLMError as e:
-        fail(EXIT_LLM, "local model", e)
-    except KeyboardInterrupt:
-        fail(EXIT_INTERRUPTED, "interrupted", "nothing was written")
-    if isinstance(outcome, LLMUnavailableError):
-        fail(EXIT_LLM, "LLM failure", outcome)
+    outcome = _run_agent_command(
+        err,
+        play,
+        base_url=base_url,
+        model=model,
+        api_key_env=api_key_env,
+        max_concurrency=max_concurrency,
+        workers=workers,
+        on_stop="nothing was written",
+    )
 
     summaries = [summary for summary, _ in outcome]
     report: dict[str, Any] = {
@@ -640,15 +613,7 @@ def eval_command(
             for summary, trajs in outcome
             for t in trajs
         ]
-        _atomic_write_jsonl(trajectories_out, lines)
-
-
-def _atomic_write_jsonl(path: Path, rows: list[dict[str, Any]]) -> None:
-    tmp = path.with_name(path.name + ".partial")
-    with tmp.open("w", encoding="utf-8") as f:
-        for row in rows:
-            f.write(json.dumps(row, ensure_ascii=False) + "\n")
-    os.replace(tmp, path)
+        atomic_write_jsonl(trajectories_out, lines)
 
 
 @main.group("local-llm")
@@ -737,11 +702,53 @@ def local_status(as_json: bool) -> None:
     )
 
 
-def _leaves(group: BaseExceptionGroup[LLMUnavailableError]) -> list[LLMUnavailableError]:
-    out: list[LLMUnavailableError] = []
-    for e in group.exceptions:
-        out.extend(_leaves(e) if isinstance(e, BaseExceptionGroup) else [e])
-    return out
+def _fail(err: Console, code: int, label: str, message: object) -> NoReturn:
+    err.print(f"[bold red]{label}:[/] {message}", highlight=False)
+    sys.exit(code)
+
+
+T = TypeVar("T")
+
+
+def _run_agent_command(
+    err: Console,
+    play: Callable[[GatewayConfig], Awaitable[T]],
+    *,
+    base_url: str | None,
+    model: str,
+    api_key_env: str,
+    max_concurrency: int | None,
+    workers: int,
+    on_stop: str,
+) -> T:
+    """Run ``play`` under trio against the endpoint (given, or the local model's
+    server for the duration); map failures to exit codes. ``on_stop`` tells the
+    user what is left when the command stops early."""
+
+    async def go(gw_config: GatewayConfig) -> T | LLMUnavailableError:
+        # Returned, not raised: trio.run would hand it over in an ExceptionGroup.
+        failures: list[LLMUnavailableError] = []
+        try:
+            return await play(gw_config)
+        except* LLMUnavailableError as group:
+            failures.extend(leaf_exceptions(group))
+        return failures[0]
+
+    try:
+        with _endpoint(base_url, model, err) as (url, served_model, local_ctx):
+            gw_config = _agent_gateway(
+                url, served_model, local_ctx, api_key_env, max_concurrency, workers
+            )
+            outcome = trio.run(go, gw_config)
+    except ValueError as e:
+        _fail(err, EXIT_BAD_INPUT, "error", e)
+    except local.LocalLLMError as e:
+        _fail(err, EXIT_LLM, "local model", e)
+    except KeyboardInterrupt:
+        _fail(err, EXIT_INTERRUPTED, "interrupted", on_stop)
+    if isinstance(outcome, LLMUnavailableError):
+        _fail(err, EXIT_LLM, "LLM failure", f"{outcome}; {on_stop}")
+    return outcome
 
 
 def _check_endpoint(base_url: str | None) -> None:

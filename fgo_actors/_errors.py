@@ -6,6 +6,18 @@ an exit code and a message that names what went wrong and where.
 
 from __future__ import annotations
 
+from typing import TypeVar
+
+E = TypeVar("E", bound=BaseException)
+
+
+def leaf_exceptions(group: BaseExceptionGroup[E]) -> list[E]:
+    """The exceptions in a (possibly nested) group, as nurseries raise them."""
+    out: list[E] = []
+    for e in group.exceptions:
+        out.extend(leaf_exceptions(e) if isinstance(e, BaseExceptionGroup) else [e])
+    return out
+
 
 class FGOError(Exception):
     """Base class for all errors raised by fgo_actors."""

@@ -13,6 +13,7 @@ costs amortised O(1) merges and the depth is O(log n).
 
 from __future__ import annotations
 
+import functools
 import itertools
 
 import attrs
@@ -143,6 +144,7 @@ class MergeForest:
         return jobs
 
 
+@functools.cache  # progress displays ask for it several times a second
 def expected_merges(leaves: int, fan_in: int = 2) -> int:
     """How many merges a forest makes for ``leaves`` leaves finishing one at a time."""
     forest = MergeForest(fan_in)

@@ -6,8 +6,9 @@ import contextlib
 import json
 import os
 import tempfile
+from collections.abc import Callable, Iterable
 from pathlib import Path
-from typing import Any
+from typing import Any, TextIO
 
 from ._errors import InputError
 from ._model import Module, Trajectory
@@ -115,6 +116,25 @@ def atomic_write_json(path: str | os.PathLike[str], obj: Any) -> None:
 
     A reader (or a crash) never sees a half-written file.
     """
+
+    def write(f: TextIO) -> None:
+        json.dump(obj, f, indent=2, ensure_ascii=False)
+        f.write("\n")
+
+    _atomic_write(path, write)
+
+
+def atomic_write_jsonl(path: str | os.PathLike[str], rows: Iterable[Any]) -> None:
+    """Write one JSON object per line, atomically like ``atomic_write_json``."""
+
+    def write(f: TextIO) -> None:
+        for row in rows:
+            f.write(json.dumps(row, ensure_ascii=False) + "\n")
+
+    _atomic_write(path, write)
+
+
+def _atomic_write(path: str | os.PathLike[str], write: Callable[[TextIO], None]) -> None:
     target = Path(path)
     target.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
@@ -122,8 +142,7 @@ def atomic_write_json(path: str | os.PathLike[str], obj: Any) -> None:
         # mkstemp makes the file 0600; give it the mode a plain open() would.
         os.fchmod(fd, 0o666 & ~_UMASK)
         with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump(obj, f, indent=2, ensure_ascii=False)
-            f.write("\n")
+            write(f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, target)

@@ -16,7 +16,7 @@ import attrs
 import structlog
 import trio
 
-from ._errors import LLMUnavailableError
+from ._errors import LLMUnavailableError, leaf_exceptions
 from ._forest import MergeForest
 from ._gateway import GatewayStatistics, LLMGateway
 from ._model import MergeNode, Module, RunReport, Status, Subset, Trajectory
@@ -41,12 +41,6 @@ class RunFailedError(LLMUnavailableError):
     def __init__(self, message: str, result: RunResult) -> None:
         super().__init__(message)
         self.result = result
-
-
-def _first(group: BaseExceptionGroup[LLMUnavailableError]) -> LLMUnavailableError:
-    """The first leaf of an exception group (nurseries may nest groups)."""
-    first = group.exceptions[0]
-    return _first(first) if isinstance(first, BaseExceptionGroup) else first
 
 
 async def run(
@@ -88,7 +82,7 @@ async def run(
         else:
             module = await _run_all_at_once(trajectories, gateway, config, initial, state)
     except* LLMUnavailableError as group:
-        error = _first(group)
+        error = leaf_exceptions(group)[0]
     if module is not None and initial.metadata:
         module = attrs.evolve(module, metadata=dict(initial.metadata))
     state.phase = "done"

@@ -53,6 +53,18 @@ def numbered_actions(body: dict[str, Any]) -> dict[str, int]:
     return {action: int(n) for n, action in ACTION_LINE.findall(last)}
 
 
+def fgo_cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    """Run the ``fgo`` command line as a subprocess."""
+    return subprocess.run(
+        [sys.executable, "-m", "fgo_actors._cli", *args],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=120,
+        check=False,
+    )
+
+
 def test_task_set_parsing() -> None:
     ts = TaskSet.parse("twc:test:0-3,7", params=TWC)
     assert [t.id for t in ts.tasks()] == [f"twc/test/{s}" for s in (0, 1, 2, 3, 7)]
@@ -180,28 +192,19 @@ def test_environment_wire_shapes_match_the_schema() -> None:
 def test_collect_command_writes_valid_trajectories(server_url: str, tmp_path: Path) -> None:
     out = tmp_path / "trajs.jsonl"
     env = {k: v for k, v in os.environ.items() if not k.startswith("FGO_")}
-    proc = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "fgo_actors._cli",
-            "collect",
-            "--tasks",
-            "twc:dev:0-2",
-            "--params",
-            TWC,
-            "--out",
-            str(out),
-            "--max-steps",
-            "3",
-            "--base-url",
-            server_url,
-        ],
-        capture_output=True,
-        text=True,
+    proc = fgo_cli(
+        "collect",
+        "--tasks",
+        "twc:dev:0-2",
+        "--params",
+        TWC,
+        "--out",
+        str(out),
+        "--max-steps",
+        "3",
+        "--base-url",
+        server_url,
         env=env,
-        timeout=120,
-        check=False,
     )
     assert proc.returncode == 0, proc.stderr[-2000:]
     rows = [json.loads(line) for line in out.read_text().splitlines()]
@@ -214,23 +217,14 @@ def test_collect_command_writes_valid_trajectories(server_url: str, tmp_path: Pa
 
 
 def test_collect_command_rejects_a_bad_task_set(tmp_path: Path) -> None:
-    proc = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "fgo_actors._cli",
-            "collect",
-            "--tasks",
-            "twc:prod:0-2",
-            "--out",
-            str(tmp_path / "t.jsonl"),
-            "--base-url",
-            "http://127.0.0.1:9/v1",
-        ],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
+    proc = fgo_cli(
+        "collect",
+        "--tasks",
+        "twc:prod:0-2",
+        "--out",
+        str(tmp_path / "t.jsonl"),
+        "--base-url",
+        "http://127.0.0.1:9/v1",
     )
     assert proc.returncode == 2
     assert "fold must be one of" in proc.stderr
@@ -308,34 +302,25 @@ def test_eval_command_writes_a_report(server_url: str, tmp_path: Path) -> None:
     out = tmp_path / "eval.json"
     trajs = tmp_path / "eval.jsonl"
     env = {k: v for k, v in os.environ.items() if not k.startswith("FGO_")}
-    proc = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "fgo_actors._cli",
-            "eval",
-            "--tasks",
-            "twc:test:0-2",
-            "--params",
-            TWC,
-            "--module",
-            str(module),
-            "--baseline",
-            "empty",
-            "--out",
-            str(out),
-            "--trajectories-out",
-            str(trajs),
-            "--max-steps",
-            "3",
-            "--base-url",
-            server_url,
-        ],
-        capture_output=True,
-        text=True,
+    proc = fgo_cli(
+        "eval",
+        "--tasks",
+        "twc:test:0-2",
+        "--params",
+        TWC,
+        "--module",
+        str(module),
+        "--baseline",
+        "empty",
+        "--out",
+        str(out),
+        "--trajectories-out",
+        str(trajs),
+        "--max-steps",
+        "3",
+        "--base-url",
+        server_url,
         env=env,
-        timeout=120,
-        check=False,
     )
     assert proc.returncode == 0, proc.stderr[-2000:]
     report = json.loads(out.read_text())

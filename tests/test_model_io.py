@@ -1002,3 +1002,20 @@ def test_bundled_example_modules_are_valid() -> None:
     for path in examples:
         module = load_module(path)
         assert module.rules
+
+
+def test_atomic_write_jsonl_writes_one_object_per_line(tmp_path: Path) -> None:
+    from fgo_actors._io import atomic_write_jsonl
+
+    target = tmp_path / "rows.jsonl"
+    target.write_text("old\n")
+    atomic_write_jsonl(target, ({"i": i, "s": "é"} for i in range(3)))
+    assert [json.loads(line) for line in target.read_text().splitlines()] == [
+        {"i": 0, "s": "é"},
+        {"i": 1, "s": "é"},
+        {"i": 2, "s": "é"},
+    ]
+    with pytest.raises(TypeError):
+        atomic_write_jsonl(target, [{"bad": {1, 2}}])
+    assert len(target.read_text().splitlines()) == 3  # untouched by the failed write
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["rows.jsonl"]
