@@ -6,6 +6,12 @@ Built so that a module can steer a small model:
 - the valid actions are offered as a numbered list and the reply is taken by
   number, with no fuzzy mapping that could change what the model meant; a
   reply that names no listed number is an invalid turn, recorded as such;
+- the module's functions act as macro-actions: each turn, every function is
+  called in a sandboxed subprocess (``_sandbox.run_function``) with the
+  keyword arguments ``task``, ``observation``, ``valid_actions`` and
+  ``history``, and returns a list of macros (each a list of environment
+  actions); each macro is offered as one numbered option, ahead of the plain
+  actions, and played action by action while each is still valid;
 - the prompt only grows from step to step (system prompt, then the turns so
   far), so llama.cpp reuses its cached prefix and evaluates just the new
   turn; when the turns outgrow their token budget, the oldest half is
@@ -23,7 +29,8 @@ import trio
 
 from ._errors import ReplyRejectedError
 from ._gateway import LLMGateway
-from ._model import Module, Outcome, Step, Trajectory
+from ._model import FunctionSpec, Module, Outcome, Step, Trajectory
+from ._sandbox import SandboxLimits, run_function
 from ._tokens import TokenCounter
 from .envs import Environment, StepResult, Task
 
@@ -31,6 +38,14 @@ AGENT_SYSTEM = """\
 You are an agent acting in a text environment to complete a task. Each turn \
 you see what happened and a numbered list of the actions you can take now. \
 Reply with the number of ONE action and nothing else."""
+
+MACRO_NOTE = (
+    "Options that start with [name] are shortcuts from your module: "
+    "each plays several actions in a row."
+)
+
+# The keyword arguments every module function is called with, each turn.
+MACRO_ARGUMENTS = ("task", "observation", "valid_actions", "history")
 
 _NUMBER = re.compile(r"\d+")
 
@@ -41,10 +56,31 @@ class AgentConfig:
     history_tokens: int = 2000  # budget for earlier turns in the prompt
     max_reply_tokens: int = 8
     max_invalid: int = 3  # invalid replies in a row that end the episode
+    use_functions: bool = True  # offer the module's functions as macro-actions
+    max_macros: int = 4  # options taken from each function per turn
+    max_macro_actions: int = 8  # actions in one macro
+    history_pairs: int = 30  # (action, observation) pairs passed to functions
+    sandbox: SandboxLimits = attrs.field(
+        factory=lambda: SandboxLimits(timeout=5.0, memory_mb=256, cpu_seconds=2)
+    )
 
 
-def system_prompt(module: Module) -> str:
+@attrs.frozen
+class Macro:
+    """A sequence of environment actions offered by the module function ``function``."""
+
+    function: str
+    actions: tuple[str, ...]
+
+    @property
+    def label(self) -> str:
+        return f"[{self.function}] " + ", then ".join(self.actions)
+
+
+def system_prompt(module: Module, *, macros: bool = False) -> str:
     parts = [AGENT_SYSTEM]
+    if macros and module.functions:
+        parts.append(MACRO_NOTE)
     if module.instructions.strip():
         parts.append("Instructions:\n" + module.instructions.strip())
     if module.rules:
@@ -78,6 +114,95 @@ def _drop_oldest_half(
     return window
 
 
+def macros_from(
+    function: str, value: object, valid_actions: Sequence[str], config: AgentConfig
+) -> tuple[list[Macro], str | None]:
+    """The usable macros in a function's return value, and a problem to record, if any.
+
+    A function returns a list whose items are a list of action strings (a
+    macro) or one action string. A macro must start with an action that is
+    valid now; later actions are checked as it is played. Empty, repeated and
+    unusable items are dropped; a return value of the wrong shape is a problem.
+    """
+    if not isinstance(value, list):
+        return [], f"{function} returned {type(value).__name__}, not a list of action lists"
+    valid = set(valid_actions)
+    macros: list[Macro] = []
+    skipped = 0
+    for item in value:
+        actions = [item] if isinstance(item, str) else item
+        if (
+            not isinstance(actions, list)
+            or not actions
+            or not all(isinstance(a, str) and a.strip() for a in actions)
+        ):
+            return macros, f"{function} returned an item that is not a list of action strings"
+        macro = Macro(function, tuple(a.strip() for a in actions[: config.max_macro_actions]))
+        if macro.actions[0] not in valid:
+            skipped += 1
+            continue
+        if macro not in macros:
+            macros.append(macro)
+        if len(macros) >= config.max_macros:
+            break
+    problem = None
+    if skipped and not macros:
+        problem = f"{function} offered {skipped} macros, none starting with a valid action"
+    return macros, problem
+
+
+async def offer_macros(
+    functions: Sequence[FunctionSpec],
+    *,
+    task: str,
+    observation: str,
+    valid_actions: Sequence[str],
+    history: Sequence[tuple[str, str]],
+    config: AgentConfig,
+) -> tuple[list[Macro], list[str]]:
+    """Call every function in the sandbox; return the macros they offer and their problems."""
+    arguments = {
+        "task": task,
+        "observation": observation,
+        "valid_actions": list(valid_actions),
+        "history": [list(pair) for pair in history[-config.history_pairs :]],
+    }
+    offered: list[Macro] = []
+    problems: list[str] = []
+    for fn in functions:
+        result = await run_function(fn.code, fn.name, arguments, config.sandbox)
+        if not result.ok:
+            problems.append(f"{fn.name} failed: {result.error}")
+            continue
+        macros, problem = macros_from(fn.name, result.value, valid_actions, config)
+        offered += [m for m in macros if m not in offered]
+        if problem:
+            problems.append(problem)
+    return offered, problems
+
+
+def play_macro(
+    env: Environment, macro: Macro, first: StepResult
+) -> tuple[StepResult, str, list[tuple[str, str]]]:
+    """Play ``macro`` while each action is valid; the last result, a combined
+    observation, and the (action, observation) pairs played. Runs in a thread."""
+    result = first
+    played: list[tuple[str, str]] = []
+    lines: list[str] = []
+    for action in macro.actions:
+        if result.done:
+            break
+        if action not in result.valid_actions:
+            lines.append(
+                f"(the [{macro.function}] shortcut stopped: {action!r} is not possible now)"
+            )
+            break
+        result = env.step(action)
+        played.append((action, result.observation))
+        lines.append(f"> {action}\n{result.observation.strip()}")
+    return result, "\n".join(lines), played
+
+
 def parse_choice(reply: str, n_actions: int) -> int | None:
     """The 0-based index of the action the reply names by number, or None."""
     match = _NUMBER.search(reply)
@@ -101,16 +226,36 @@ async def rollout(
     log = structlog.get_logger()
     result: StepResult = await trio.to_thread.run_sync(env.reset, task)
     description = getattr(env, "task_description", "") or task.id
-    system = system_prompt(module)
+    functions = module.functions if config.use_functions else ()
+    system = system_prompt(module, macros=bool(functions))
     recorded: list[Step] = [Step(role="system", content=system)]
     window: list[dict[str, str]] = []
-    invalid_in_a_row = invalid_total = steps = 0
+    history: list[tuple[str, str]] = []
+    invalid_in_a_row = invalid_total = steps = macros_played = 0
+    function_problems: list[str] = []
     note: str | None = None
+    observation = result.observation
     while not result.done and steps < config.max_steps:
         actions = list(result.valid_actions)
         if not actions:
             break
-        user = turn_message(f"Task: {description}\n\n{result.observation}", actions, module, note)
+        macros: list[Macro] = []
+        problems: list[str] = []
+        if functions:
+            macros, problems = await offer_macros(
+                functions,
+                task=description,
+                observation=observation,
+                valid_actions=actions,
+                history=history,
+                config=config,
+            )
+            for problem in problems:
+                if problem not in function_problems:
+                    function_problems.append(problem)
+                    log.warning("function_problem", task=task.id, problem=problem)
+        options = [m.label for m in macros] + actions
+        user = turn_message(f"Task: {description}\n\n{observation}", options, module, note)
         messages = [
             {"role": "system", "content": system},
             *window,
@@ -126,12 +271,15 @@ async def rollout(
         window += [{"role": "user", "content": user}, {"role": "assistant", "content": reply}]
         if gateway.counter.count_messages(window) > config.history_tokens:
             window = _drop_oldest_half(window, gateway.counter, config.history_tokens)
-        choice = parse_choice(reply, len(actions))
+        choice = parse_choice(reply, len(options))
         # The record is compact (what an optimizer needs to read): the
-        # observation, and the reply with the action it chose; not the action
-        # list and restated rules the prompt carried.
-        seen = result.observation if note is None else f"{result.observation}\n({note})"
-        chosen = reply.strip() if choice is None else f"{reply.strip()} -> {actions[choice]}"
+        # observation, and the reply with the option it chose; not the option
+        # list and restated rules the prompt carried. Function failures are
+        # recorded so that an optimizer can repair the function.
+        seen = "\n".join(
+            [observation, *(f"({n})" for n in [note] if n), *(f"(function {p})" for p in problems)]
+        )
+        chosen = reply.strip() if choice is None else f"{reply.strip()} -> {options[choice]}"
         recorded += [Step(role="user", content=seen), Step(role="assistant", content=chosen)]
         if choice is None:
             invalid_in_a_row += 1
@@ -142,13 +290,23 @@ async def rollout(
             continue
         invalid_in_a_row = 0
         note = None
-        result = await trio.to_thread.run_sync(env.step, actions[choice])
+        if choice < len(macros):
+            macros_played += 1
+            result, observation, played = await trio.to_thread.run_sync(
+                play_macro, env, macros[choice], result
+            )
+            history += played
+        else:
+            action = actions[choice - len(macros)]
+            result = await trio.to_thread.run_sync(env.step, action)
+            observation = result.observation
+            history.append((action, observation))
     ended = (
         "task solved"
         if result.success
         else ("task failed" if result.done else f"stopped after {steps} steps")
     )
-    recorded.append(Step(role="user", content=result.observation))
+    recorded.append(Step(role="user", content=observation))
     log.info("rollout_done", task=task.id, success=result.success, steps=steps)
     return Trajectory(
         id=trajectory_id or task.id,
@@ -167,6 +325,8 @@ async def rollout(
             "params": task.params,
             "steps": steps,
             "invalid_replies": invalid_total,
+            "macros_played": macros_played,
+            "function_problems": function_problems,
         },
     )
 

@@ -487,15 +487,16 @@ def collect(
 @click.option("--params", default="", help="Environment generation parameters.")
 @click.option(
     "--module",
-    "module_path",
+    "module_paths",
     required=True,
+    multiple=True,
     type=click.Path(dir_okay=False, path_type=Path),
-    help="The module to evaluate.",
+    help="A module to evaluate (repeat to evaluate several on the same seeds).",
 )
 @click.option(
     "--baseline",
     "baseline_path",
-    help="A module to compare with on the same seeds (a path, or 'empty').",
+    help="A module to compare every --module with on the same seeds (a path, or 'empty').",
 )
 @click.option(
     "--out",
@@ -513,7 +514,7 @@ def collect(
 def eval_command(
     task_spec: str,
     params: str,
-    module_path: Path,
+    module_paths: tuple[Path, ...],
     baseline_path: str | None,
     out: Path | None,
     trajectories_out: Path | None,
@@ -526,8 +527,8 @@ def eval_command(
     log_json: bool,
 ) -> None:
     """Evaluate a module with the reference agent: success rate and score with 95%
-    confidence intervals, tokens, and (with --baseline) McNemar's exact test on
-    the same seeds."""
+    confidence intervals, tokens, and (with --baseline, or with exactly two
+    modules) McNemar's exact test on the same seeds."""
     from ._agent import AgentConfig
     from ._eval import EvalSummary, evaluate
     from ._stats import paired
@@ -541,11 +542,14 @@ def eval_command(
 
     try:
         tasks = TaskSet.parse(task_spec, params=params).tasks()
-        modules = [(module_path.stem, load_module(module_path))]
+        modules = [(path.stem, load_module(path)) for path in module_paths]
         if baseline_path == "empty":
             modules.append(("empty", Module()))
         elif baseline_path:
             modules.append((Path(baseline_path).stem, load_module(baseline_path)))
+        labels = [label for label, _ in modules]
+        if len(set(labels)) != len(labels):
+            raise ValueError(f"modules need distinct file names, got {', '.join(labels)}")
     except (ValueError, InputError) as e:
         fail(EXIT_BAD_INPUT, "error", e)
     for target in (out, trajectories_out):
@@ -592,17 +596,21 @@ def eval_command(
             f"[95% CI {lo:.0%}-{hi:.0%}] · score {s.score_mean:.3f} · "
             f"{s.prompt_tokens + s.completion_tokens} tokens · {s.wall_seconds:.0f} s"
         )
-    if len(summaries) == 2:
-        cmp = paired(summaries[0].outcomes, summaries[1].outcomes)
-        report["paired"] = {
-            "a": summaries[0].label,
-            "b": summaries[1].label,
-            **cmp.to_json(),
-            "test": "McNemar exact, two-sided",
-        }
+    if baseline_path:
+        pairs = [(s, summaries[-1]) for s in summaries[:-1]]
+    elif len(summaries) == 2:
+        pairs = [(summaries[0], summaries[1])]
+    else:
+        pairs = []
+    report["paired"] = []
+    for a, b in pairs:
+        cmp = paired(a.outcomes, b.outcomes)
+        report["paired"].append(
+            {"a": a.label, "b": b.label, **cmp.to_json(), "test": "McNemar exact, two-sided"}
+        )
         click.echo(
-            f"paired on {cmp.pairs} seeds: only {summaries[0].label} solved {cmp.only_a}, "
-            f"only {summaries[1].label} solved {cmp.only_b}; McNemar p = {cmp.p_value:.4f}"
+            f"paired on {cmp.pairs} seeds: only {a.label} solved {cmp.only_a}, "
+            f"only {b.label} solved {cmp.only_b}; McNemar p = {cmp.p_value:.4f}"
         )
     if out:
         atomic_write_json(out, report)

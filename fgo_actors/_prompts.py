@@ -34,7 +34,11 @@ Each action is one of:
 "parameters": {<JSON Schema>}, "code": "<python source>"}}
   {"op": "revise_function", "function": {...same shape, existing name...}}
   {"op": "remove_function", "name": "<existing function name>"}
-Refer only to rule ids and function names that exist in the module. \
+Functions are Python source, run in a sandbox. The reference agent calls each \
+one every turn as name(task, observation, valid_actions, history) and offers \
+every list of actions it returns as one shortcut, e.g. \
+[["open fridge", "put milk in fridge"]]; history is the [action, observation] \
+pairs so far. Refer only to rule ids and function names that exist in the module. \
 "evidence" is optional and names trajectories shown below. \
 An empty "actions" list means: no change is needed."""
 

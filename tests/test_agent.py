@@ -326,7 +326,7 @@ def test_eval_command_writes_a_report(server_url: str, tmp_path: Path) -> None:
     report = json.loads(out.read_text())
     assert [r["label"] for r in report["results"]] == ["m", "empty"]
     assert all(r["episodes"] == 3 for r in report["results"])
-    assert report["paired"]["pairs"] == 3
+    assert report["paired"][0]["pairs"] == 3
     assert "McNemar p" in proc.stdout
     ids = [json.loads(line)["id"] for line in trajs.read_text().splitlines()]
     assert len(ids) == len(set(ids)) == 6
