@@ -141,8 +141,8 @@ def first_macro(body: dict[str, Any]) -> str:
     options = OPTION.findall(body["messages"][-1]["content"])
     for number, text in options:
         if text.startswith("[tidy]"):
-            return number
-    return next(n for n, text in options if text == "look around")
+            return str(number)
+    return str(next(n for n, text in options if text == "look around"))
 
 
 async def test_the_expert_macro_solves_a_game_in_two_turns(start_llm: StartLLM) -> None:
@@ -162,10 +162,10 @@ async def test_the_expert_macro_solves_a_game_in_two_turns(start_llm: StartLLM) 
     assert schema_error("trajectory", traj.to_json()) is None
     # The shortcut is explained once, in the stable system prompt.
     assert "shortcuts from your module" in server.requests[0].body["messages"][0]["content"]
-    chosen = [s.content for s in traj.steps if s.role == "assistant"]
+    chosen = [s.content or "" for s in traj.steps if s.role == "assistant"]
     assert all("-> [tidy] take " in c for c in chosen)
     # The record shows every action the macro played, with its observation.
-    assert "> open " in traj.steps[-1].content or "> put " in traj.steps[-1].content
+    assert "> open " in (traj.steps[-1].content or "") or "> put " in (traj.steps[-1].content or "")
 
 
 async def test_a_macro_stops_at_the_first_action_that_is_not_possible(
@@ -187,7 +187,7 @@ async def test_a_macro_stops_at_the_first_action_that_is_not_possible(
             )
     finally:
         await trio.to_thread.run_sync(env.close)
-    last = traj.steps[-1].content
+    last = traj.steps[-1].content or ""
     assert last.startswith("> take ")
     assert "shortcut stopped: 'fly to the moon' is not possible now" in last
     assert "look around" not in last
@@ -216,7 +216,7 @@ async def test_function_failures_reach_the_trajectory_for_the_optimizer(
     assert traj.metadata["function_problems"] == [
         "broken failed: ZeroDivisionError: division by zero"
     ]
-    assert "(function broken failed: ZeroDivisionError" in traj.steps[1].content
+    assert "(function broken failed: ZeroDivisionError" in (traj.steps[1].content or "")
 
 
 async def test_functions_can_be_switched_off(start_llm: StartLLM) -> None:
