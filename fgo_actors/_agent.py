@@ -56,6 +56,10 @@ class AgentConfig:
     history_tokens: int = 2000  # budget for earlier turns in the prompt
     max_reply_tokens: int = 8
     max_invalid: int = 3  # invalid replies in a row that end the episode
+    # Rules restated next to each observation: the most relevant few (by words
+    # shared with the observation and options), or all of them when None. The
+    # system prompt always holds all of them.
+    restate_rules: int | None = 1
     use_functions: bool = True  # offer the module's functions as macro-actions
     max_macros: int = 4  # options taken from each function per turn
     max_macro_actions: int = 8  # actions in one macro
@@ -92,14 +96,40 @@ def _rule_lines(module: Module) -> str:
     return "\n".join(f"- {r.text}" for r in module.rules)
 
 
+_WORD = re.compile(r"[a-z]{4,}")
+
+
+def relevant_rules(module: Module, text: str, limit: int | None) -> list[str]:
+    """The texts of the ``limit`` rules sharing the most words with ``text``
+    (all rules when ``limit`` is None), in module order; rules sharing no word
+    are left out unless all are wanted."""
+    if limit is None:
+        return [r.text for r in module.rules]
+    words = set(_WORD.findall(text.lower()))
+    scored = [
+        (len(words & set(_WORD.findall(r.text.lower()))), i) for i, r in enumerate(module.rules)
+    ]
+    best = sorted((s for s in scored if s[0] > 0), key=lambda s: (-s[0], s[1]))[:limit]
+    return [module.rules[i].text for _, i in sorted(best, key=lambda s: s[1])]
+
+
 def turn_message(
-    observation: str, actions: Sequence[str], module: Module, note: str | None = None
+    observation: str,
+    actions: Sequence[str],
+    module: Module,
+    note: str | None = None,
+    *,
+    restate: int | None = None,
 ) -> str:
+    """One turn's user message: the observation, a note, the rules most relevant
+    to this turn (``restate`` of them, or all when None), and the numbered options."""
     parts = [observation.strip()]
     if note:
         parts.append(note)
-    if module.rules:
-        parts.append("Remember:\n" + _rule_lines(module))
+    listing_text = "\n".join(actions)
+    rules = relevant_rules(module, f"{observation}\n{listing_text}", restate)
+    if rules:
+        parts.append("Remember:\n" + "\n".join(f"- {text}" for text in rules))
     listing = "\n".join(f"{i}. {a}" for i, a in enumerate(actions, start=1))
     parts.append(f"Actions:\n{listing}\nReply with the number of one action.")
     return "\n\n".join(parts)
@@ -255,7 +285,13 @@ async def rollout(
                     function_problems.append(problem)
                     log.warning("function_problem", task=task.id, problem=problem)
         options = [m.label for m in macros] + actions
-        user = turn_message(f"Task: {description}\n\n{observation}", options, module, note)
+        user = turn_message(
+            f"Task: {description}\n\n{observation}",
+            options,
+            module,
+            note,
+            restate=config.restate_rules,
+        )
         messages = [
             {"role": "system", "content": system},
             *window,

@@ -11,6 +11,7 @@ from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import Any, NoReturn, TypeVar
 
+import attrs
 import click
 import structlog
 import trio
@@ -430,7 +431,7 @@ def collect(
     partial = out.with_name(out.name + ".partial")
     counts = {"episodes": 0, "successes": 0}
 
-    async def play(gw_config: GatewayConfig) -> None:
+    async def play(gw_config: GatewayConfig, _local_ctx: int | None) -> None:
         send, receive = trio.open_memory_channel[Trajectory](0)
         async with LLMGateway(gw_config) as gateway, trio.open_nursery() as nursery:
             nursery.start_soon(
@@ -559,7 +560,9 @@ def eval_command(
     _check_endpoint(base_url)
     config = AgentConfig(max_steps=max_steps)
 
-    async def play(gw_config: GatewayConfig) -> list[tuple[EvalSummary, list[Trajectory]]]:
+    async def play(
+        gw_config: GatewayConfig, _local_ctx: int | None
+    ) -> list[tuple[EvalSummary, list[Trajectory]]]:
         results = []
         async with LLMGateway(gw_config) as gateway:
             for label, module in modules:
@@ -622,6 +625,183 @@ def eval_command(
             for t in trajs
         ]
         atomic_write_jsonl(trajectories_out, lines)
+
+
+@main.command("bench")
+@click.option(
+    "--train",
+    "train_spec",
+    default="twc:train:0-7",
+    show_default=True,
+    help="Tasks the base agent plays to make the training trajectories (ENV:FOLD:SEEDS).",
+)
+@click.option(
+    "--test",
+    "test_spec",
+    default="twc:test:0-11",
+    show_default=True,
+    help="Held-out tasks every module is evaluated on.",
+)
+@click.option("--params", default="", help="Environment generation parameters.")
+@click.option(
+    "--base",
+    "base_path",
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="The module to improve (default: empty).",
+)
+@click.option(
+    "--strategies",
+    default="all-at-once,batch,fgo",
+    show_default=True,
+    help="Comma-separated strategies to compare with the base module.",
+)
+@click.option(
+    "--max-steps",
+    type=int,
+    default=8,
+    show_default=True,
+    callback=_positive,
+    help="Agent turns per episode.",
+)
+@click.option("--workers", type=int, default=1, show_default=True, callback=_positive)
+@click.option("--context-tokens", type=int, callback=_positive, help="Optimizer LLM context.")
+@click.option("--subset-tokens", type=int, callback=_positive, help="FGO/batch subset budget.")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option(
+    "--out-dir",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=Path("bench-out"),
+    show_default=True,
+    help="Where bench.json, bench.md, bench.png, the modules and the episodes go.",
+)
+@_agent_endpoint_options
+def bench_command(
+    train_spec: str,
+    params: str,
+    test_spec: str,
+    base_path: Path | None,
+    strategies: str,
+    max_steps: int,
+    workers: int,
+    context_tokens: int | None,
+    subset_tokens: int | None,
+    seed: int,
+    out_dir: Path,
+    base_url: str | None,
+    model: str,
+    api_key_env: str,
+    max_concurrency: int | None,
+    log_json: bool,
+) -> None:
+    """Compare the base module with all-at-once, batch and FGO on held-out tasks.
+
+    The base agent plays --train; each strategy optimizes the base module from
+    those trajectories; then every module plays --test. Reports success with
+    95% intervals, McNemar's test against the base, optimization tokens, LLM
+    calls and wall time, as JSON, a Markdown table and a PNG plot.
+    """
+    from ._agent import AgentConfig
+    from ._bench import (
+        BenchConfig,
+        BenchProgress,
+        BenchResult,
+        bench,
+        format_eta,
+        markdown_table,
+        write_outputs,
+    )
+    from .envs import TaskSet
+
+    interactive = sys.stderr.isatty() and not log_json
+    configure_logging(json=not interactive, level="warning" if interactive else "info")
+    err = Console(stderr=True, soft_wrap=True)
+    fail = functools.partial(_fail, err)
+    try:
+        train = TaskSet.parse(train_spec, params=params).tasks()
+        test = TaskSet.parse(test_spec, params=params).tasks()
+        base = load_module(base_path) if base_path else Module()
+        names = tuple(x.strip() for x in strategies.split(",") if x.strip())
+        template = BenchConfig(train=train, test=test, base=base, strategies=names)  # type: ignore[arg-type]
+    except (ValueError, InputError) as e:
+        fail(EXIT_BAD_INPUT, "error", e)
+    problem = _unwritable(out_dir / "bench.json")
+    if problem:
+        fail(EXIT_BAD_INPUT, "error", f"cannot write to {out_dir}: {problem}")
+    _check_endpoint(base_url)
+
+    async def play(gw_config: GatewayConfig, local_ctx: int | None) -> BenchResult:
+        ctx = context_tokens or local_ctx or DEFAULT_CONTEXT_TOKENS
+        if subset_tokens is not None and subset_tokens > ctx:
+            raise ValueError(f"--subset-tokens ({subset_tokens}) exceeds the context ({ctx})")
+        config = attrs.evolve(
+            template,
+            run=RunConfig(context_tokens=ctx, subset_tokens=subset_tokens, seed=seed),
+            agent=AgentConfig(max_steps=max_steps),
+            workers=workers,
+        )
+        gw_config = attrs.evolve(gw_config, max_completion_tokens=min(2048, ctx // 4))
+        log = structlog.get_logger()
+        bar = Progress(
+            TextColumn("{task.description:<24}"),
+            BarColumn(),
+            TextColumn("{task.fields[counts]}"),
+            TimeElapsedColumn(),
+            TextColumn("left {task.fields[eta]}"),
+            console=err,
+            disable=not interactive,
+        )
+        row = bar.add_task("starting", total=1.0, counts="", eta="estimating")
+
+        def show(p: BenchProgress) -> None:
+            total = p.episodes_total + p.optimizations_total
+            done = p.episodes_done + p.optimizations_done
+            eta = p.remaining_seconds()
+            counts = (
+                f"episodes {p.episodes_done}/{p.episodes_total} · "
+                f"optimizations {p.optimizations_done}/{p.optimizations_total}"
+            )
+            bar.update(
+                row,
+                description=p.phase,
+                completed=done,
+                total=total,
+                counts=counts,
+                eta=format_eta(eta),
+            )
+            if not interactive:
+                log.info(
+                    "bench_progress",
+                    phase=p.phase,
+                    episodes_done=p.episodes_done,
+                    episodes_total=p.episodes_total,
+                    optimizations_done=p.optimizations_done,
+                    optimizations_total=p.optimizations_total,
+                    elapsed_s=round(p.elapsed, 1),
+                    eta_s=None if eta is None else round(eta, 1),
+                )
+
+        progress = BenchProgress(
+            episodes=len(train) + (1 + len(names)) * len(test),
+            optimizations=len(names),
+            on_change=show,
+        )
+        with bar:
+            async with LLMGateway(gw_config) as gateway:
+                return await bench(config, gateway, progress)
+
+    result = _run_agent_command(
+        err,
+        play,
+        base_url=base_url,
+        model=model,
+        api_key_env=api_key_env,
+        max_concurrency=max_concurrency,
+        workers=workers,
+        on_stop="nothing was written",
+    )
+    paths = write_outputs(result, out_dir)
+    click.echo(markdown_table(result), nl=False)
+    click.echo(f"wrote {paths['json']}, {paths['markdown']} and {paths['plot']}")
 
 
 @main.group("local-llm")
@@ -720,7 +900,7 @@ T = TypeVar("T")
 
 def _run_agent_command(
     err: Console,
-    play: Callable[[GatewayConfig], Awaitable[T]],
+    play: Callable[[GatewayConfig, int | None], Awaitable[T]],
     *,
     base_url: str | None,
     model: str,
@@ -729,15 +909,16 @@ def _run_agent_command(
     workers: int,
     on_stop: str,
 ) -> T:
-    """Run ``play`` under trio against the endpoint (given, or the local model's
-    server for the duration); map failures to exit codes. ``on_stop`` tells the
-    user what is left when the command stops early."""
+    """Run ``play(gateway config, local model context or None)`` under trio
+    against the endpoint (given, or the local model's server for the duration);
+    map failures to exit codes. ``on_stop`` tells the user what is left when the
+    command stops early."""
 
-    async def go(gw_config: GatewayConfig) -> T | LLMUnavailableError:
+    async def go(gw_config: GatewayConfig, local_ctx: int | None) -> T | LLMUnavailableError:
         # Returned, not raised: trio.run would hand it over in an ExceptionGroup.
         failures: list[LLMUnavailableError] = []
         try:
-            return await play(gw_config)
+            return await play(gw_config, local_ctx)
         except* LLMUnavailableError as group:
             failures.extend(leaf_exceptions(group))
         return failures[0]
@@ -747,7 +928,7 @@ def _run_agent_command(
             gw_config = _agent_gateway(
                 url, served_model, local_ctx, api_key_env, max_concurrency, workers
             )
-            outcome = trio.run(go, gw_config)
+            outcome = trio.run(go, gw_config, local_ctx)
     except ValueError as e:
         _fail(err, EXIT_BAD_INPUT, "error", e)
     except local.LocalLLMError as e:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import attrs
@@ -57,8 +57,12 @@ async def evaluate(
     label: str = "module",
     workers: int = 2,
     config: AgentConfig | None = None,
+    on_episode: Callable[[Trajectory], None] | None = None,
 ) -> tuple[EvalSummary, list[Trajectory]]:
-    """Play every task once with ``module``; summarise successes, scores and cost."""
+    """Play every task once with ``module``; summarise successes, scores and cost.
+
+    ``on_episode`` is called with each trajectory as its episode ends.
+    """
     before = gateway.statistics()
     started = trio.current_time()
     trajectories: list[Trajectory] = []
@@ -70,6 +74,8 @@ async def evaluate(
         async with receive:
             async for traj in receive:
                 trajectories.append(traj)
+                if on_episode is not None:
+                    on_episode(traj)
     used = gateway.statistics().since(before)
     outcomes = {t.id: t.outcome.success for t in trajectories}
     successes = sum(outcomes.values())

@@ -134,7 +134,17 @@ def atomic_write_jsonl(path: str | os.PathLike[str], rows: Iterable[Any]) -> Non
     _atomic_write(path, write)
 
 
-def _atomic_write(path: str | os.PathLike[str], write: Callable[[TextIO], None]) -> None:
+def atomic_write_text(path: str | os.PathLike[str], text: str) -> None:
+    """Write ``text`` (UTF-8), atomically like ``atomic_write_json``."""
+    _atomic_write(path, lambda f: f.write(text))
+
+
+def atomic_write_bytes(path: str | os.PathLike[str], data: bytes) -> None:
+    """Write ``data``, atomically like ``atomic_write_json``."""
+    _atomic_write(path, lambda f: f.buffer.write(data))
+
+
+def _atomic_write(path: str | os.PathLike[str], write: Callable[[TextIO], object]) -> None:
     target = Path(path)
     target.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)

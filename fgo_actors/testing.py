@@ -84,10 +84,24 @@ def _first_user(body: dict[str, Any]) -> str:
 
 
 MAX_SCRIPTED_RULES = 6
+_OPTION = re.compile(r"^(\d+)\. (.+)$", re.MULTILINE)
+_AGENT_PREFERENCE = ("[", "open ", "put ", "take ")
+
+
+def agent_choice(prompt: str) -> str:
+    """A reference-agent turn: the number of the first module shortcut offered,
+    else of the first open, put or take action, else 1. Deterministic."""
+    options = _OPTION.findall(prompt)
+    for prefix in _AGENT_PREFERENCE:
+        for number, text in options:
+            if text.startswith(prefix):
+                return str(number)
+    return "1"
 
 
 def scripted_reply(body: dict[str, Any]) -> str:
-    """The default policy: a deterministic, schema-valid optimize or merge reply.
+    """The default policy: a deterministic, schema-valid optimize or merge reply,
+    or, for a reference-agent turn (no response format), ``agent_choice``.
 
     Optimize: add one rule naming the trajectories seen (evidence), or, once the
     module holds MAX_SCRIPTED_RULES rules, revise one instead, so modules stay
@@ -96,6 +110,11 @@ def scripted_reply(body: dict[str, Any]) -> str:
     ``from`` lists name every source, so nothing learned loses its lineage.
     """
     name = schema_name_of(body)
+    if name is None:
+        messages = body.get("messages") or [{}]
+        last = str(messages[-1].get("content") or "")
+        if "Reply with the number of one action" in last:
+            return agent_choice(last)
     prompt = _first_user(body)
     if name == "fgo_merge":
         rules: dict[str, list[str]] = {}

@@ -348,3 +348,23 @@ async def test_recorded_trajectory_is_compact(start_llm: StartLLM) -> None:
     assert len(replies) == 3
     assert all(re.fullmatch(r"1 -> .+", r) for r in replies)
     assert not any("Actions:" in u or "Remember:" in u for u in users)
+
+
+def test_only_the_most_relevant_rule_is_restated_by_default() -> None:
+    module = Module(
+        rules=(
+            Rule(id="r1", text="Open the fridge before putting food away."),
+            Rule(id="r2", text="Clothes belong in the wardrobe."),
+            Rule(id="r3", text="Never juggle."),
+        )
+    )
+    text = turn_message(
+        "You see a wardrobe.", ["take dirty shirt", "open wardrobe"], module, restate=1
+    )
+    assert "Remember:\n- Clothes belong in the wardrobe.\n\n" in text
+    assert "fridge" not in text
+    # No rule shares a word with the turn: nothing is restated.
+    assert "Remember" not in turn_message("Darkness.", ["wait"], module, restate=1)
+    # All of them, in module order, when asked.
+    everything = turn_message("Darkness.", ["wait"], module)
+    assert everything.index("fridge") < everything.index("wardrobe") < everything.index("juggle")
