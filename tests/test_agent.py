@@ -359,7 +359,7 @@ def test_only_the_most_relevant_rule_is_restated_by_default() -> None:
         )
     )
     text = turn_message(
-        "You see a wardrobe.", ["take dirty shirt", "open wardrobe"], module, restate=1
+        "You see a wardrobe and clothes.", ["take dirty shirt", "open wardrobe"], module, restate=1
     )
     assert "Remember:\n- Clothes belong in the wardrobe.\n\n" in text
     assert "fridge" not in text
