@@ -57,7 +57,52 @@ def _positive(ctx: click.Context, param: click.Parameter, value: int | None) -> 
 
 
 @main.command()
-@click.argument("trajectories", type=click.Path(dir_okay=False, path_type=Path))
+@click.argument("trajectories", required=False, type=click.Path(dir_okay=False, path_type=Path))
+@click.option(
+    "--env",
+    "env_spec",
+    help="Online mode: optimize by playing these tasks (ENV:FOLD:SEEDS) instead of "
+    "reading TRAJECTORIES.",
+)
+@click.option("--params", default="", help="Online mode: environment generation parameters.")
+@click.option(
+    "--tasks-per-subset",
+    type=int,
+    default=4,
+    show_default=True,
+    callback=_positive,
+    help="Online mode: tasks in one subset.",
+)
+@click.option(
+    "--rounds",
+    type=int,
+    default=3,
+    show_default=True,
+    callback=_positive,
+    help="Online mode: explore/optimize/evaluate steps per subset at most.",
+)
+@click.option(
+    "--patience",
+    type=int,
+    default=1,
+    show_default=True,
+    callback=_positive,
+    help="Online mode: steps in a row without improvement that end a subset.",
+)
+@click.option(
+    "--gate/--no-gate",
+    default=True,
+    show_default=True,
+    help="Online mode: keep a merge only if it is not worse than its best child.",
+)
+@click.option(
+    "--max-steps",
+    type=int,
+    default=8,
+    show_default=True,
+    callback=_positive,
+    help="Online mode: agent turns per episode.",
+)
 @click.option(
     "--out",
     "out",
@@ -190,7 +235,14 @@ def _positive(ctx: click.Context, param: click.Parameter, value: int | None) -> 
 )
 @click.option("--log-json", is_flag=True, help="JSON logs on stderr even on a terminal.")
 def optimize(
-    trajectories: Path,
+    trajectories: Path | None,
+    env_spec: str | None,
+    params: str,
+    tasks_per_subset: int,
+    rounds: int,
+    patience: int,
+    gate: bool,
+    max_steps: int,
     out: Path,
     report_path: Path | None,
     strategy: str,
@@ -214,7 +266,10 @@ def optimize(
     strict: bool,
     log_json: bool,
 ) -> None:
-    """Optimize a module from TRAJECTORIES (JSONL) and write it to --out.
+    """Optimize a module from TRAJECTORIES (JSONL) and write it to --out; or, with
+    --env, by playing tasks: explore, optimize and evaluate each subset (a
+    worse step is rolled back), then merge, each merge gated on the union of
+    its children's tasks.
 
     Exit codes: 0 success; 2 bad input; 3 LLM endpoint unreachable or failing;
     4 token budget exhausted (the partial result is written).
@@ -225,6 +280,34 @@ def optimize(
     report_path = report_path or out.with_name(out.stem + ".report.json")
 
     fail = functools.partial(_fail, err)
+    if (trajectories is None) == (env_spec is None):
+        raise click.UsageError("give exactly one of TRAJECTORIES and --env TASKS (online mode)")
+    if env_spec is not None:
+        _optimize_online(
+            err,
+            env_spec=env_spec,
+            params=params,
+            out=out,
+            report_path=report_path,
+            initial_module=initial_module,
+            online=dict(
+                tasks_per_subset=tasks_per_subset,
+                rounds=rounds,
+                patience=patience,
+                gate_merges=gate,
+                fan_in=fan_in,
+                seed=seed,
+            ),
+            max_steps=max_steps,
+            module_tokens=module_tokens,
+            base_url=base_url,
+            model=model,
+            api_key_env=api_key_env,
+            max_concurrency=max_concurrency,
+            context_tokens=context_tokens,
+        )
+        return
+    assert trajectories is not None
 
     try:
         data = load_trajectories(trajectories)
@@ -625,6 +708,77 @@ def eval_command(
             for t in trajs
         ]
         atomic_write_jsonl(trajectories_out, lines)
+
+
+def _optimize_online(
+    err: Console,
+    *,
+    env_spec: str,
+    params: str,
+    out: Path,
+    report_path: Path,
+    initial_module: Path | None,
+    online: dict[str, Any],
+    max_steps: int,
+    module_tokens: int | None,
+    base_url: str | None,
+    model: str,
+    api_key_env: str,
+    max_concurrency: int | None,
+    context_tokens: int | None,
+) -> None:
+    """``fgo optimize --env``: see ``_online.py``."""
+    from ._agent import AgentConfig
+    from ._online import OnlineConfig, OnlineResult, optimize_online
+    from .envs import TaskSet
+
+    fail = functools.partial(_fail, err)
+    try:
+        tasks = TaskSet.parse(env_spec, params=params).tasks()
+        initial = load_module(initial_module) if initial_module else Module()
+    except (ValueError, InputError) as e:
+        fail(EXIT_BAD_INPUT, "error", e)
+    if out.resolve() == report_path.resolve():
+        fail(EXIT_BAD_INPUT, "error", f"--out and --report are the same file: {out}")
+    for target in (out, report_path):
+        problem = _unwritable(target)
+        if problem:
+            fail(EXIT_BAD_INPUT, "error", f"cannot write {target}: {problem}")
+    _check_endpoint(base_url)
+
+    async def play(gw_config: GatewayConfig, local_ctx: int | None) -> OnlineResult:
+        ctx = context_tokens or local_ctx or DEFAULT_CONTEXT_TOKENS
+        cap = module_tokens or ctx // 8
+        config = OnlineConfig(
+            **online,
+            module_tokens=cap,
+            item_tokens=max(256, ctx // 8),
+            agent=AgentConfig(max_steps=max_steps),
+        )
+        gw_config = attrs.evolve(gw_config, max_completion_tokens=min(2048, ctx // 4))
+        async with LLMGateway(gw_config) as gateway:
+            return await optimize_online(tasks, gateway, config, initial=initial)
+
+    result = _run_agent_command(
+        err,
+        play,
+        base_url=base_url,
+        model=model,
+        api_key_env=api_key_env,
+        max_concurrency=max_concurrency,
+        workers=1,
+        on_stop="nothing was written",
+    )
+    atomic_write_json(out, result.module.to_json())
+    atomic_write_json(report_path, result.report())
+    kept = sum(s.accepted for s in result.steps)
+    click.echo(
+        f"module: {out} ({len(result.module.rules)} rules, {len(result.module.functions)} "
+        f"functions; root {result.root})\n"
+        f"steps: {len(result.steps)} ({kept} kept, {len(result.steps) - kept} rolled back); "
+        f"merges gated: {len(result.gates)}; episodes played: {result.episodes}\n"
+        f"report: {report_path}"
+    )
 
 
 @main.command("bench")
