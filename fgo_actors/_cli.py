@@ -423,20 +423,27 @@ def _agent_endpoint_options(f: Any) -> Any:
     return f
 
 
+def default_workers(local_ctx: int | None) -> int:
+    """Episodes played at once by default: one against the local model (its one
+    slot caches one prompt, and interleaved episodes would evict each other's
+    prefix on every turn), else two."""
+    return 1 if local_ctx else 2
+
+
 def _agent_gateway(
     url: str,
     served_model: str,
     local_ctx: int | None,
     api_key_env: str,
     max_concurrency: int | None,
-    workers: int,
+    workers: int | None,
 ) -> GatewayConfig:
     """Agent turns are short replies; the local server answers one at a time."""
     return GatewayConfig(
         base_url=url,
         model=served_model,
         api_key=os.environ.get(api_key_env) or None,
-        max_concurrency=max_concurrency or (1 if local_ctx else workers),
+        max_concurrency=max_concurrency or (1 if local_ctx else workers or default_workers(None)),
         max_completion_tokens=64,
     )
 
@@ -467,10 +474,9 @@ def _agent_gateway(
 @click.option(
     "--workers",
     type=int,
-    default=2,
-    show_default=True,
     callback=_positive,
-    help="Episodes played at once (each owns an environment).",
+    help="Episodes played at once, each with its own environment [default: 2; the "
+    "local model: 1, because its one slot keeps only one episode's prompt cached].",
 )
 @_agent_endpoint_options
 def collect(
@@ -479,7 +485,7 @@ def collect(
     module_path: Path | None,
     out: Path,
     max_steps: int,
-    workers: int,
+    workers: int | None,
     base_url: str | None,
     model: str,
     api_key_env: str,
@@ -514,7 +520,7 @@ def collect(
     partial = out.with_name(out.name + ".partial")
     counts = {"episodes": 0, "successes": 0}
 
-    async def play(gw_config: GatewayConfig, _local_ctx: int | None) -> None:
+    async def play(gw_config: GatewayConfig, local_ctx: int | None) -> None:
         send, receive = trio.open_memory_channel[Trajectory](0)
         async with LLMGateway(gw_config) as gateway, trio.open_nursery() as nursery:
             nursery.start_soon(
@@ -524,7 +530,7 @@ def collect(
                     module,
                     gateway,
                     send,
-                    workers=workers,
+                    workers=workers or default_workers(local_ctx),
                     config=AgentConfig(max_steps=max_steps),
                 )
             )
@@ -593,7 +599,13 @@ def collect(
     help="Also write every episode (JSONL).",
 )
 @click.option("--max-steps", type=int, default=25, show_default=True, callback=_positive)
-@click.option("--workers", type=int, default=2, show_default=True, callback=_positive)
+@click.option(
+    "--workers",
+    type=int,
+    callback=_positive,
+    help="Episodes played at once, each with its own environment [default: 2; the "
+    "local model: 1, because its one slot keeps only one episode's prompt cached].",
+)
 @_agent_endpoint_options
 def eval_command(
     task_spec: str,
@@ -603,7 +615,7 @@ def eval_command(
     out: Path | None,
     trajectories_out: Path | None,
     max_steps: int,
-    workers: int,
+    workers: int | None,
     base_url: str | None,
     model: str,
     api_key_env: str,
@@ -644,7 +656,7 @@ def eval_command(
     config = AgentConfig(max_steps=max_steps)
 
     async def play(
-        gw_config: GatewayConfig, _local_ctx: int | None
+        gw_config: GatewayConfig, local_ctx: int | None
     ) -> list[tuple[EvalSummary, list[Trajectory]]]:
         results = []
         async with LLMGateway(gw_config) as gateway:
@@ -652,7 +664,12 @@ def eval_command(
                 err.print(f"evaluating {label} on {len(tasks)} tasks ...", highlight=False)
                 results.append(
                     await evaluate(
-                        tasks, module, gateway, label=label, workers=workers, config=config
+                        tasks,
+                        module,
+                        gateway,
+                        label=label,
+                        workers=workers or default_workers(local_ctx),
+                        config=config,
                     )
                 )
         return results
@@ -792,7 +809,7 @@ def _optimize_online(
 @click.option(
     "--test",
     "test_spec",
-    default="twc:test:0-11",
+    default="twc:test:0-9",
     show_default=True,
     help="Held-out tasks every module is evaluated on.",
 )
@@ -1060,7 +1077,7 @@ def _run_agent_command(
     model: str,
     api_key_env: str,
     max_concurrency: int | None,
-    workers: int,
+    workers: int | None,
     on_stop: str,
 ) -> T:
     """Run ``play(gateway config, local model context or None)`` under trio
