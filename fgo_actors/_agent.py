@@ -44,8 +44,6 @@ MACRO_NOTE = (
     "each plays several actions in a row."
 )
 
-# The keyword arguments every module function is called with, each turn.
-MACRO_ARGUMENTS = ("task", "observation", "valid_actions", "history")
 
 _NUMBER = re.compile(r"\d+")
 

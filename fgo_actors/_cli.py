@@ -697,7 +697,8 @@ def eval_command(
         click.echo(
             f"{s.label:<20} solved {s.successes}/{s.episodes} = {s.success_rate:.0%} "
             f"[95% CI {lo:.0%}-{hi:.0%}] · score {s.score_mean:.3f} · "
-            f"{s.prompt_tokens + s.completion_tokens} tokens · {s.wall_seconds:.0f} s"
+            f"{s.prompt_tokens + s.completion_tokens} tokens · {s.wall_seconds:.0f} s · "
+            f"{s.turns} turns ({s.macro_turns} macros, {s.invalid_replies} invalid)"
         )
     if baseline_path:
         pairs = [(s, summaries[-1]) for s in summaries[:-1]]

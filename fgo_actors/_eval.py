@@ -31,6 +31,11 @@ class EvalSummary:
     completion_tokens: int
     wall_seconds: float
     outcomes: dict[str, bool] = attrs.field(eq=False)
+    # Agent turns in all, turns that played a module function's macro, and
+    # replies that named no listed option: did the module's functions get used?
+    turns: int = 0
+    macro_turns: int = 0
+    invalid_replies: int = 0
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -45,6 +50,9 @@ class EvalSummary:
             "prompt_tokens": self.prompt_tokens,
             "completion_tokens": self.completion_tokens,
             "wall_seconds": round(self.wall_seconds, 3),
+            "turns": self.turns,
+            "macro_turns": self.macro_turns,
+            "invalid_replies": self.invalid_replies,
             "outcomes": dict(sorted(self.outcomes.items())),
         }
 
@@ -95,5 +103,12 @@ async def evaluate(
         completion_tokens=sum(used.completion_tokens.values()),
         wall_seconds=trio.current_time() - started,
         outcomes=outcomes,
+        turns=_total(trajectories, "steps"),
+        macro_turns=_total(trajectories, "macros_played"),
+        invalid_replies=_total(trajectories, "invalid_replies"),
     )
     return summary, sorted(trajectories, key=lambda t: t.id)
+
+
+def _total(trajectories: Sequence[Trajectory], key: str) -> int:
+    return sum(int((t.metadata or {}).get(key, 0)) for t in trajectories)

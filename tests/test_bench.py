@@ -150,6 +150,9 @@ async def test_bench_compares_every_strategy_on_the_same_held_out_seeds(
         assert set(arm.evaluation.outcomes) == set(base.evaluation.outcomes)
         # The learned macro makes the scripted agent solve more held-out games.
         assert arm.evaluation.successes > base.evaluation.successes
+        assert arm.evaluation.macro_turns > 0
+    assert base.evaluation.macro_turns == 0
+    assert base.evaluation.turns > 0
     # FGO splits the data: more calls than all-at-once's single call.
     calls = {a.name: a.to_json()["optimization"]["llm_calls"] for a in result.arms[1:]}
     assert calls["all-at-once"] == 1
