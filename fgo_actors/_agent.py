@@ -95,6 +95,55 @@ def _rule_lines(module: Module) -> str:
 
 
 _WORD = re.compile(r"[a-z]{4,}")
+# Words too common to tell rules apart (", then " joins every macro's actions).
+_STOP_WORDS = frozenset(
+    [
+        "then",
+        "that",
+        "this",
+        "with",
+        "from",
+        "your",
+        "have",
+        "into",
+        "when",
+        "what",
+        "which",
+        "there",
+        "their",
+        "they",
+        "them",
+        "were",
+        "will",
+        "would",
+        "should",
+        "could",
+        "each",
+        "every",
+        "other",
+        "only",
+        "also",
+        "than",
+        "more",
+        "most",
+        "some",
+        "such",
+        "very",
+        "just",
+        "like",
+        "make",
+        "does",
+        "done",
+        "been",
+        "being",
+        "about",
+        "after",
+    ]
+)
+
+
+def _words(text: str) -> set[str]:
+    return set(_WORD.findall(text.lower())) - _STOP_WORDS
 
 
 def relevant_rules(module: Module, text: str, limit: int | None) -> list[str]:
@@ -103,10 +152,8 @@ def relevant_rules(module: Module, text: str, limit: int | None) -> list[str]:
     are left out unless all are wanted."""
     if limit is None:
         return [r.text for r in module.rules]
-    words = set(_WORD.findall(text.lower()))
-    scored = [
-        (len(words & set(_WORD.findall(r.text.lower()))), i) for i, r in enumerate(module.rules)
-    ]
+    words = _words(text)
+    scored = [(len(words & _words(r.text)), i) for i, r in enumerate(module.rules)]
     best = sorted((s for s in scored if s[0] > 0), key=lambda s: (-s[0], s[1]))[:limit]
     return [module.rules[i].text for _, i in sorted(best, key=lambda s: s[1])]
 
@@ -278,10 +325,11 @@ async def rollout(
                 history=history,
                 config=config,
             )
+            # Each problem is recorded once per episode, where it first happened.
+            problems = [p for p in problems if p not in function_problems]
             for problem in problems:
-                if problem not in function_problems:
-                    function_problems.append(problem)
-                    log.warning("function_problem", task=task.id, problem=problem)
+                function_problems.append(problem)
+                log.warning("function_problem", task=task.id, problem=problem)
         options = [m.label for m in macros] + actions
         user = turn_message(
             f"Task: {description}\n\n{observation}",

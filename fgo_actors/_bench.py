@@ -152,16 +152,19 @@ class BenchProgress:
         *,
         episodes: int,
         optimizations: int,
+        training_episodes: int,
         on_change: Callable[[BenchProgress], None] | None = None,
         clock: Callable[[], float] = trio.current_time,
     ) -> None:
         self.episodes_total = episodes
         self.optimizations_total = optimizations
+        self.training_episodes = training_episodes
         self.episodes_done = 0
         self.optimizations_done = 0
         self.episode_seconds = 0.0
         self.optimization_seconds = 0.0
         self.phase = "starting"
+        self._optimizing = False
         self._clock = clock
         self._started = clock()
         self._mark = self._started
@@ -169,6 +172,7 @@ class BenchProgress:
 
     def begin(self, phase: str) -> None:
         self.phase = phase
+        self._optimizing = phase.startswith("optimize")
         self._mark = self._clock()
         self._changed()
 
@@ -177,9 +181,17 @@ class BenchProgress:
         self.episode_seconds += seconds
         self._changed()
 
-    def optimization_done(self) -> None:
+    def optimization_done(self, *, failed: bool = False, episodes_dropped: int = 0) -> None:
+        """An optimization ended. A failed one does not count towards the mean
+        time, and the held-out episodes it will not play leave the total."""
         self.optimizations_done += 1
-        self.optimization_seconds += self._clock() - self._mark
+        if failed:
+            self.optimizations_total -= 1
+            self.optimizations_done -= 1
+        else:
+            self.optimization_seconds += self._clock() - self._mark
+        self.episodes_total -= episodes_dropped
+        self._optimizing = False
         self._mark = self._clock()
         self._changed()
 
@@ -195,6 +207,8 @@ class BenchProgress:
             optimizations_done=self.optimizations_done,
             optimizations_total=self.optimizations_total,
             optimization_seconds=self.optimization_seconds,
+            training_episodes=self.training_episodes,
+            current_optimization_seconds=self._clock() - self._mark if self._optimizing else 0.0,
         )
 
     def _changed(self) -> None:
@@ -210,13 +224,16 @@ def remaining_seconds(
     optimizations_done: int,
     optimizations_total: int,
     optimization_seconds: float,
+    training_episodes: int,
+    current_optimization_seconds: float = 0.0,
 ) -> float | None:
     """Seconds left, from the mean time of the episodes and optimizations so far.
 
     Before any optimization has finished, one is guessed to cost as much as
-    playing a quarter of the episodes it learns from would (an optimize call
+    playing half of the training episodes it learns from (an optimize call
     reads them all and writes a few hundred tokens); after that, the measured
-    mean is used. None until the first episode has finished.
+    mean is used. The time already spent on the optimization under way is
+    taken off. None until the first episode has finished.
     """
     if episodes_done <= 0:
         return None
@@ -224,10 +241,13 @@ def remaining_seconds(
     if optimizations_done > 0:
         per_optimization = optimization_seconds / optimizations_done
     else:
-        per_optimization = per_episode * max(1.0, episodes_total / 4)
+        per_optimization = per_episode * max(1.0, training_episodes / 2)
     left = max(0, episodes_total - episodes_done) * per_episode
-    left += max(0, optimizations_total - optimizations_done) * per_optimization
-    return left
+    pending = max(0, optimizations_total - optimizations_done)
+    left += pending * per_optimization
+    if pending:
+        left -= min(current_optimization_seconds, per_optimization)
+    return max(0.0, left)
 
 
 async def _play(
@@ -258,14 +278,23 @@ async def _play(
 
 
 async def bench(
-    config: BenchConfig, gateway: LLMGateway, progress: BenchProgress | None = None
+    config: BenchConfig,
+    gateway: LLMGateway,
+    progress: BenchProgress | None = None,
+    *,
+    out_dir: Path | None = None,
 ) -> BenchResult:
-    """Run the whole bench against ``gateway``; see the module docstring."""
+    """Run the whole bench against ``gateway``; see the module docstring.
+
+    With ``out_dir``, the training episodes and each optimized module are
+    written there as soon as they exist, so a bench stopped late keeps them.
+    """
     log = structlog.get_logger()
     n_arms = 1 + len(config.strategies)
     progress = progress or BenchProgress(
         episodes=len(config.train) + n_arms * len(config.test),
         optimizations=len(config.strategies),
+        training_episodes=len(config.train),
     )
     started = trio.current_time()
     # Budgets that leave no room fail here, before any episode is paid for.
@@ -296,6 +325,8 @@ async def bench(
                 progress.episode_done(now - last)
                 last = now
     collected.sort(key=lambda t: t.id)
+    if out_dir is not None:
+        atomic_write_jsonl(out_dir / "train.jsonl", [t.to_json() for t in collected])
     used = gateway.statistics().since(before)
     collect_tokens = sum(used.prompt_tokens.values()) + sum(used.completion_tokens.values())
     collect_seconds = trio.current_time() - started
@@ -315,8 +346,13 @@ async def bench(
             optimized[strategy] = (result.module, result.report, None)
         except RunFailedError as e:
             optimized[strategy] = (None, e.result.report, str(e))
-        progress.optimization_done()
         module, report, error = optimized[strategy]
+        if module is None:
+            progress.optimization_done(failed=True, episodes_dropped=len(config.test))
+        else:
+            progress.optimization_done()
+            if out_dir is not None:
+                atomic_write_json(out_dir / "modules" / f"{strategy}.json", module.to_json())
         log.info(
             "bench_optimized",
             strategy=strategy,
@@ -335,7 +371,6 @@ async def bench(
         module, report, error = optimized[strategy]
         if module is None:
             arms.append(Arm(strategy, None, None, report, None, error or "no module"))
-            progress.episodes_total -= len(config.test)
             continue
         progress.begin(f"evaluate {strategy}")
         summary, played = await _play(config.test, module, gateway, config, progress, strategy)

@@ -283,6 +283,17 @@ def optimize(
     if (trajectories is None) == (env_spec is None):
         raise click.UsageError("give exactly one of TRAJECTORIES and --env TASKS (online mode)")
     if env_spec is not None:
+        offline_only = {
+            "--strategy": strategy != "fgo",
+            "--epochs": epochs != 1,
+            "--subset-tokens": subset_tokens is not None,
+            "--group-key": group_key != "task_type",
+        }
+        given = [flag for flag, set_ in offline_only.items() if set_]
+        if given:
+            raise click.UsageError(
+                f"{', '.join(given)} only apply to optimizing from TRAJECTORIES, not to --env"
+            )
         _optimize_online(
             err,
             env_spec=env_spec,
@@ -305,6 +316,14 @@ def optimize(
             api_key_env=api_key_env,
             max_concurrency=max_concurrency,
             context_tokens=context_tokens,
+            gateway_options=dict(
+                token_budget=token_budget,
+                call_timeout=call_timeout,
+                retry_attempts=retries + 1,
+                structured_output=structured_output,
+                strict=strict,
+            ),
+            max_completion_tokens=max_completion_tokens,
         )
         return
     assert trajectories is not None
@@ -499,7 +518,7 @@ def collect(
     """
     from ._agent import AgentConfig
     from ._agent import collect as collect_rollouts
-    from .envs import TaskSet
+    from .envs import parse_tasks
 
     interactive = sys.stderr.isatty() and not log_json
     configure_logging(json=not interactive, level="warning" if interactive else "info")
@@ -508,7 +527,7 @@ def collect(
     fail = functools.partial(_fail, err)
 
     try:
-        task_set = TaskSet.parse(task_spec, params=params)
+        tasks = parse_tasks(task_spec, params)
         module = load_module(module_path) if module_path else Module()
     except (ValueError, InputError) as e:
         fail(EXIT_BAD_INPUT, "error", e)
@@ -516,7 +535,6 @@ def collect(
     if problem:
         fail(EXIT_BAD_INPUT, "error", f"cannot write {out}: {problem}")
     _check_endpoint(base_url)
-    tasks = task_set.tasks()
     partial = out.with_name(out.name + ".partial")
     counts = {"episodes": 0, "successes": 0}
 
@@ -628,7 +646,7 @@ def eval_command(
     from ._agent import AgentConfig
     from ._eval import EvalSummary, evaluate
     from ._stats import paired
-    from .envs import TaskSet
+    from .envs import parse_tasks
 
     interactive = sys.stderr.isatty() and not log_json
     configure_logging(json=not interactive, level="warning" if interactive else "info")
@@ -637,7 +655,7 @@ def eval_command(
     fail = functools.partial(_fail, err)
 
     try:
-        tasks = TaskSet.parse(task_spec, params=params).tasks()
+        tasks = parse_tasks(task_spec, params)
         modules = [(path.stem, load_module(path)) for path in module_paths]
         if baseline_path == "empty":
             modules.append(("empty", Module()))
@@ -744,15 +762,17 @@ def _optimize_online(
     api_key_env: str,
     max_concurrency: int | None,
     context_tokens: int | None,
+    gateway_options: dict[str, Any],
+    max_completion_tokens: int | None,
 ) -> None:
     """``fgo optimize --env``: see ``_online.py``."""
     from ._agent import AgentConfig
-    from ._online import OnlineConfig, OnlineResult, optimize_online
-    from .envs import TaskSet
+    from ._online import OnlineConfig, OnlineResult, optimize_online, trajectory_room
+    from .envs import parse_tasks
 
     fail = functools.partial(_fail, err)
     try:
-        tasks = TaskSet.parse(env_spec, params=params).tasks()
+        tasks = parse_tasks(env_spec, params)
         initial = load_module(initial_module) if initial_module else Module()
     except (ValueError, InputError) as e:
         fail(EXIT_BAD_INPUT, "error", e)
@@ -766,15 +786,20 @@ def _optimize_online(
 
     async def play(gw_config: GatewayConfig, local_ctx: int | None) -> OnlineResult:
         ctx = context_tokens or local_ctx or DEFAULT_CONTEXT_TOKENS
+        completion = max_completion_tokens or min(2048, ctx // 4)
+        gw_config = attrs.evolve(gw_config, max_completion_tokens=completion, **gateway_options)
         cap = module_tokens or ctx // 8
-        config = OnlineConfig(
-            **online,
-            module_tokens=cap,
-            item_tokens=max(256, ctx // 8),
-            agent=AgentConfig(max_steps=max_steps),
-        )
-        gw_config = attrs.evolve(gw_config, max_completion_tokens=min(2048, ctx // 4))
+        config = OnlineConfig(**online, module_tokens=cap, agent=AgentConfig(max_steps=max_steps))
         async with LLMGateway(gw_config) as gateway:
+            room = trajectory_room(gateway.counter, ctx, completion, cap)
+            config = attrs.evolve(config, item_tokens=room // config.tasks_per_subset)
+            if config.item_tokens < 128:
+                raise ValueError(
+                    f"an optimize prompt for {config.tasks_per_subset} episodes does not fit "
+                    f"--context-tokens {ctx} (room for episodes: {room} tokens after the "
+                    f"template, a module of {cap} and a reply of {completion}); lower "
+                    "--tasks-per-subset or --module-tokens"
+                )
             return await optimize_online(tasks, gateway, config, initial=initial)
 
     result = _run_agent_command(
@@ -882,15 +907,15 @@ def bench_command(
         markdown_table,
         write_outputs,
     )
-    from .envs import TaskSet
+    from .envs import parse_tasks
 
     interactive = sys.stderr.isatty() and not log_json
     configure_logging(json=not interactive, level="warning" if interactive else "info")
     err = Console(stderr=True, soft_wrap=True)
     fail = functools.partial(_fail, err)
     try:
-        train = TaskSet.parse(train_spec, params=params).tasks()
-        test = TaskSet.parse(test_spec, params=params).tasks()
+        train = parse_tasks(train_spec, params)
+        test = parse_tasks(test_spec, params)
         base = load_module(base_path) if base_path else Module()
         names = tuple(x.strip() for x in strategies.split(",") if x.strip())
         template = BenchConfig(train=train, test=test, base=base, strategies=names)  # type: ignore[arg-type]
@@ -955,11 +980,12 @@ def bench_command(
         progress = BenchProgress(
             episodes=len(train) + (1 + len(names)) * len(test),
             optimizations=len(names),
+            training_episodes=len(train),
             on_change=show,
         )
         with bar:
             async with LLMGateway(gw_config) as gateway:
-                return await bench(config, gateway, progress)
+                return await bench(config, gateway, progress, out_dir=out_dir)
 
     result = _run_agent_command(
         err,
@@ -969,7 +995,7 @@ def bench_command(
         api_key_env=api_key_env,
         max_concurrency=max_concurrency,
         workers=workers,
-        on_stop="nothing was written",
+        on_stop=f"the training episodes and finished modules, if any, are in {out_dir}",
     )
     paths = write_outputs(result, out_dir)
     click.echo(markdown_table(result), nl=False)
@@ -1086,12 +1112,16 @@ def _run_agent_command(
     map failures to exit codes. ``on_stop`` tells the user what is left when the
     command stops early."""
 
-    async def go(gw_config: GatewayConfig, local_ctx: int | None) -> T | LLMUnavailableError:
-        # Returned, not raised: trio.run would hand it over in an ExceptionGroup.
-        failures: list[LLMUnavailableError] = []
+    async def go(
+        gw_config: GatewayConfig, local_ctx: int | None
+    ) -> T | LLMUnavailableError | ValueError:
+        # Returned, not raised: trio.run would hand them over in an ExceptionGroup.
+        failures: list[LLMUnavailableError | ValueError] = []
         try:
             return await play(gw_config, local_ctx)
         except* LLMUnavailableError as group:
+            failures.extend(leaf_exceptions(group))
+        except* ValueError as group:  # settings that cannot work, found on the way
             failures.extend(leaf_exceptions(group))
         return failures[0]
 
@@ -1109,6 +1139,8 @@ def _run_agent_command(
         _fail(err, EXIT_INTERRUPTED, "interrupted", on_stop)
     if isinstance(outcome, LLMUnavailableError):
         _fail(err, EXIT_LLM, "LLM failure", f"{outcome}; {on_stop}")
+    if isinstance(outcome, ValueError):
+        _fail(err, EXIT_BAD_INPUT, "error", f"{outcome}; {on_stop}")
     return outcome
 
 

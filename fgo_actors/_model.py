@@ -303,7 +303,7 @@ class Subset:
 
 
 NodeKind = Literal["leaf", "merge"]
-NodeMethod = Literal["llm", "union"]
+NodeMethod = Literal["llm", "union", "gate"]
 
 
 @attrs.frozen

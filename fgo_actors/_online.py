@@ -11,8 +11,9 @@
    step's exploration, so no rollout is played twice;
 3. **merge** the subset modules pairwise in the merge forest, as offline.
    With ``gate_merges``, a merged module is kept only if it is not worse than
-   its best child on the union of the children's tasks; otherwise the better
-   child goes up the tree instead. Every step and gate decision is recorded.
+   its best child on the union of the children's tasks; otherwise the merge
+   node carries the better child's module instead (method ``gate``). Every
+   step and gate decision is recorded.
 
 A module's *value* on a set of tasks is (mean score, success rate), compared
 in that order: the score is finer than success and moves first. Episodes are
@@ -38,7 +39,9 @@ from ._eval import evaluate
 from ._forest import MergeForest, MergeJob
 from ._gateway import LLMGateway
 from ._model import MergeNode, Module, Trajectory
+from ._prompts import optimize_overhead_tokens
 from ._state import RunState
+from ._tokens import TokenCounter
 from .actors import optimize_unit
 from .actors.merger import merge_modules
 from .actors.partitioner import render_all
@@ -147,6 +150,15 @@ def split_tasks(tasks: Sequence[Task], size: int, seed: int) -> list[list[Task]]
     if len(chunks) > 1 and len(chunks[-1]) * 2 < size:
         chunks[-2].extend(chunks.pop())
     return chunks
+
+
+def trajectory_room(
+    counter: TokenCounter, context_tokens: int, completion_tokens: int, module_tokens: int
+) -> int:
+    """Tokens left for episodes in one optimize prompt: the context less the
+    template and a module at its cap (``optimize_overhead_tokens``, which also
+    keeps room for a re-ask) and the reply."""
+    return context_tokens - completion_tokens - optimize_overhead_tokens(counter, module_tokens)
 
 
 def module_key(module: Module) -> str:
@@ -306,29 +318,36 @@ async def optimize_online(
             stats={"trajectories": len(subset), "subsets": 1, "score": value[0]},
         )
 
-    async def gated_merge(job: MergeJob) -> str:
+    async def gated_merge(job: MergeJob) -> None:
         children = [state.nodes[c] for c in job.children]
         node = await merge_modules(
             gateway, job, children, module_tokens=config.module_tokens, state=state
         )
-        state.add_node(node)
         state.merges_done += 1
         union = [t for c in job.children for t in tasks_of[c]]
         tasks_of[node.id] = union
-        if not config.gate_merges:
-            return node.id
-        merged_value, _ = await episodes.play(node.module, union)
-        child_values = {}
-        for child in children:
-            child_values[child.id], _ = await episodes.play(child.module, union)
-        kept = gate_verdict(node.id, merged_value, child_values)
-        gates.append(
-            GateRecord(node.id, job.children, len(union), merged_value, child_values, kept)
-        )
-        log.info("merge_gate", node=node.id, merged=merged_value, children=child_values, kept=kept)
-        if kept != node.id:
-            tasks_of[kept] = union  # the kept child now stands for the whole union
-        return kept
+        if config.gate_merges:
+            merged_value, _ = await episodes.play(node.module, union)
+            child_values = {}
+            for child in children:
+                child_values[child.id], _ = await episodes.play(child.module, union)
+            kept = gate_verdict(node.id, merged_value, child_values)
+            gates.append(
+                GateRecord(node.id, job.children, len(union), merged_value, child_values, kept)
+            )
+            log.info(
+                "merge_gate", node=node.id, merged=merged_value, children=child_values, kept=kept
+            )
+            if kept != node.id:
+                # The node stands for all its children's subsets and tasks, as a
+                # merge would, but carries the better child's module.
+                node = attrs.evolve(
+                    node,
+                    module=state.nodes[kept].module,
+                    method="gate",
+                    stats={**node.stats, "gate_kept": kept},
+                )
+        state.add_node(node)
 
     async with trio.open_nursery() as nursery:
 
@@ -337,8 +356,8 @@ async def optimize_online(
                 nursery.start_soon(run_merge, job)
 
         async def run_merge(job: MergeJob) -> None:
-            kept = await gated_merge(job)
-            launch(forest.complete(job, kept))
+            await gated_merge(job)
+            launch(forest.complete(job))
 
         async def run_subset(index: int, subset: list[Task]) -> None:
             subset_id = f"s{index + 1:03d}"

@@ -39,6 +39,7 @@ TIDY = json.loads((EXAMPLES / "twc_expert.json").read_text(encoding="utf-8"))["f
 
 def test_remaining_time_is_unknown_until_an_episode_ends() -> None:
     kwargs: dict[str, Any] = {
+        "training_episodes": 4,
         "episodes_total": 10,
         "episode_seconds": 0.0,
         "optimizations_done": 0,
@@ -49,15 +50,26 @@ def test_remaining_time_is_unknown_until_an_episode_ends() -> None:
 
 
 def test_remaining_time_uses_measured_means() -> None:
-    left = remaining_seconds(
-        episodes_done=4,
-        episodes_total=10,
-        episode_seconds=40.0,
-        optimizations_done=1,
-        optimizations_total=3,
-        optimization_seconds=100.0,
-    )
+    measured: dict[str, Any] = {
+        "episodes_done": 4,
+        "episodes_total": 10,
+        "episode_seconds": 40.0,
+        "optimizations_total": 3,
+        "training_episodes": 8,
+    }
+    left = remaining_seconds(optimizations_done=1, optimization_seconds=100.0, **measured)
     assert left == pytest.approx(6 * 10.0 + 2 * 100.0)
+    # 30 s into the second optimization: 30 s less to go.
+    later = remaining_seconds(
+        optimizations_done=1,
+        optimization_seconds=100.0,
+        current_optimization_seconds=30.0,
+        **measured,
+    )
+    assert later == pytest.approx(6 * 10.0 + 2 * 100.0 - 30.0)
+    # Before any optimization: one is guessed at half the training episodes.
+    guess = remaining_seconds(optimizations_done=0, optimization_seconds=0.0, **measured)
+    assert guess == pytest.approx(6 * 10.0 + 3 * 4 * 10.0)
 
 
 @given(
@@ -69,7 +81,11 @@ def test_remaining_time_uses_measured_means() -> None:
 def test_remaining_time_never_negative_and_zero_when_done(
     done: int, extra: int, per: float, opt_done: int
 ) -> None:
-    common: dict[str, Any] = {"episode_seconds": per * done, "optimizations_total": 3}
+    common: dict[str, Any] = {
+        "episode_seconds": per * done,
+        "optimizations_total": 3,
+        "training_episodes": 8,
+    }
     left = remaining_seconds(
         episodes_done=done,
         episodes_total=done + extra,
@@ -127,10 +143,18 @@ async def test_bench_compares_every_strategy_on_the_same_held_out_seeds(
     progress = BenchProgress(
         episodes=4 + 4 * 4,
         optimizations=3,
+        training_episodes=4,
         on_change=lambda p: seen.append((p.phase, p.episodes_done, p.remaining_seconds())),
     )
     async with LLMGateway(GatewayConfig(base_url=url, model="m", max_concurrency=2)) as gw:
-        result = await bench(config, gw, progress)
+        result = await bench(config, gw, progress, out_dir=tmp_path / "early")
+    # Written as they came: the training episodes and each optimized module.
+    assert len((tmp_path / "early" / "train.jsonl").read_text().splitlines()) == 4
+    assert sorted(p.stem for p in (tmp_path / "early" / "modules").iterdir()) == [
+        "all-at-once",
+        "batch",
+        "fgo",
+    ]
 
     names = [a.name for a in result.arms]
     assert names == ["base", "all-at-once", "batch", "fgo"]
@@ -232,3 +256,45 @@ def test_bench_command_rejects_overlapping_splits(tmp_path: Path) -> None:
     assert done.returncode == 2
     assert "overlap" in done.stderr
     assert not (tmp_path / "b" / "bench.json").exists()
+
+
+async def test_a_failed_strategy_is_reported_and_the_others_still_run(
+    start_llm: StartLLM, tmp_path: Path
+) -> None:
+    # The server refuses every optimize call of the second strategy (batch):
+    # all-at-once makes 1 call, so calls 2.. belong to batch until it gives up.
+    calls = {"optimize": 0}
+
+    def policy(body: dict[str, Any]) -> str:
+        if schema_name_of(body) == "fgo_optimize":
+            calls["optimize"] += 1
+            if calls["optimize"] >= 2:
+                return "not json"
+        return scripted_reply(body)
+
+    server, url = await start_llm(policy=policy)
+    config = BenchConfig(
+        train=TaskSet.parse("twc:train:0-1", params=TWC).tasks(),
+        test=TaskSet.parse("twc:test:0-1", params=TWC).tasks(),
+        strategies=("all-at-once", "batch"),
+        run=RunConfig(context_tokens=8192),
+        agent=AgentConfig(max_steps=2),
+    )
+    totals: list[int] = []
+    progress = BenchProgress(
+        episodes=2 + 3 * 2,
+        optimizations=2,
+        training_episodes=2,
+        on_change=lambda p: totals.append(p.episodes_total),
+    )
+    async with LLMGateway(GatewayConfig(base_url=url, model="m")) as gw:
+        result = await bench(config, gw, progress)
+    arms = {a.name: a for a in result.arms}
+    assert arms["batch"].error is not None
+    assert arms["batch"].evaluation is None
+    assert arms["all-at-once"].evaluation is not None
+    # The failed arm's held-out episodes left the total as soon as it failed.
+    assert totals[-1] == 2 + 2 * 2
+    assert progress.episodes_done == progress.episodes_total
+    assert "failed" in markdown_table(result)
+    assert server.requests

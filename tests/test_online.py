@@ -143,7 +143,10 @@ async def test_a_merge_that_is_worse_than_a_child_is_not_kept(start_llm: StartLL
     assert gate.kept != gate.node
     assert gate.kept in gate.children
     assert gate.merged < gate.child_values[gate.kept]
-    assert result.root == gate.kept
+    # The root is the merge node, carrying the better child's module.
+    assert result.root == gate.node
+    assert result.nodes[result.root].method == "gate"
+    assert result.module == result.nodes[gate.kept].module
     assert [f.name for f in result.module.functions] == ["tidy"]
     assert result.report()["merge_gates"][0]["decision"] == f"kept child {gate.kept}"
 
