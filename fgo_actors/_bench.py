@@ -71,6 +71,13 @@ class BenchConfig:
             )
 
 
+def llm_calls(report: RunReport) -> int:
+    """Optimize and merge calls made (re-asks included; ``retries`` and
+    ``reasks`` in the report are counts, not roles)."""
+    calls = report.llm_calls if isinstance(report.llm_calls, dict) else {}
+    return int(calls.get("optimize", 0)) + int(calls.get("merge", 0))
+
+
 @attrs.frozen
 class Arm:
     """One row of the comparison: the base module, or one strategy's result."""
@@ -104,7 +111,7 @@ class Arm:
                 "status": r.status,
                 "prompt_tokens": r.prompt_tokens,
                 "completion_tokens": r.completion_tokens,
-                "llm_calls": sum(r.llm_calls.values()) if isinstance(r.llm_calls, dict) else 0,
+                "llm_calls": llm_calls(r),
                 "llm_calls_by_role": r.llm_calls,
                 "wall_seconds": round(r.wall_seconds, 3),
                 "subsets": r.subsets,
@@ -353,6 +360,8 @@ async def bench(
             progress.optimization_done()
             if out_dir is not None:
                 atomic_write_json(out_dir / "modules" / f"{strategy}.json", module.to_json())
+        if out_dir is not None and report is not None:
+            atomic_write_json(out_dir / "reports" / f"{strategy}.json", report.to_json())
         log.info(
             "bench_optimized",
             strategy=strategy,
@@ -428,7 +437,7 @@ def markdown_table(result: BenchResult) -> str:
         else:
             total = r.prompt_tokens + r.completion_tokens
             tokens = f"{total} ({r.prompt_tokens} + {r.completion_tokens})"
-            calls = str(sum(r.llm_calls.values()) if isinstance(r.llm_calls, dict) else 0)
+            calls = str(llm_calls(r))
             wall = f"{r.wall_seconds:.0f}"
         lines.append(
             f"| {arm.name} | {success} | {score} | {versus} | {tokens} | {calls} | {wall} |"
@@ -489,7 +498,8 @@ def plot_png(result: BenchResult, path: Path) -> None:
 
 
 def write_outputs(result: BenchResult, out_dir: Path) -> dict[str, Path]:
-    """Write bench.json, bench.md, bench.png, the modules and every episode; return the paths."""
+    """Write bench.json, bench.md, bench.png, the modules, the optimization run
+    reports and every episode; return the paths."""
     out_dir.mkdir(parents=True, exist_ok=True)
     paths = {
         "json": out_dir / "bench.json",
@@ -514,6 +524,10 @@ def write_outputs(result: BenchResult, out_dir: Path) -> dict[str, Path]:
             target = out_dir / "modules" / f"{arm.name}.json"
             atomic_write_json(target, arm.module.to_json())
             paths[f"module:{arm.name}"] = target
+        if arm.optimization is not None:  # the run report: merge tree, failures, tokens
+            target = out_dir / "reports" / f"{arm.name}.json"
+            atomic_write_json(target, arm.optimization.to_json())
+            paths[f"report:{arm.name}"] = target
     plot_png(result, paths["plot"])
     return paths
 

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Set up FGO Actors on a fresh machine and run the main job: optimize the
-# bundled example trajectories with the embedded local model, then print
-# where the optimized module and the report are.
+# bundled example trajectories (examples/twc_train.jsonl: 8 TextWorldExpress
+# twc episodes recorded with the reference agent and the local model) with the
+# embedded local model, then print where the optimized module and the report are.
 #
 # With FGO_BASE_URL set (and FGO_MODEL, FGO_API_KEY as needed), the run uses
 # that OpenAI-compatible endpoint instead of the local model.
@@ -16,7 +17,7 @@ fi
 
 OUT=out/quickstart
 mkdir -p "$OUT"
-.venv/bin/fgo optimize examples/trajectories.jsonl \
+.venv/bin/fgo optimize examples/twc_train.jsonl \
     --out "$OUT/module.json" --report "$OUT/report.json" "$@"
 
 echo

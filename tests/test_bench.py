@@ -181,6 +181,10 @@ async def test_bench_compares_every_strategy_on_the_same_held_out_seeds(
     calls = {a.name: a.to_json()["optimization"]["llm_calls"] for a in result.arms[1:]}
     assert calls["all-at-once"] == 1
     assert calls["fgo"] > 1
+    fgo_report = result.arms[3].optimization
+    assert fgo_report is not None
+    # Calls by role only: the report's retry and re-ask counters are not calls.
+    assert calls["fgo"] == fgo_report.llm_calls["optimize"] + fgo_report.llm_calls["merge"]
     # Progress: phases in order, every episode counted, an estimate once one ended.
     phases = [phase for phase, _, _ in seen]
     assert phases.index("collect") < phases.index("optimize fgo") < phases.index("evaluate fgo")
@@ -200,6 +204,9 @@ async def test_bench_compares_every_strategy_on_the_same_held_out_seeds(
         assert schema_error("trajectory", json.loads(line)) is None
     module = json.loads((tmp_path / "out" / "modules" / "fgo.json").read_text())
     assert schema_error("module", module) is None
+    run_report = json.loads((tmp_path / "out" / "reports" / "fgo.json").read_text())
+    assert schema_error("report", run_report) is None
+    assert run_report["strategy"] == "fgo"
     assert not list((tmp_path / "out").glob(".*.tmp"))
     assert server.requests  # everything went over the loopback server
 
