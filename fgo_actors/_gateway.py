@@ -173,9 +173,23 @@ def parse_json_reply(content: str) -> Any:
 
 
 def _wire_schema(name: str) -> dict[str, Any]:
+    """The schema sent to the server: the protocol schema, with ``analysis``
+    required and first.
+
+    Grammar-constrained decoding (llama.cpp) writes required properties
+    before optional ones. With ``analysis`` optional, a small model had to
+    write its ``actions`` before any reasoning, and wrote ``[]`` followed by
+    an analysis saying which rule to add. Replies are still validated against
+    the protocol schema, where ``analysis`` stays optional.
+    """
     schema = dict(load_schema(SCHEMA_FILES[name]))
     schema.pop("$schema", None)
     schema.pop("$id", None)
+    properties = dict(schema["properties"])
+    if "analysis" in properties:
+        schema["properties"] = {"analysis": properties.pop("analysis"), **properties}
+        required = [r for r in schema.get("required", []) if r != "analysis"]
+        schema["required"] = ["analysis", *required]
     return schema
 
 

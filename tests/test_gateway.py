@@ -291,3 +291,17 @@ def test_gateway_config_is_validated(field: str, value: object, message: str) ->
     kwargs: dict[str, Any] = {"base_url": "http://127.0.0.1:1/v1", "model": "m", field: value}
     with pytest.raises(ValueError, match=message):
         GatewayConfig(**kwargs)
+
+
+@pytest.mark.parametrize("name", ["fgo_optimize", "fgo_merge"])
+def test_the_wire_schema_asks_for_the_analysis_first(name: str) -> None:
+    # Grammar-constrained decoding writes required properties first; the
+    # reasoning must come before the edits it justifies.
+    from fgo_actors._gateway import SCHEMA_FILES, _wire_schema
+    from fgo_actors._schemas import load_schema
+
+    wire = _wire_schema(name)
+    assert next(iter(wire["properties"])) == "analysis"
+    assert wire["required"][0] == "analysis"
+    # The protocol itself still accepts a reply without an analysis.
+    assert "analysis" not in load_schema(SCHEMA_FILES[name]).get("required", [])
