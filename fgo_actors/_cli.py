@@ -296,6 +296,7 @@ def optimize(
             )
         _optimize_online(
             err,
+            interactive=interactive,
             env_spec=env_spec,
             params=params,
             out=out,
@@ -749,6 +750,7 @@ def eval_command(
 def _optimize_online(
     err: Console,
     *,
+    interactive: bool,
     env_spec: str,
     params: str,
     out: Path,
@@ -800,7 +802,20 @@ def _optimize_online(
                     f"template, a module of {cap} and a reply of {completion}); lower "
                     "--tasks-per-subset or --module-tokens"
                 )
-            return await optimize_online(tasks, gateway, config, initial=initial)
+            # Subsets done and merges, live on a terminal, else a JSON line every 5 s
+            # (each step, gate and episode is logged as it happens, too).
+            state = RunState()
+            async with trio.open_nursery() as nursery:
+                if interactive:
+                    nursery.start_soon(show_progress, state, gateway, err)
+                else:
+                    nursery.start_soon(log_progress, state, gateway)
+                try:
+                    return await optimize_online(
+                        tasks, gateway, config, initial=initial, state=state
+                    )
+                finally:
+                    nursery.cancel_scope.cancel()
 
     result = _run_agent_command(
         err,
