@@ -198,6 +198,7 @@ class OnlineResult:
                 {
                     "id": n.id,
                     "kind": n.kind,
+                    "method": n.method,
                     "children": list(n.children),
                     "rules": len(n.module.rules),
                 }

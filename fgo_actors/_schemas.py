@@ -22,6 +22,7 @@ SCHEMA_NAMES = (
     "merge_response",
     "report",
     "environment",
+    "online_report",
 )
 
 

@@ -122,6 +122,7 @@ async def test_a_worse_step_is_rolled_back_and_patience_ends_the_subset(
     assert gate.kept == gate.node == result.root
     assert gate.tasks == 4
     report = result.report()
+    assert schema_error("online_report", report) is None
     assert [s["decision"] for s in report["steps"]].count("rolled back") == 2
     assert report["merge_gates"][0]["decision"] == "merged"
     assert report["llm_calls"]["optimize"] == 4
@@ -148,7 +149,9 @@ async def test_a_merge_that_is_worse_than_a_child_is_not_kept(start_llm: StartLL
     assert result.nodes[result.root].method == "gate"
     assert result.module == result.nodes[gate.kept].module
     assert [f.name for f in result.module.functions] == ["tidy"]
-    assert result.report()["merge_gates"][0]["decision"] == f"kept child {gate.kept}"
+    report = result.report()
+    assert schema_error("online_report", report) is None
+    assert report["merge_gates"][0]["decision"] == f"kept child {gate.kept}"
 
 
 async def test_without_the_gate_the_merge_is_always_kept(start_llm: StartLLM) -> None:
@@ -193,6 +196,7 @@ def test_optimize_env_writes_the_module_and_the_decisions(server_url: str, tmp_p
     assert done.returncode == 0, done.stderr
     assert schema_error("module", json.loads(out.read_text())) is None
     report = json.loads((tmp_path / "online.report.json").read_text())
+    assert schema_error("online_report", report) is None
     assert report["mode"] == "online"
     assert {s["subset"] for s in report["steps"]} == {"s001", "s002"}
     assert len(report["merge_gates"]) == 1
