@@ -21,6 +21,31 @@ from fgo_actors.testing import FakeLLMServer
 
 ROOT = Path(__file__).resolve().parent.parent
 EXAMPLES = ROOT / "examples" / "trajectories.jsonl"
+EXAMPLES_DIR = ROOT / "examples"
+# The small twc games the environment tests play: one room, two items, no doors.
+TWC = "numLocations=1,numItemsToPutAway=2,includeDoors=0"
+
+
+def expert_tidy() -> dict[str, Any]:
+    """The expert module's ``tidy`` function (JSON), for scripted optimizers to learn."""
+    module = json.loads((EXAMPLES_DIR / "twc_expert.json").read_text(encoding="utf-8"))
+    tidy: dict[str, Any] = module["functions"][0]
+    return tidy
+
+
+def run_fgo(
+    *args: str, env: dict[str, str] | None = None, timeout: float = 300
+) -> subprocess.CompletedProcess[str]:
+    """Run the ``fgo`` command line as a subprocess."""
+    return subprocess.run(
+        [sys.executable, "-m", "fgo_actors._cli", *args],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=timeout,
+        check=False,
+    )
+
 
 StartLLM = Callable[..., Awaitable[tuple[FakeLLMServer, str]]]
 

@@ -11,8 +11,6 @@ import itertools
 import json
 import os
 import re
-import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -32,11 +30,10 @@ from fgo_actors._agent import AgentConfig, collect, parse_choice, rollout, turn_
 from fgo_actors._schemas import schema_error
 from fgo_actors.envs import Task, TaskSet, TextWorldExpress
 
-from .conftest import StartLLM
+from .conftest import TWC, StartLLM, run_fgo
 
 pytest.importorskip("textworld_express")
 
-TWC = "numLocations=1,numItemsToPutAway=2,includeDoors=0"
 ACTION_LINE = re.compile(r"^(\d+)\. (.+)$", re.MULTILINE)
 
 
@@ -51,18 +48,6 @@ def gold_path(task: Task) -> list[str]:
 def numbered_actions(body: dict[str, Any]) -> dict[str, int]:
     last = body["messages"][-1]["content"]
     return {action: int(n) for n, action in ACTION_LINE.findall(last)}
-
-
-def fgo_cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
-    """Run the ``fgo`` command line as a subprocess."""
-    return subprocess.run(
-        [sys.executable, "-m", "fgo_actors._cli", *args],
-        capture_output=True,
-        text=True,
-        env=env,
-        timeout=120,
-        check=False,
-    )
 
 
 def test_task_set_parsing() -> None:
@@ -192,7 +177,7 @@ def test_environment_wire_shapes_match_the_schema() -> None:
 def test_collect_command_writes_valid_trajectories(server_url: str, tmp_path: Path) -> None:
     out = tmp_path / "trajs.jsonl"
     env = {k: v for k, v in os.environ.items() if not k.startswith("FGO_")}
-    proc = fgo_cli(
+    proc = run_fgo(
         "collect",
         "--tasks",
         "twc:dev:0-2",
@@ -217,7 +202,7 @@ def test_collect_command_writes_valid_trajectories(server_url: str, tmp_path: Pa
 
 
 def test_collect_command_rejects_a_bad_task_set(tmp_path: Path) -> None:
-    proc = fgo_cli(
+    proc = run_fgo(
         "collect",
         "--tasks",
         "twc:prod:0-2",
@@ -302,7 +287,7 @@ def test_eval_command_writes_a_report(server_url: str, tmp_path: Path) -> None:
     out = tmp_path / "eval.json"
     trajs = tmp_path / "eval.jsonl"
     env = {k: v for k, v in os.environ.items() if not k.startswith("FGO_")}
-    proc = fgo_cli(
+    proc = run_fgo(
         "eval",
         "--tasks",
         "twc:test:0-2",

@@ -4,8 +4,6 @@ the loopback server, and the command line."""
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -28,13 +26,11 @@ from fgo_actors._state import RunConfig
 from fgo_actors.envs import TaskSet
 from fgo_actors.testing import schema_name_of, scripted_reply
 
-from .conftest import StartLLM
+from .conftest import TWC, StartLLM, expert_tidy, run_fgo
 
 pytest.importorskip("textworld_express")
 
-TWC = "numLocations=1,numItemsToPutAway=2,includeDoors=0"
-EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
-TIDY = json.loads((EXAMPLES / "twc_expert.json").read_text(encoding="utf-8"))["functions"][0]
+TIDY = expert_tidy()
 
 
 def test_remaining_time_is_unknown_until_an_episode_ends() -> None:
@@ -211,19 +207,9 @@ async def test_bench_compares_every_strategy_on_the_same_held_out_seeds(
     assert server.requests  # everything went over the loopback server
 
 
-def fgo(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "fgo_actors._cli", *args],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        check=False,
-    )
-
-
 def test_bench_command_writes_the_table_and_plot(server_url: str, tmp_path: Path) -> None:
     out = tmp_path / "bench"
-    done = fgo(
+    done = run_fgo(
         "bench",
         "--base-url",
         server_url,
@@ -249,7 +235,7 @@ def test_bench_command_writes_the_table_and_plot(server_url: str, tmp_path: Path
 
 
 def test_bench_command_rejects_overlapping_splits(tmp_path: Path) -> None:
-    done = fgo(
+    done = run_fgo(
         "bench",
         "--base-url",
         "http://127.0.0.1:9/v1",

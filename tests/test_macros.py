@@ -8,23 +8,20 @@ from __future__ import annotations
 
 import json
 import re
-from pathlib import Path
 from typing import Any
 
 import pytest
 import trio
 
-from fgo_actors import FunctionSpec, GatewayConfig, LLMGateway, Module, load_module
+from fgo_actors import FunctionSpec, GatewayConfig, LLMGateway, Module, Trajectory, load_module
 from fgo_actors._agent import AgentConfig, Macro, macros_from, offer_macros, rollout
 from fgo_actors._schemas import schema_error
 from fgo_actors.envs import Task, TextWorldExpress
 
-from .conftest import StartLLM
+from .conftest import EXAMPLES_DIR, TWC, StartLLM
 
 pytest.importorskip("textworld_express")
 
-TWC = "numLocations=1,numItemsToPutAway=2,includeDoors=0"
-EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 ARGS = ("task", "observation", "valid_actions", "history")
 CONFIG = AgentConfig()
 
@@ -126,13 +123,25 @@ def test_example_modules_carry_their_source_files() -> None:
         ("twc_expert.json", "tidy", "twc_tidy.py"),
         ("twc_harmful.json", "stash", "twc_stash.py"),
     ]:
-        raw = json.loads((EXAMPLES / module_name).read_text(encoding="utf-8"))
+        raw = json.loads((EXAMPLES_DIR / module_name).read_text(encoding="utf-8"))
         assert schema_error("module", raw) is None
         (fn,) = [f for f in raw["functions"] if f["name"] == fn_name]
-        assert fn["code"] == (EXAMPLES / source).read_text(encoding="utf-8"), (
+        assert fn["code"] == (EXAMPLES_DIR / source).read_text(encoding="utf-8"), (
             f"run scripts/sync_example_modules.py: {module_name} is out of step with {source}"
         )
         assert set(fn["parameters"]["required"]) == set(ARGS)
+
+
+async def play_test_seed_0(
+    url: str, module: Module, config: AgentConfig | None = None
+) -> Trajectory:
+    """One rollout of twc test seed 0 in the real game, against the server at ``url``."""
+    env = await trio.to_thread.run_sync(TextWorldExpress)
+    try:
+        async with LLMGateway(GatewayConfig(base_url=url, model="m")) as gw:
+            return await rollout(env, Task("twc", "test", 0, TWC), module, gw, config)
+    finally:
+        await trio.to_thread.run_sync(env.close)
 
 
 OPTION = re.compile(r"^(\d+)\. (.+)$", re.MULTILINE)
@@ -149,13 +158,8 @@ def first_macro(body: dict[str, Any]) -> str:
 
 async def test_the_expert_macro_solves_a_game_in_two_turns(start_llm: StartLLM) -> None:
     server, url = await start_llm(policy=first_macro)
-    module = load_module(EXAMPLES / "twc_expert.json")
-    env = await trio.to_thread.run_sync(TextWorldExpress)
-    try:
-        async with LLMGateway(GatewayConfig(base_url=url, model="m")) as gw:
-            traj = await rollout(env, Task("twc", "test", 0, TWC), module, gw)
-    finally:
-        await trio.to_thread.run_sync(env.close)
+    module = load_module(EXAMPLES_DIR / "twc_expert.json")
+    traj = await play_test_seed_0(url, module)
     assert traj.outcome.success
     assert traj.metadata is not None
     assert traj.metadata["steps"] == 2
@@ -181,14 +185,7 @@ async def test_a_macro_stops_at_the_first_action_that_is_not_possible(
     )
     _server, url = await start_llm(policy=lambda body: "1")
     module = Module(functions=(wander,))
-    env = await trio.to_thread.run_sync(TextWorldExpress)
-    try:
-        async with LLMGateway(GatewayConfig(base_url=url, model="m")) as gw:
-            traj = await rollout(
-                env, Task("twc", "test", 0, TWC), module, gw, AgentConfig(max_steps=1)
-            )
-    finally:
-        await trio.to_thread.run_sync(env.close)
+    traj = await play_test_seed_0(url, module, AgentConfig(max_steps=1))
     last = traj.steps[-1].content or ""
     assert last.startswith("> take ")
     assert "shortcut stopped: 'fly to the moon' is not possible now" in last
@@ -200,18 +197,7 @@ async def test_function_failures_reach_the_trajectory_for_the_optimizer(
 ) -> None:
     broken = function("broken", "return 1 / 0")
     _server, url = await start_llm(policy=lambda body: "1")
-    env = await trio.to_thread.run_sync(TextWorldExpress)
-    try:
-        async with LLMGateway(GatewayConfig(base_url=url, model="m")) as gw:
-            traj = await rollout(
-                env,
-                Task("twc", "test", 0, TWC),
-                Module(functions=(broken,)),
-                gw,
-                AgentConfig(max_steps=2),
-            )
-    finally:
-        await trio.to_thread.run_sync(env.close)
+    traj = await play_test_seed_0(url, Module(functions=(broken,)), AgentConfig(max_steps=2))
     assert traj.metadata is not None
     assert traj.metadata["steps"] == 2
     assert traj.metadata["macros_played"] == 0
@@ -225,19 +211,8 @@ async def test_function_failures_reach_the_trajectory_for_the_optimizer(
 
 async def test_functions_can_be_switched_off(start_llm: StartLLM) -> None:
     server, url = await start_llm(policy=lambda body: "2")
-    module = load_module(EXAMPLES / "twc_expert.json")
-    env = await trio.to_thread.run_sync(TextWorldExpress)
-    try:
-        async with LLMGateway(GatewayConfig(base_url=url, model="m")) as gw:
-            traj = await rollout(
-                env,
-                Task("twc", "test", 0, TWC),
-                module,
-                gw,
-                AgentConfig(max_steps=2, use_functions=False),
-            )
-    finally:
-        await trio.to_thread.run_sync(env.close)
+    module = load_module(EXAMPLES_DIR / "twc_expert.json")
+    traj = await play_test_seed_0(url, module, AgentConfig(max_steps=2, use_functions=False))
     assert traj.metadata is not None
     assert traj.metadata["macros_played"] == 0
     for request in server.requests:

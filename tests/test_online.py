@@ -5,8 +5,6 @@ sandbox, and the loopback LLM server."""
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -27,13 +25,11 @@ from fgo_actors._schemas import schema_error
 from fgo_actors.envs import Task, TaskSet
 from fgo_actors.testing import schema_name_of, scripted_reply
 
-from .conftest import StartLLM
+from .conftest import EXAMPLES_DIR, TWC, StartLLM, expert_tidy, run_fgo
 
 pytest.importorskip("textworld_express")
 
-TWC = "numLocations=1,numItemsToPutAway=2,includeDoors=0"
-EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
-TIDY = json.loads((EXAMPLES / "twc_expert.json").read_text(encoding="utf-8"))["functions"][0]
+TIDY = expert_tidy()
 
 
 def test_a_step_is_kept_unless_it_makes_things_worse() -> None:
@@ -164,19 +160,9 @@ async def test_without_the_gate_the_merge_is_always_kept(start_llm: StartLLM) ->
     assert result.module.functions == ()
 
 
-def fgo(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "fgo_actors._cli", *args],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        check=False,
-    )
-
-
 def test_optimize_env_writes_the_module_and_the_decisions(server_url: str, tmp_path: Path) -> None:
     out = tmp_path / "online.json"
-    done = fgo(
+    done = run_fgo(
         "optimize",
         "--env",
         "twc:train:0-3",
@@ -204,12 +190,12 @@ def test_optimize_env_writes_the_module_and_the_decisions(server_url: str, tmp_p
 
 
 def test_optimize_needs_exactly_one_source(tmp_path: Path) -> None:
-    neither = fgo("optimize", "--out", str(tmp_path / "m.json"))
+    neither = run_fgo("optimize", "--out", str(tmp_path / "m.json"))
     assert neither.returncode == 2
     assert "exactly one of TRAJECTORIES and --env" in neither.stderr
-    both = fgo(
+    both = run_fgo(
         "optimize",
-        str(EXAMPLES / "trajectories.jsonl"),
+        str(EXAMPLES_DIR / "trajectories.jsonl"),
         "--env",
         "twc:train:0-1",
         "--out",
