@@ -334,13 +334,7 @@ def optimize(
         initial = load_module(initial_module) if initial_module else Module()
     except InputError as e:
         fail(EXIT_BAD_INPUT, "error", e)
-    # Find unwritable outputs now, not after the LLM spend.
-    if out.resolve() == report_path.resolve():
-        fail(EXIT_BAD_INPUT, "error", f"--out and --report are the same file: {out}")
-    for target in (out, report_path):
-        problem = _unwritable(target)
-        if problem:
-            fail(EXIT_BAD_INPUT, "error", f"cannot write {target}: {problem}")
+    _check_module_and_report(err, out, report_path)
 
     _check_endpoint(base_url)
 
@@ -370,7 +364,7 @@ def optimize(
             api_key=os.environ.get(api_key_env) or None,
             max_concurrency=max_concurrency or (1 if local_ctx else 4),
             token_budget=token_budget,
-            max_completion_tokens=max_completion_tokens or min(2048, ctx // 4),
+            max_completion_tokens=max_completion_tokens or default_completion_tokens(ctx),
             call_timeout=call_timeout,
             retry_attempts=retries + 1,
             structured_output=structured_output,  # type: ignore[arg-type]
@@ -422,6 +416,15 @@ def optimize(
     if result.report.status == "budget_exhausted":
         err.print("[yellow]token budget exhausted: the partial result was written[/]")
         sys.exit(EXIT_BUDGET)
+
+
+_workers_option = click.option(
+    "--workers",
+    type=int,
+    callback=_positive,
+    help="Episodes played at once, each with its own environment [default: 2; the "
+    "local model: 1, because its one slot keeps only one episode's prompt cached].",
+)
 
 
 def _agent_endpoint_options(f: Any) -> Any:
@@ -491,13 +494,7 @@ def _agent_gateway(
     help="Where to write the trajectories (JSONL).",
 )
 @click.option("--max-steps", type=int, default=25, show_default=True, callback=_positive)
-@click.option(
-    "--workers",
-    type=int,
-    callback=_positive,
-    help="Episodes played at once, each with its own environment [default: 2; the "
-    "local model: 1, because its one slot keeps only one episode's prompt cached].",
-)
+@_workers_option
 @_agent_endpoint_options
 def collect(
     task_spec: str,
@@ -532,9 +529,7 @@ def collect(
         module = load_module(module_path) if module_path else Module()
     except (ValueError, InputError) as e:
         fail(EXIT_BAD_INPUT, "error", e)
-    problem = _unwritable(out)
-    if problem:
-        fail(EXIT_BAD_INPUT, "error", f"cannot write {out}: {problem}")
+    _check_outputs(err, out)
     _check_endpoint(base_url)
     partial = out.with_name(out.name + ".partial")
     counts = {"episodes": 0, "successes": 0}
@@ -618,13 +613,7 @@ def collect(
     help="Also write every episode (JSONL).",
 )
 @click.option("--max-steps", type=int, default=25, show_default=True, callback=_positive)
-@click.option(
-    "--workers",
-    type=int,
-    callback=_positive,
-    help="Episodes played at once, each with its own environment [default: 2; the "
-    "local model: 1, because its one slot keeps only one episode's prompt cached].",
-)
+@_workers_option
 @_agent_endpoint_options
 def eval_command(
     task_spec: str,
@@ -667,10 +656,7 @@ def eval_command(
             raise ValueError(f"modules need distinct file names, got {', '.join(labels)}")
     except (ValueError, InputError) as e:
         fail(EXIT_BAD_INPUT, "error", e)
-    for target in (out, trajectories_out):
-        problem = _unwritable(target) if target else None
-        if problem:
-            fail(EXIT_BAD_INPUT, "error", f"cannot write {target}: {problem}")
+    _check_outputs(err, out, trajectories_out)
     _check_endpoint(base_url)
     config = AgentConfig(max_steps=max_steps)
 
@@ -778,17 +764,12 @@ def _optimize_online(
         initial = load_module(initial_module) if initial_module else Module()
     except (ValueError, InputError) as e:
         fail(EXIT_BAD_INPUT, "error", e)
-    if out.resolve() == report_path.resolve():
-        fail(EXIT_BAD_INPUT, "error", f"--out and --report are the same file: {out}")
-    for target in (out, report_path):
-        problem = _unwritable(target)
-        if problem:
-            fail(EXIT_BAD_INPUT, "error", f"cannot write {target}: {problem}")
+    _check_module_and_report(err, out, report_path)
     _check_endpoint(base_url)
 
     async def play(gw_config: GatewayConfig, local_ctx: int | None) -> OnlineResult:
         ctx = context_tokens or local_ctx or DEFAULT_CONTEXT_TOKENS
-        completion = max_completion_tokens or min(2048, ctx // 4)
+        completion = max_completion_tokens or default_completion_tokens(ctx)
         gw_config = attrs.evolve(gw_config, max_completion_tokens=completion, **gateway_options)
         cap = module_tokens or ctx // 8
         config = OnlineConfig(**online, module_tokens=cap, agent=AgentConfig(max_steps=max_steps))
@@ -936,9 +917,7 @@ def bench_command(
         template = BenchConfig(train=train, test=test, base=base, strategies=names)  # type: ignore[arg-type]
     except (ValueError, InputError) as e:
         fail(EXIT_BAD_INPUT, "error", e)
-    problem = _unwritable(out_dir / "bench.json")
-    if problem:
-        fail(EXIT_BAD_INPUT, "error", f"cannot write to {out_dir}: {problem}")
+    _check_outputs(err, out_dir / "bench.json")
     _check_endpoint(base_url)
 
     async def play(gw_config: GatewayConfig, local_ctx: int | None) -> BenchResult:
@@ -951,7 +930,7 @@ def bench_command(
             agent=AgentConfig(max_steps=max_steps),
             workers=workers,
         )
-        gw_config = attrs.evolve(gw_config, max_completion_tokens=min(2048, ctx // 4))
+        gw_config = attrs.evolve(gw_config, max_completion_tokens=default_completion_tokens(ctx))
         log = structlog.get_logger()
         bar = Progress(
             TextColumn("{task.description:<24}"),
@@ -1180,6 +1159,27 @@ def _endpoint(
         return
     with local.serving(log=lambda m: err.print(m, highlight=False)) as server:
         yield server.url, server.alias, server.context_tokens
+
+
+def _check_outputs(err: Console, *targets: Path | None) -> None:
+    """Bad input (exit 2) when an output cannot be written: found now, not
+    after the LLM spend. None targets (options not given) are skipped."""
+    for target in targets:
+        problem = _unwritable(target) if target is not None else None
+        if problem:
+            _fail(err, EXIT_BAD_INPUT, "error", f"cannot write {target}: {problem}")
+
+
+def _check_module_and_report(err: Console, out: Path, report_path: Path) -> None:
+    """``fgo optimize``'s two outputs: distinct, and writable."""
+    if out.resolve() == report_path.resolve():
+        _fail(err, EXIT_BAD_INPUT, "error", f"--out and --report are the same file: {out}")
+    _check_outputs(err, out, report_path)
+
+
+def default_completion_tokens(context_tokens: int) -> int:
+    """An optimize or merge reply's cap: a quarter of the context, at most 2048."""
+    return min(2048, context_tokens // 4)
 
 
 def _unwritable(target: Path) -> str | None:
