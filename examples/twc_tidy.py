@@ -12,143 +12,43 @@ is closed, put it there. The knowledge is commonsense, written by hand
 after reading training-fold games; it is never checked against the test fold.
 """
 
-# Keywords in an object's name, and its usual places in order of preference.
-HOMES = [
-    (("wet",), ("clothes drier", "clothes line")),
-    (("rotten",), ("trash can", "garbage can")),
-    (("toilet paper",), ("toilet roll holder",)),
-    (("handsoap", "hand soap"), ("sink",)),
-    (
-        ("used tissue", "wastepaper", "paper towel", "banana peel", "empty"),
-        ("trash can", "wastepaper basket", "garbage can"),
-    ),
-    (("dirty",), None),  # decided below: clothes to the laundry, dishes to the dishwasher
-    (
-        (
-            "bell pepper",
-            "chicken",
-            "meat",
-            "milk",
-            "cheese",
-            "egg",
-            "fish",
-            "lettuce",
-            "tomato",
-            "butter",
-            "yogurt",
-            "carrot",
-            "cucumber",
-            "apple",
-            "tuna",
-        ),
-        ("fridge",),
-    ),
-    (
-        (
-            "pepper",
-            "flour",
-            "spice",
-            "oil",
-            "onion",
-            "salt",
-            "sugar",
-            "rice",
-            "pasta",
-            "cereal",
-            "vinegar",
-        ),
-        ("shelf", "kitchen cupboard", "pantry"),
-    ),
-    (
-        ("oven glove", "peeler", "grater", "whisk", "apron", "pressure cooker"),
-        ("kitchen cupboard", "cutlery drawer"),
-    ),
-    (
-        ("ladle", "knife", "fork", "spoon", "spatula", "cleaver", "skimmer", "shears"),
-        ("cutlery drawer",),
-    ),
-    (("teapot",), ("coffee table",)),
-    (("kettle", "toaster", "chopping board", "blender", "coffee maker"), ("counter",)),
-    (
-        ("plate", "bowl", "mug", "cup", "glass", "saucepan", "pot", "pan"),
-        ("kitchen cupboard", "dishwasher"),
-    ),
-    (
-        ("sneakers", "shoes", "heels", "moccasins", "boots", "sandals", "slippers", "loafers"),
-        ("shoe cabinet",),
-    ),
-    (("cap", "beret", "hat", "fedora"), ("hat rack",)),
-    (("coat", "jacket", "raincoat", "parka"), ("coat hanger", "wardrobe")),
-    (
-        ("brush", "comb", "shaving", "toothpaste", "razor", "shampoo", "deodorant"),
-        ("bathroom cabinet",),
-    ),
-    (("eyeliner", "lip", "makeup", "lipstick", "mascara", "perfume"), ("dressing table",)),
-    (
-        (
-            "blanket",
-            "duvet",
-            "sheet",
-            "tie",
-            "gloves",
-            "belt",
-            "panties",
-            "socks",
-            "underwear",
-            "scarf",
-            "bra",
-            "pillowcase",
-        ),
-        ("chest of drawers", "wardrobe"),
-    ),
-    (
-        (
-            "shirt",
-            "dress",
-            "skirt",
-            "pants",
-            "blouse",
-            "sweater",
-            "pullover",
-            "polo",
-            "blazer",
-            "trousers",
-            "jeans",
-            "hoodie",
-            "suit",
-            "cardigan",
-            "vest",
-            "T-shirt",
-            "jumper",
-            "top",
-        ),
-        ("wardrobe", "chest of drawers"),
-    ),
-    (("cushion", "pillow"), ("sofa",)),
-    (("remote",), ("TV stand",)),
-    (("copybook", "lamp", "book", "notebook"), ("side table", "bookcase", "desk")),
-    (("picture", "photo"), ("desk", "side table")),
-]
-CLOTHES = (
-    "shirt",
-    "dress",
-    "skirt",
-    "pants",
-    "blouse",
-    "sweater",
-    "pullover",
-    "polo",
-    "blazer",
-    "trousers",
-    "jeans",
-    "bra",
-    "socks",
-    "panties",
-    "T-shirt",
-    "coat",
-    "top",
-    "jumper",
-)
+# One line per kind of object: keywords in its name, then after "->" its usual
+# places, best first. Dirty objects are decided in homes(): clothes go to the
+# laundry, anything else to the dishwasher.
+TABLE = """
+wet -> clothes drier, clothes line
+rotten -> trash can, garbage can
+toilet paper -> toilet roll holder
+handsoap, hand soap -> sink
+used tissue, wastepaper, paper towel, banana peel, empty -> trash can, wastepaper basket, garbage can
+bell pepper, chicken, meat, milk, cheese, egg, fish, lettuce, tomato, butter, yogurt, carrot, cucumber, apple, tuna -> fridge
+pepper, flour, spice, oil, onion, salt, sugar, rice, pasta, cereal, vinegar -> shelf, kitchen cupboard, pantry
+oven glove, peeler, grater, whisk, apron, pressure cooker -> kitchen cupboard, cutlery drawer
+ladle, knife, fork, spoon, spatula, cleaver, skimmer, shears -> cutlery drawer
+teapot -> coffee table
+kettle, toaster, chopping board, blender, coffee maker -> counter
+plate, bowl, mug, cup, glass, saucepan, pot, pan -> kitchen cupboard, dishwasher
+sneakers, shoes, heels, moccasins, boots, sandals, slippers, loafers -> shoe cabinet
+cap, beret, hat, fedora -> hat rack
+coat, jacket, raincoat, parka -> coat hanger, wardrobe
+brush, comb, shaving, toothpaste, razor, shampoo, deodorant -> bathroom cabinet
+eyeliner, lip, makeup, lipstick, mascara, perfume -> dressing table
+blanket, duvet, sheet, tie, gloves, belt, panties, socks, underwear, scarf, bra, pillowcase -> chest of drawers, wardrobe
+shirt, dress, skirt, pants, blouse, sweater, pullover, polo, blazer, trousers, jeans, hoodie, suit, cardigan, vest, T-shirt, jumper, top -> wardrobe, chest of drawers
+cushion, pillow -> sofa
+remote -> TV stand
+copybook, lamp, book, notebook -> side table, bookcase, desk
+picture, photo -> desk, side table
+"""
+CLOTHES = "shirt, dress, skirt, pants, blouse, sweater, pullover, polo, blazer, trousers, jeans, bra, socks, panties, T-shirt, coat, top, jumper"
+
+
+def words(text):
+    return tuple(w.strip() for w in text.split(","))
+
+
+HOMES = [tuple(map(words, line.split(" -> "))) for line in TABLE.strip().splitlines()]
+CLOTHES = words(CLOTHES)
 
 
 def has(item, keyword):
@@ -163,7 +63,7 @@ def homes(item):
             return ("laundry basket", "washing machine")
         return ("dishwasher", "sink")
     for keywords, places in HOMES:
-        if places and any(has(item, word) for word in keywords):
+        if any(has(item, word) for word in keywords):
             return places
     return ()
 
