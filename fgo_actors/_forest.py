@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import functools
 import itertools
+from collections.abc import Sequence
 
 import attrs
 
@@ -43,7 +44,9 @@ class MergeForest:
     """Schedules merges of finished trees. ``eager=False`` waits for :meth:`close`
     before any merge (the barrier baseline used by benchmarks)."""
 
-    def __init__(self, fan_in: int = 2, *, eager: bool = True, id_prefix: str = "m") -> None:
+    def __init__(
+        self, fan_in: int = 2, *, eager: bool = True, id_prefix: str = "m", first_id: int = 1
+    ) -> None:
         if fan_in < 2:
             raise ValueError("fan_in must be at least 2")
         self.fan_in = fan_in
@@ -51,9 +54,33 @@ class MergeForest:
         self._available: dict[int, list[str]] = {}
         self._in_flight: dict[str, MergeJob] = {}
         self._closed = False
-        self._ids = (f"{id_prefix}{n}" for n in itertools.count(1))
+        self._ids = (f"{id_prefix}{n}" for n in itertools.count(first_id))
         self._started = 0
         self._done = 0
+
+    @classmethod
+    def restore(
+        cls,
+        trees: Sequence[tuple[str, int]],
+        *,
+        fan_in: int = 2,
+        id_prefix: str = "m",
+        first_id: int = 1,
+    ) -> tuple[MergeForest, list[MergeJob]]:
+        """A forest holding the finished ``(node id, rank)`` trees, in the order
+        given, and the merges that can start now.
+
+        This is how a daemon resumes from its store: merges that were in flight
+        when it stopped were never recorded as done, so their children are
+        still trees, and the same carries are scheduled again. ``first_id``
+        continues the merge numbering past the ids already used.
+        """
+        forest = cls(fan_in, id_prefix=id_prefix, first_id=first_id)
+        for node_id, rank in trees:
+            if rank < 0:
+                raise ValueError(f"tree {node_id!r} has a negative rank")
+            forest._available.setdefault(rank, []).append(node_id)
+        return forest, forest._schedule()
 
     # -- events -----------------------------------------------------------
     def add_leaf(self, node_id: str) -> list[MergeJob]:
@@ -89,6 +116,10 @@ class MergeForest:
     def trees(self) -> list[str]:
         """Finished trees not being merged, lowest rank first."""
         return [n for r in sorted(self._available) for n in self._available[r]]
+
+    def ranked_trees(self) -> list[tuple[str, int]]:
+        """``(node id, rank)`` of the finished trees not being merged, lowest rank first."""
+        return [(n, r) for r in sorted(self._available) for n in self._available[r]]
 
     def in_flight(self) -> list[MergeJob]:
         return list(self._in_flight.values())

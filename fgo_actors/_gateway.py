@@ -10,12 +10,13 @@ the error shown to the LLM.
 from __future__ import annotations
 
 import email.utils
+import hashlib
 import json
 import math
 import re
 import time
 from collections.abc import Callable, Sequence
-from typing import Any, Literal, TypeVar
+from typing import Any, Literal, Protocol, TypeVar
 
 import attrs
 import httpx
@@ -99,6 +100,7 @@ class GatewayStatistics:
     max_in_flight: int
     token_budget: int | None
     budget_exhausted: bool
+    cached: dict[str, int] = attrs.field(factory=dict)
 
     @property
     def total_tokens(self) -> int:
@@ -115,9 +117,25 @@ class GatewayStatistics:
             calls=diff(self.calls, earlier.calls),
             prompt_tokens=diff(self.prompt_tokens, earlier.prompt_tokens),
             completion_tokens=diff(self.completion_tokens, earlier.completion_tokens),
+            cached=diff(self.cached, earlier.cached),
             retries=self.retries - earlier.retries,
             reasks=self.reasks - earlier.reasks,
         )
+
+
+class ResponseCache(Protocol):
+    """Where finished calls are kept, so that a restarted daemon replays them
+    instead of paying for them again. Keys come from :func:`request_key`."""
+
+    async def get(self, key: str) -> dict[str, Any] | None: ...
+
+    async def put(self, key: str, role: str, response: dict[str, Any]) -> None: ...
+
+
+def request_key(body: dict[str, Any]) -> str:
+    """A stable key for a request body: SHA-256 of its canonical JSON."""
+    canonical = json.dumps(body, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+    return hashlib.sha256(canonical.encode("utf-8")).hexdigest()
 
 
 class _RetryableStatusError(Exception):
@@ -202,8 +220,10 @@ class LLMGateway:
         *,
         counter: TokenCounter | None = None,
         client: httpx.AsyncClient | None = None,
+        cache: ResponseCache | None = None,
     ) -> None:
         self.config = config
+        self.cache = cache
         self.counter = counter or default_counter()
         self.url = config.base_url.rstrip("/") + "/chat/completions"
         self._own_client = client is None
@@ -219,6 +239,7 @@ class LLMGateway:
         self._calls: dict[str, int] = {}
         self._prompt: dict[str, int] = {}
         self._completion: dict[str, int] = {}
+        self._cached: dict[str, int] = {}
         self._retries = 0
         self._reasks = 0
         self._in_flight = 0
@@ -254,6 +275,7 @@ class LLMGateway:
             max_in_flight=self._max_in_flight,
             token_budget=self.config.token_budget,
             budget_exhausted=self._exhausted,
+            cached=dict(self._cached),
         )
 
     @property
@@ -335,6 +357,15 @@ class LLMGateway:
                 }
             else:
                 body["response_format"] = {"type": "json_object", "schema": schema}
+        key = request_key(body) if self.cache is not None else None
+        if self.cache is not None and key is not None:
+            hit = await self.cache.get(key)
+            if hit is not None:
+                # A call paid for before (by this process or one that died):
+                # replayed, not booked as spent again.
+                self._cached[role] = self._cached.get(role, 0) + 1
+                self._log.info("llm_call_cached", role=role)
+                return self._reply_content(hit, max_tokens, accept_cut)
         # Counting a long prompt costs about 0.25 ms per 1k tokens, so it is done
         # only when needed: to reserve budget, or when the server reports no usage.
         prompt_estimate: int | None = None
@@ -355,6 +386,8 @@ class LLMGateway:
                 self._reserved -= need
                 self._budget_released.set()
                 self._budget_released = trio.Event()
+        if self.cache is not None and key is not None:
+            await self.cache.put(key, role, data)
         # Usage is booked before the reply is judged: a refused or empty reply
         # still cost its tokens.
         content, finish = _content_of(data)
@@ -384,6 +417,10 @@ class LLMGateway:
             seconds=round(trio.current_time() - started, 3),
             finish_reason=finish,
         )
+        return self._reply_content(data, max_tokens, accept_cut)
+
+    def _reply_content(self, data: dict[str, Any], max_tokens: int | None, accept_cut: bool) -> str:
+        content, finish = _content_of(data)
         if content is None:
             raise ReplyRejectedError("the reply's message content is empty")
         if finish == "length" and not accept_cut:

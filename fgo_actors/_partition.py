@@ -11,6 +11,8 @@ import random
 from collections.abc import Sequence
 from typing import TypeVar
 
+import attrs
+
 from ._model import RenderedTrajectory
 
 T = TypeVar("T")
@@ -115,3 +117,73 @@ def item_budget(
             f"{fix}"
         )
     return room
+
+
+@attrs.define
+class StreamPacker:
+    """Packs items arriving one at a time into subsets of at most ``budget`` tokens.
+
+    The streaming counterpart of :func:`pack` for the daemon, which cannot
+    know the sizes to come: next-fit in arrival order. A subset is sealed when
+    the next item would not fit, when it is exactly full, or when its oldest
+    item has waited ``max_wait`` seconds (see :meth:`due`). Pure: the caller
+    passes the clock.
+    """
+
+    budget: int
+    max_wait: float
+    _ids: list[str] = attrs.field(factory=list, init=False)
+    _tokens: int = attrs.field(default=0, init=False)
+    _oldest: float | None = attrs.field(default=None, init=False)
+
+    def __attrs_post_init__(self) -> None:
+        if self.budget <= 0:
+            raise ValueError("budget must be positive")
+        if self.max_wait < 0:
+            raise ValueError("max_wait must not be negative")
+
+    @property
+    def pending(self) -> tuple[str, ...]:
+        return tuple(self._ids)
+
+    @property
+    def pending_tokens(self) -> int:
+        return self._tokens
+
+    def add(self, item_id: str, tokens: int, now: float) -> list[tuple[str, ...]]:
+        """Add one item; returns the subsets this seals (zero, one or two)."""
+        if not 0 < tokens <= self.budget:
+            raise ValueError(f"item {item_id!r} has {tokens} tokens; must be 1..{self.budget}")
+        sealed: list[tuple[str, ...]] = []
+        if self._ids and self._tokens + tokens > self.budget:
+            sealed.append(self._seal())
+        if not self._ids:
+            self._oldest = now
+        self._ids.append(item_id)
+        self._tokens += tokens
+        if self._tokens == self.budget:
+            sealed.append(self._seal())
+        return sealed
+
+    def deadline(self) -> float | None:
+        """When the pending subset is due (its oldest item's arrival plus
+        ``max_wait``), or None when nothing is pending."""
+        return None if self._oldest is None else self._oldest + self.max_wait
+
+    def due(self, now: float) -> tuple[str, ...] | None:
+        """Seal the pending subset if its deadline has passed."""
+        deadline = self.deadline()
+        if deadline is None or now < deadline:
+            return None
+        return self._seal()
+
+    def flush(self) -> tuple[str, ...] | None:
+        """Seal whatever is pending, regardless of the clock."""
+        return self._seal() if self._ids else None
+
+    def _seal(self) -> tuple[str, ...]:
+        subset = tuple(self._ids)
+        self._ids.clear()
+        self._tokens = 0
+        self._oldest = None
+        return subset

@@ -1,0 +1,774 @@
+"""Incremental FGO over a stream of trajectories: the engine behind ``fgo serve``
+and the embedding API (``open_optimizer``).
+
+Trajectories are validated, rendered, measured and written to the store as
+they arrive; from then on only ids and token counts travel. Four kinds of task
+run in one nursery, joined by bounded memory channels:
+
+- the packer seals subsets by token budget, or when the oldest trajectory in
+  the open subset has waited ``max_wait`` seconds (``StreamPacker``);
+- K optimizers optimize each sealed subset from the initial module and store
+  the result as a leaf;
+- the merger grows the merge forest (the same binary-counter ``MergeForest``
+  as batch runs) and runs each merge as soon as its children exist;
+- the publisher folds the forest's trees into one candidate whenever the
+  forest is quiet and has changed, and publishes it as a new version.
+
+Every state change is one store transaction, and every LLM reply is cached in
+the store by request, so a restarted daemon rebuilds the forest and the
+queues from the store and replays finished calls instead of paying again.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from collections.abc import AsyncGenerator, AsyncIterator, Sequence
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any
+
+import attrs
+import structlog
+import trio
+
+from ._errors import BudgetExhaustedError, InputError, LLMUnavailableError, UnitFailedError
+from ._forest import MergeForest, MergeJob
+from ._gateway import GatewayConfig, LLMGateway
+from ._model import MergeNode, Module, RenderedTrajectory, Subset, Trajectory
+from ._partition import StreamPacker
+from ._pipeline import _item_budget
+from ._prompts import PER_ITEM_SLACK, render_trajectory
+from ._state import RunConfig, RunState
+from ._store import AsyncStore, Store, StoreCache, Version
+from .actors.merger import merge_modules
+from .actors.optimizer import optimize_subset
+
+
+@attrs.frozen
+class DaemonConfig:
+    """Knobs of a streaming optimizer. Token numbers are tiktoken cl100k tokens."""
+
+    store: Path
+    gateway: GatewayConfig
+    run: RunConfig = attrs.field(factory=RunConfig)
+    initial: Module = attrs.field(factory=Module)
+    # Seconds the oldest trajectory of an open subset waits before the subset
+    # is sealed anyway (a quiet stream still gets optimized).
+    max_wait: float = 60.0
+    # Sealed subsets waiting for an optimizer before ingest pushes back (429).
+    max_pending_subsets: int = 8
+    # Trajectories accepted but not yet packed, before ingest pushes back.
+    max_queued: int = 10_000
+    # Seconds to wait before retrying work that failed because the LLM endpoint
+    # was unreachable (the daemon keeps running through outages).
+    retry_pause: float = 30.0
+    # Least seconds between two publications: each folds the forest's trees
+    # (about log2 of the subsets so far) with LLM merges.
+    publish_interval: float = 30.0
+    durable: bool = False  # synchronous=FULL: survive power cuts, not just crashes
+
+    def __attrs_post_init__(self) -> None:
+        if self.max_wait < 0:
+            raise ValueError("max_wait must not be negative")
+        if self.max_pending_subsets < 1 or self.max_queued < 1:
+            raise ValueError("max_pending_subsets and max_queued must be at least 1")
+
+
+@attrs.frozen
+class Rejected:
+    """A record ingest refused: where it was (1-based line or index) and why."""
+
+    line: int
+    reason: str
+
+    def to_json(self) -> dict[str, Any]:
+        return {"line": self.line, "reason": self.reason}
+
+
+@attrs.frozen
+class IngestResult:
+    accepted: int
+    duplicate: int
+    rejected: tuple[Rejected, ...] = ()
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "accepted": self.accepted,
+            "duplicate": self.duplicate,
+            "rejected": len(self.rejected),
+            "errors": [r.to_json() for r in self.rejected],
+        }
+
+
+@attrs.frozen
+class DaemonStatistics:
+    """A snapshot for ``/metrics``, progress and tests."""
+
+    trajectories: int
+    queued: int  # accepted, not yet in a sealed subset
+    subsets_pending: int  # sealed, not yet optimized
+    subsets_done: int
+    subsets_failed: int
+    optimizing: int
+    merges_in_flight: int
+    trees: int
+    versions_published: int
+    versions_rejected: int
+    latest_version: int | None
+    llm_in_flight: int
+    tokens_by_role: dict[str, dict[str, int]]
+    cached_calls: int
+    events_dropped: int
+    saturated: bool
+
+
+class EventBus:
+    """Fan-out of events to subscribers (SSE clients, ``versions()``). A slow
+    subscriber loses events rather than slowing the daemon; losses are counted."""
+
+    def __init__(self, buffer: int = 256) -> None:
+        self._buffer = buffer
+        self._subscribers: set[trio.MemorySendChannel[dict[str, Any]]] = set()
+        self._seq = 0
+        self.dropped = 0
+
+    def emit(self, kind: str, **data: Any) -> None:
+        self._seq += 1
+        event = {"id": self._seq, "type": kind, "at": round(time.time(), 3), **data}
+        structlog.get_logger().info(kind, **data)
+        for send in list(self._subscribers):
+            try:
+                send.send_nowait(event)
+            except trio.WouldBlock:
+                self.dropped += 1
+            except trio.BrokenResourceError:
+                self._subscribers.discard(send)
+
+    @asynccontextmanager
+    async def subscribe(self) -> AsyncIterator[trio.MemoryReceiveChannel[dict[str, Any]]]:
+        send, receive = trio.open_memory_channel[dict[str, Any]](self._buffer)
+        self._subscribers.add(send)
+        try:
+            with receive:
+                yield receive
+        finally:
+            self._subscribers.discard(send)
+            send.close()
+
+
+def parse_body(
+    text: str, *, max_record_bytes: int | None = None
+) -> tuple[list[tuple[int, object]], list[Rejected]]:
+    """Records in a JSON or JSONL body: one JSON value (an object, or an array
+    of objects) or one object per line. Returns (1-based line or array index,
+    value) pairs and the records refused: not JSON, or over ``max_record_bytes``."""
+    stripped = text.strip()
+    if not stripped:
+        return [], []
+    if stripped.startswith("["):
+        try:
+            value = json.loads(stripped)
+        except json.JSONDecodeError as e:
+            return [], [Rejected(e.lineno, f"not JSON: {e.msg}")]
+        if isinstance(value, list):
+            if max_record_bytes is None:
+                return list(enumerate(value, start=1)), []
+            sized = [(i, v, len(json.dumps(v).encode())) for i, v in enumerate(value, start=1)]
+            return [(i, v) for i, v, n in sized if n <= max_record_bytes], [
+                Rejected(i, f"record is {n} bytes, over the {max_record_bytes}-byte limit")
+                for i, v, n in sized
+                if n > max_record_bytes
+            ]
+    records: list[tuple[int, object]] = []
+    rejected: list[Rejected] = []
+    for number, line in enumerate(text.splitlines(), start=1):
+        if not line.strip():
+            continue
+        size = len(line.encode())
+        if max_record_bytes is not None and size > max_record_bytes:
+            rejected.append(
+                Rejected(number, f"record is {size} bytes, over the {max_record_bytes}-byte limit")
+            )
+            continue
+        try:
+            records.append((number, json.loads(line)))
+        except json.JSONDecodeError as e:
+            # A pretty-printed single object spans lines: try the whole body.
+            if number == 1 and stripped.startswith("{"):
+                try:
+                    return [(1, json.loads(stripped))], []
+                except json.JSONDecodeError:
+                    pass
+            rejected.append(Rejected(number, f"not JSON: {e.msg} (column {e.colno})"))
+    return records, rejected
+
+
+class StreamingOptimizer:
+    """A running incremental optimizer. Make one with :func:`open_optimizer`."""
+
+    def __init__(
+        self,
+        config: DaemonConfig,
+        store: AsyncStore,
+        gateway: LLMGateway,
+        nursery: trio.Nursery,
+    ) -> None:
+        self.config = config
+        self.store = store
+        self.gateway = gateway
+        self.events = EventBus()
+        self._nursery = nursery
+        self._log = structlog.get_logger()
+        self._state = RunState(started_at=trio.current_time(), fan_in=config.run.fan_in)
+        self._module_tokens, budget = _item_budget(gateway, config.run, config.initial)
+        self._item_budget = budget
+        self._render_max = budget - PER_ITEM_SLACK
+        self._queue_send, self._queue_recv = trio.open_memory_channel[tuple[str, int, float]](
+            config.max_queued
+        )
+        self._subsets_send, self._subsets_recv = trio.open_memory_channel[str](
+            config.max_pending_subsets
+        )
+        self._leaves_send, self._leaves_recv = trio.open_memory_channel[tuple[str, int]](
+            config.max_pending_subsets
+        )
+        self._changed = trio.Event()  # the forest's trees changed
+        self._queued = 0
+        self._pending = 0
+        self._optimizing = 0
+        self._in_transit = 0  # leaves sent to the merger, not yet in the forest
+        self._forest: MergeForest | None = None
+        self._folding = False
+        self._fold_number = 0
+        self._latest: Version | None = None
+        self._published_trees: tuple[str, ...] | None = None
+        self._counts = (0, 0, 0, 0)  # subsets done, failed; versions published, rejected
+        self._trajectories = 0
+        self._closed = False
+        self._stopping = False
+        self._subset_number = 1
+        self._activity = trio.Event()  # set (and replaced) whenever work moves on
+
+    # -- public API -------------------------------------------------------
+    async def submit(self, trajectory: Trajectory | dict[str, Any]) -> IngestResult:
+        """Accept one trajectory (idempotent by id). Waits while the pipeline is full."""
+        return await self.submit_many([trajectory])
+
+    async def submit_many(
+        self, records: Sequence[Trajectory | object], *, lines: Sequence[int] | None = None
+    ) -> IngestResult:
+        """Validate, render and store ``records``; queue the new ones for packing.
+
+        Bad records are reported (with ``lines[i]``, default i+1) and skipped;
+        duplicates of stored ids are counted and skipped. Waits while the
+        packing queue is full (library backpressure; HTTP checks
+        :attr:`saturated` first and answers 429).
+        """
+        if self._closed:
+            raise RuntimeError("the optimizer is closed")
+        numbers = list(lines) if lines is not None else list(range(1, len(records) + 1))
+        rejected: list[Rejected] = []
+        valid: list[tuple[int, Trajectory, dict[str, Any]]] = []
+        seen: set[str] = set()
+        duplicates = 0
+        for number, record in zip(numbers, records, strict=True):
+            try:
+                if isinstance(record, Trajectory):
+                    trajectory, body = record, record.to_json()
+                else:
+                    trajectory = Trajectory.from_json(record)
+                    body = dict(record) if isinstance(record, dict) else {}
+            except InputError as e:
+                rejected.append(Rejected(number, str(e)))
+                continue
+            if trajectory.id in seen:
+                duplicates += 1
+                continue
+            seen.add(trajectory.id)
+            valid.append((number, trajectory, body))
+        known = await self.store.call(self.store.sync.known_ids, [t.id for _, t, _ in valid])
+        fresh = [(n, t, b) for n, t, b in valid if t.id not in known]
+        duplicates += len(valid) - len(fresh)
+        rendered = await trio.to_thread.run_sync(
+            _render_many,
+            [t for _, t, _ in fresh],
+            self.gateway.counter,
+            self._render_max,
+            self.config.run.group_key,
+        )
+        now = time.time()
+        added = await self.store.call(
+            self.store.sync.add_trajectories,
+            [(r, b) for r, (_, _, b) in zip(rendered, fresh, strict=True)],
+            now,
+        )
+        accepted = 0
+        for r, is_new in zip(rendered, added, strict=True):
+            if not is_new:  # another request stored it in the meantime
+                duplicates += 1
+                continue
+            accepted += 1
+            self._queued += 1
+            self._trajectories += 1
+            await self._queue_send.send((r.id, r.tokens + PER_ITEM_SLACK, now))
+        result = IngestResult(accepted, duplicates, tuple(sorted(rejected, key=lambda r: r.line)))
+        self.events.emit("ingest", accepted=accepted, duplicate=duplicates, rejected=len(rejected))
+        return result
+
+    async def submit_text(self, text: str, *, max_record_bytes: int | None = None) -> IngestResult:
+        """Ingest a JSON or JSONL body; records that are not JSON, or too big, are rejected."""
+        records, bad = parse_body(text, max_record_bytes=max_record_bytes)
+        result = await self.submit_many([r for _, r in records], lines=[n for n, _ in records])
+        return attrs.evolve(
+            result, rejected=tuple(sorted([*bad, *result.rejected], key=lambda r: r.line))
+        )
+
+    @property
+    def saturated(self) -> bool:
+        """True when the pipeline is full: ingest should push back."""
+        return (
+            self._pending >= self.config.max_pending_subsets
+            or self._queued >= self.config.max_queued
+        )
+
+    def latest_version(self) -> Version | None:
+        return self._latest
+
+    def latest_module(self) -> Module | None:
+        """The module of the newest published version, or None before the first."""
+        return None if self._latest is None else self._latest.module
+
+    async def version(self, n: int) -> Version | None:
+        return await self.store.call(self.store.sync.version, n)
+
+    async def list_versions(self) -> list[Version]:
+        return await self.store.call(self.store.sync.versions)
+
+    async def rollback(self, n: int) -> Version:
+        """Publish version ``n``'s module again, as a new version; raises KeyError
+        for an unknown version and ValueError for a rejected one."""
+        target = await self.version(n)
+        if target is None:
+            raise KeyError(n)
+        if target.status != "published":
+            raise ValueError(f"version {n} was rejected; only published versions can come back")
+        # The forest stays as it is: the rolled-back module stands until new
+        # trajectories change the forest ("trees" records what it was now, so
+        # a restart does not publish the forest's fold over the rollback).
+        trees = [t for t, _ in self._forest.ranked_trees()] if self._forest else []
+        lineage = {
+            **target.lineage,
+            "rollback_of": n,
+            "trees": trees,
+            "parents": [self._latest.n] if self._latest else [],
+        }
+        version = await self.store.call(
+            self.store.sync.add_version, "published", target.module, lineage, time.time()
+        )
+        self._latest = version
+        self._published_trees = tuple(trees)
+        done, failed, published, rejected = self._counts
+        self._counts = (done, failed, published + 1, rejected)
+        self.events.emit("publish", version=version.n, rollback_of=n)
+        return version
+
+    @trio.as_safe_channel
+    async def versions(self) -> AsyncGenerator[Version, None]:
+        """Each version published from now on, as it is published:
+        ``async with opt.versions() as versions: async for v in versions: ...``."""
+        async with self.events.subscribe() as events:
+            async for event in events:
+                if event["type"] == "publish":
+                    version = await self.version(int(event["version"]))
+                    if version is not None:
+                        yield version
+
+    async def flush(self) -> None:
+        """Seal the open subset now instead of waiting for ``max_wait``."""
+        await self._queue_send.send(("", 0, 0.0))
+
+    async def wait_idle(self) -> None:
+        """Wait until everything received so far is packed, optimized, merged and
+        published (flushing the open subset). For tests, batch feeds and stdin."""
+        await self.flush()
+        while not self._idle():
+            await self._activity.wait()
+
+    def _idle(self) -> bool:
+        return (
+            self._queued == 0
+            and self._pending == 0
+            and self._optimizing == 0
+            and self._in_transit == 0
+            and self._forest is not None
+            and not self._forest.in_flight()
+            and not self._folding
+            and not self._changed.is_set()
+        )
+
+    def statistics(self) -> DaemonStatistics:
+        gw = self.gateway.statistics()
+        roles = sorted(set(gw.prompt_tokens) | set(gw.completion_tokens))
+        forest = self._forest
+        done, failed, published, rejected = self._counts
+        return DaemonStatistics(
+            trajectories=self._trajectories,
+            queued=self._queued,
+            subsets_pending=self._pending,
+            subsets_done=done,
+            subsets_failed=failed,
+            optimizing=self._optimizing,
+            merges_in_flight=len(forest.in_flight()) if forest else 0,
+            trees=len(forest.trees()) if forest else 0,
+            versions_published=published,
+            versions_rejected=rejected,
+            latest_version=self._latest.n if self._latest else None,
+            llm_in_flight=gw.in_flight,
+            tokens_by_role={
+                r: {
+                    "prompt": gw.prompt_tokens.get(r, 0),
+                    "completion": gw.completion_tokens.get(r, 0),
+                }
+                for r in roles
+            },
+            cached_calls=sum(gw.cached.values()),
+            events_dropped=self.events.dropped,
+            saturated=self.saturated,
+        )
+
+    def _poke(self) -> None:
+        self._activity.set()
+        self._activity = trio.Event()
+
+    # -- start-up ---------------------------------------------------------
+    async def _resume(self) -> None:
+        """Rebuild queues and forest from the store, then start the actors."""
+        sync = self.store.sync
+        counts = await self.store.call(sync.counts)
+        self._trajectories = counts.trajectories
+        self._counts = (
+            counts.subsets_done,
+            counts.subsets_failed,
+            counts.versions_published,
+            counts.versions_rejected,
+        )
+        self._latest = await self.store.call(sync.latest_version)
+        if self._latest is not None:
+            self._published_trees = tuple(self._latest.lineage.get("trees", ()))
+        trees = await self.store.call(sync.forest_trees)
+        first_merge = await self.store.call(sync.max_node_number, "m") + 1
+        self._fold_number = await self.store.call(sync.max_node_number, "f")
+        self._forest, jobs = MergeForest.restore(
+            trees, fan_in=self.config.run.fan_in, first_id=first_merge
+        )
+        pending = await self.store.call(sync.pending_subsets)
+        unassigned = await self.store.call(sync.unassigned)
+        self._subset_number = await self.store.call(sync.next_subset_number)
+        self._log.info(
+            "daemon_resumed",
+            trajectories=counts.trajectories,
+            unassigned=len(unassigned),
+            pending_subsets=len(pending),
+            trees=len(trees),
+            merges_restarted=len(jobs),
+            latest_version=self._latest.n if self._latest else None,
+        )
+        n = self._nursery
+        for _ in range(self.config.run.optimizers or self.gateway.config.max_concurrency):
+            n.start_soon(self._optimizer, self._subsets_recv.clone(), self._leaves_send.clone())
+        self._subsets_recv.close()
+        self._leaves_send.close()
+        n.start_soon(self._merger, self._leaves_recv)
+        self._launch(jobs)
+        n.start_soon(self._publisher)
+        # Subsets sealed before a restart go first, then the unpacked backlog.
+        subsets_send = self._subsets_send.clone()
+        self._pending += len(pending)
+        n.start_soon(self._feed_pending, pending, subsets_send)
+        n.start_soon(self._packer, self._queue_recv, self._subsets_send)
+        for item in unassigned:
+            self._queued += 1
+            await self._queue_send.send(item)
+        if trees and tuple(t for t, _ in trees) != self._published_trees:
+            self._changed.set()
+
+    async def _feed_pending(self, pending: Sequence[str], out: trio.MemorySendChannel[str]) -> None:
+        with out:
+            for subset_id in pending:
+                await out.send(subset_id)
+
+    # -- actors -----------------------------------------------------------
+    async def _packer(
+        self,
+        inp: trio.MemoryReceiveChannel[tuple[str, int, float]],
+        out: trio.MemorySendChannel[str],
+    ) -> None:
+        """Seal subsets by budget, by ``max_wait``, or on a flush (an empty id)."""
+        structlog.contextvars.bind_contextvars(actor="packer")
+        packer = StreamPacker(self._item_budget, self.config.max_wait)
+        with inp, out:
+            while True:
+                deadline = packer.deadline()
+                item: tuple[str, int, float] | None = None
+                with trio.move_on_at(math.inf if deadline is None else deadline):
+                    try:
+                        item = await inp.receive()
+                    except trio.EndOfChannel:
+                        return
+                now = trio.current_time()
+                if item is None:
+                    sealed = [s for s in [packer.due(now)] if s]
+                elif not item[0]:
+                    sealed = [s for s in [packer.flush()] if s]
+                else:
+                    sealed = packer.add(item[0], item[1], now)
+                for ids in sealed:
+                    await self._seal(ids, out)
+                self._poke()
+
+    async def _seal(self, ids: Sequence[str], out: trio.MemorySendChannel[str]) -> None:
+        subset_id = f"s{self._subset_number:06d}"
+        self._subset_number += 1
+        await self.store.call(self.store.sync.create_subset, subset_id, ids, time.time())
+        self._queued -= len(ids)
+        self._pending += 1
+        self.events.emit("subset", subset=subset_id, trajectories=len(ids))
+        await out.send(subset_id)
+
+    async def _optimizer(
+        self, inp: trio.MemoryReceiveChannel[str], out: trio.MemorySendChannel[tuple[str, int]]
+    ) -> None:
+        with inp, out:
+            async for subset_id in inp:
+                if self._stopping:
+                    continue  # left pending in the store for the next start
+                self._optimizing += 1
+                try:
+                    node = await self._optimize(subset_id)
+                finally:
+                    self._optimizing -= 1
+                    self._pending -= 1
+                    self._poke()
+                if node is not None:
+                    self._in_transit += 1
+                    await out.send((node.id, 0))
+
+    async def _optimize(self, subset_id: str) -> MergeNode | None:
+        structlog.contextvars.bind_contextvars(actor=f"optimizer/{subset_id}")
+        items = await self.store.call(self.store.sync.subset_items, subset_id)
+        subset = Subset(id=subset_id, items=items)
+        started = self._state.now()
+        while True:
+            try:
+                module = await optimize_subset(
+                    self.gateway,
+                    self.config.initial,
+                    items,
+                    subset_id=subset_id,
+                    module_tokens=self._module_tokens,
+                )
+                break
+            except (UnitFailedError, BudgetExhaustedError) as e:
+                await self.store.call(self.store.sync.fail_subset, subset_id, str(e))
+                done, failed, published, rejected = self._counts
+                self._counts = (done, failed + 1, published, rejected)
+                self.events.emit("optimize_failed", subset=subset_id, error=str(e)[:500])
+                return None
+            except LLMUnavailableError as e:
+                self._log.warning(
+                    "llm_unavailable",
+                    unit=subset_id,
+                    error=str(e),
+                    retry_in=self.config.retry_pause,
+                )
+                await trio.sleep(self.config.retry_pause)
+        node = MergeNode(
+            id=subset_id,
+            kind="leaf",
+            module=module,
+            children=(),
+            subsets=(subset_id,),
+            started_at=started,
+            finished_at=self._state.now(),
+            stats={**subset.stats(), "subsets": 1, "epochs": 1},
+        )
+        await self.store.call(self.store.sync.add_node, node, rank=0)
+        done, failed, published, rejected = self._counts
+        self._counts = (done + 1, failed, published, rejected)
+        self.events.emit("optimize", subset=subset_id, rules=len(module.rules))
+        return node
+
+    async def _merger(self, inp: trio.MemoryReceiveChannel[tuple[str, int]]) -> None:
+        structlog.contextvars.bind_contextvars(actor="merger")
+        assert self._forest is not None
+        with inp:
+            async for node_id, _rank in inp:
+                self._launch(self._forest.add_leaf(node_id))
+                self._in_transit -= 1
+                self._changed.set()
+                self._poke()
+
+    def _launch(self, jobs: Sequence[MergeJob]) -> None:
+        for job in jobs:
+            self._nursery.start_soon(self._merge, job, name=f"merge {job.id}")
+
+    async def _merge(self, job: MergeJob) -> None:
+        assert self._forest is not None
+        node = await self._merge_node(job, role="forest")
+        self._launch(self._forest.complete(job, node.id))
+        self._changed.set()
+        self._poke()
+
+    async def _merge_node(self, job: MergeJob, *, role: str) -> MergeNode:
+        """Run one merge (retrying through endpoint outages) and store its node."""
+        structlog.contextvars.bind_contextvars(actor=f"merger/{job.id}")
+        children = [await self.store.call(self.store.sync.node, c) for c in job.children]
+        missing = [c for c, n in zip(job.children, children, strict=True) if n is None]
+        if missing:
+            raise RuntimeError(f"merge {job.id}: children {missing} are not in the store")
+        while True:
+            try:
+                node = await merge_modules(
+                    self.gateway,
+                    job,
+                    [c for c in children if c is not None],
+                    module_tokens=self._module_tokens,
+                    state=self._state,
+                )
+                break
+            except LLMUnavailableError as e:
+                self._log.warning(
+                    "llm_unavailable", unit=job.id, error=str(e), retry_in=self.config.retry_pause
+                )
+                await trio.sleep(self.config.retry_pause)
+        await self.store.call(self.store.sync.add_node, node, rank=job.rank, role=role)
+        self.events.emit(
+            "merge", node=node.id, role=role, method=node.method, rules=len(node.module.rules)
+        )
+        return node
+
+    async def _publisher(self) -> None:
+        """Fold the forest into a candidate when it is quiet and has changed; publish it."""
+        structlog.contextvars.bind_contextvars(actor="publisher")
+        assert self._forest is not None
+        last = -math.inf
+        while True:
+            await self._changed.wait()
+            await trio.sleep_until(last + self.config.publish_interval)
+            self._changed = trio.Event()
+            self._poke()
+            if self._forest.in_flight():
+                continue  # the merge under way sets _changed when it lands
+            trees = self._forest.ranked_trees()
+            ids = tuple(t for t, _ in trees)
+            if not trees or ids == self._published_trees:
+                continue
+            self._folding = True
+            try:
+                await self._fold_and_publish(trees)
+            finally:
+                self._folding = False
+                self._poke()
+            last = trio.current_time()
+
+    async def _fold_and_publish(self, trees: Sequence[tuple[str, int]]) -> None:
+        ids = tuple(t for t, _ in trees)
+        fold, jobs = MergeForest.restore(
+            trees, fan_in=self.config.run.fan_in, id_prefix="f", first_id=self._fold_number + 1
+        )
+        jobs += fold.close()
+        async with trio.open_nursery() as nursery:
+
+            async def run(job: MergeJob) -> None:
+                node = await self._merge_node(job, role="fold")
+                for follow in fold.complete(job, node.id):
+                    nursery.start_soon(run, follow)
+
+            for job in jobs:
+                nursery.start_soon(run, job)
+        self._fold_number += fold.statistics().merges_started
+        root_id = fold.root()
+        assert root_id is not None
+        root = await self.store.call(self.store.sync.node, root_id)
+        assert root is not None
+        self._published_trees = ids
+        if self._latest is not None and self._latest.module == root.module:
+            self.events.emit("unchanged", node=root_id, version=self._latest.n)
+            return
+        tree_nodes = [await self.store.call(self.store.sync.node, t) for t in ids]
+        spent = await self.store.call(self.store.sync.tokens_spent)
+        lineage = {
+            "node": root_id,
+            "trees": list(ids),
+            "parents": [self._latest.n] if self._latest else [],
+            "subsets": sum(int(n.stats.get("subsets", 0)) for n in tree_nodes if n),
+            "trajectories": sum(int(n.stats.get("trajectories", 0)) for n in tree_nodes if n),
+            "tokens": spent,
+            "scores": None,
+        }
+        version = await self.store.call(
+            self.store.sync.add_version, "published", root.module, lineage, time.time()
+        )
+        self._latest = version
+        done, failed, published, rejected = self._counts
+        self._counts = (done, failed, published + 1, rejected)
+        self.events.emit(
+            "publish",
+            version=version.n,
+            node=root_id,
+            rules=len(root.module.rules),
+            trajectories=lineage["trajectories"],
+        )
+
+    async def _stop(self, grace: float) -> None:
+        """Stop intake; let the optimize and merge calls under way finish within
+        ``grace`` seconds. What is not finished stays in the store for next time."""
+        self._closed = True
+        self._stopping = True
+        self._queue_send.close()
+        with trio.move_on_after(grace):
+            while self._optimizing or (self._forest is not None and self._forest.in_flight()):
+                await self._activity.wait()
+        self._log.info(
+            "daemon_stopped",
+            optimizing=self._optimizing,
+            merges_in_flight=len(self._forest.in_flight()) if self._forest else 0,
+        )
+
+
+def _render_many(
+    trajectories: Sequence[Trajectory], counter: Any, max_tokens: int, group_key: str
+) -> list[RenderedTrajectory]:
+    return [render_trajectory(t, counter, max_tokens, group_key=group_key) for t in trajectories]
+
+
+@asynccontextmanager
+async def open_optimizer(
+    config: DaemonConfig, *, grace: float = 10.0
+) -> AsyncIterator[StreamingOptimizer]:
+    """Run an incremental optimizer for the body of an ``async with``.
+
+    ``await opt.submit(trajectory)`` feeds it; ``opt.latest_module()`` is the
+    newest published module; ``async for v in opt.versions()`` follows
+    publications. On exit, intake stops and work under way gets ``grace``
+    seconds to finish; everything else resumes from the store next time.
+    """
+    store = Store(config.store, durable=config.durable)
+    try:
+        astore = AsyncStore(store)
+        async with (
+            LLMGateway(config.gateway, cache=StoreCache(astore)) as gateway,
+            trio.open_nursery() as nursery,
+        ):
+            optimizer = StreamingOptimizer(config, astore, gateway, nursery)
+            await optimizer._resume()
+            try:
+                yield optimizer
+            finally:
+                with trio.CancelScope(shield=True):
+                    await optimizer._stop(grace)
+                nursery.cancel_scope.cancel()
+    finally:
+        store.close()

@@ -1,0 +1,281 @@
+"""The daemon's HTTP API (``protocols/openapi.yaml``): a small Starlette app
+served by hypercorn's trio worker, in the same trio run as the optimizer."""
+
+from __future__ import annotations
+
+import functools
+import hmac
+import json
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
+
+import trio
+from hypercorn.config import Config as HypercornConfig
+from hypercorn.trio import serve as hypercorn_serve
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
+from starlette.routing import Route
+
+from ._daemon import StreamingOptimizer
+
+LOOPBACK = frozenset({"127.0.0.1", "::1", "localhost"})
+SSE_HEARTBEAT = 15.0
+
+
+def _error(status: int, message: str, headers: dict[str, str] | None = None) -> JSONResponse:
+    return JSONResponse({"error": message}, status_code=status, headers=headers)
+
+
+class BodyTooLargeError(Exception):
+    pass
+
+
+async def _read_body(request: Request, limit: int) -> bytes:
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > limit:
+        raise BodyTooLargeError
+    chunks: list[bytes] = []
+    size = 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise BodyTooLargeError
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def make_app(
+    optimizer: StreamingOptimizer,
+    *,
+    token: str | None = None,
+    max_body_bytes: int = 16 * 1024 * 1024,
+    max_record_bytes: int = 1024 * 1024,
+    retry_after: int = 2,
+) -> Starlette:
+    """The API over ``optimizer``. With ``token``, every endpoint but
+    ``/healthz`` needs ``Authorization: Bearer <token>``."""
+    expected = token.encode() if token else None
+
+    def authorized(request: Request) -> bool:
+        if expected is None:
+            return True
+        given = request.headers.get("authorization", "")
+        scheme, _, value = given.partition(" ")
+        # Constant time: the comparison does not stop at the first wrong byte.
+        return scheme.lower() == "bearer" and hmac.compare_digest(value.strip().encode(), expected)
+
+    Handler = Callable[[Request], Awaitable[Response]]
+
+    def guarded(handler: Handler) -> Handler:
+        async def wrapper(request: Request) -> Response:
+            if not authorized(request):
+                return _error(401, "missing or wrong bearer token", {"WWW-Authenticate": "Bearer"})
+            return await handler(request)
+
+        return wrapper
+
+    async def post_trajectories(request: Request) -> Response:
+        if optimizer.saturated:
+            return _error(
+                429,
+                "the optimizer is saturated; retry later",
+                {"Retry-After": str(retry_after)},
+            )
+        try:
+            raw = await _read_body(request, max_body_bytes)
+        except BodyTooLargeError:
+            return _error(413, f"request body is over {max_body_bytes} bytes")
+        try:
+            text = raw.decode("utf-8")
+        except UnicodeDecodeError as e:
+            return _error(400, f"request body is not UTF-8: {e}")
+        result = await optimizer.submit_text(text, max_record_bytes=max_record_bytes)
+        return JSONResponse(result.to_json(), status_code=202)
+
+    async def get_module(request: Request) -> Response:
+        version = optimizer.latest_version()
+        if version is None:
+            return _error(404, "no version has been published yet")
+        return JSONResponse(version.to_json())
+
+    async def list_versions(request: Request) -> Response:
+        versions = await optimizer.list_versions()
+        latest = optimizer.latest_version()
+        return JSONResponse(
+            {
+                "latest": latest.n if latest else None,
+                "versions": [v.to_json(with_module=False) for v in versions],
+            }
+        )
+
+    async def get_version(request: Request) -> Response:
+        n = int(request.path_params["n"])
+        version = await optimizer.version(n)
+        if version is None:
+            return _error(404, f"there is no version {n}")
+        return JSONResponse(version.to_json())
+
+    async def rollback(request: Request) -> Response:
+        n = int(request.path_params["n"])
+        try:
+            version = await optimizer.rollback(n)
+        except KeyError:
+            return _error(404, f"there is no version {n}")
+        except ValueError as e:
+            return _error(409, str(e))
+        return JSONResponse(version.to_json())
+
+    async def events(request: Request) -> Response:
+        async def stream() -> AsyncIterator[str]:
+            yield ": fgo events\n\n"
+            async with optimizer.events.subscribe() as inbox:
+                while True:
+                    event: dict[str, Any] | None = None
+                    with trio.move_on_after(SSE_HEARTBEAT):
+                        event = await inbox.receive()
+                    if event is None:
+                        yield ": heartbeat\n\n"
+                        continue
+                    yield (
+                        f"id: {event['id']}\nevent: {event['type']}\n"
+                        f"data: {json.dumps(event, separators=(',', ':'))}\n\n"
+                    )
+
+        return StreamingResponse(
+            stream(),
+            media_type="text/event-stream",
+            headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+        )
+
+    async def healthz(request: Request) -> Response:
+        latest = optimizer.latest_version()
+        return JSONResponse(
+            {
+                "status": "ok",
+                "latest_version": latest.n if latest else None,
+                "saturated": optimizer.saturated,
+            }
+        )
+
+    async def metrics(request: Request) -> Response:
+        return PlainTextResponse(prometheus_text(optimizer), media_type="text/plain; version=0.0.4")
+
+    routes = [
+        Route("/v1/trajectories", guarded(post_trajectories), methods=["POST"]),
+        Route("/v1/module", guarded(get_module), methods=["GET"]),
+        Route("/v1/module/versions", guarded(list_versions), methods=["GET"]),
+        Route("/v1/module/versions/{n:int}", guarded(get_version), methods=["GET"]),
+        Route("/v1/module/rollback/{n:int}", guarded(rollback), methods=["POST"]),
+        Route("/v1/events", guarded(events), methods=["GET"]),
+        Route("/healthz", healthz, methods=["GET"]),
+        Route("/metrics", guarded(metrics), methods=["GET"]),
+    ]
+    return Starlette(routes=routes)
+
+
+def prometheus_text(optimizer: StreamingOptimizer) -> str:
+    """``/metrics`` in the Prometheus text exposition format."""
+    s = optimizer.statistics()
+    lines: list[str] = []
+
+    def metric(name: str, kind: str, help_text: str, samples: list[tuple[str, float]]) -> None:
+        lines.append(f"# HELP fgo_{name} {help_text}")
+        lines.append(f"# TYPE fgo_{name} {kind}")
+        lines.extend(f"fgo_{name}{labels} {value:g}" for labels, value in samples)
+
+    metric("trajectories_total", "counter", "Trajectories stored.", [("", s.trajectories)])
+    metric(
+        "queue_depth",
+        "gauge",
+        "Work waiting, by queue.",
+        [
+            ('{queue="unpacked"}', s.queued),
+            ('{queue="subsets"}', s.subsets_pending),
+        ],
+    )
+    metric("optimizing", "gauge", "Subsets being optimized now.", [("", s.optimizing)])
+    metric("merges_in_flight", "gauge", "Forest merges running now.", [("", s.merges_in_flight)])
+    metric("forest_trees", "gauge", "Trees in the merge forest.", [("", s.trees)])
+    metric(
+        "subsets_total",
+        "counter",
+        "Subsets finished, by outcome.",
+        [('{outcome="done"}', s.subsets_done), ('{outcome="failed"}', s.subsets_failed)],
+    )
+    metric("llm_in_flight", "gauge", "LLM calls in flight.", [("", s.llm_in_flight)])
+    metric(
+        "llm_tokens_total",
+        "counter",
+        "Tokens paid for since start, by role and kind.",
+        [
+            (f'{{role="{role}",kind="{kind}"}}', float(n))
+            for role, counts in sorted(s.tokens_by_role.items())
+            for kind, n in sorted(counts.items())
+        ],
+    )
+    metric(
+        "llm_cached_calls_total",
+        "counter",
+        "Calls replayed from the cache.",
+        [("", s.cached_calls)],
+    )
+    metric(
+        "versions_total",
+        "counter",
+        "Module versions, by status.",
+        [
+            ('{status="published"}', s.versions_published),
+            ('{status="rejected"}', s.versions_rejected),
+        ],
+    )
+    metric(
+        "latest_version",
+        "gauge",
+        "The latest published version (0: none).",
+        [("", s.latest_version or 0)],
+    )
+    metric(
+        "events_dropped_total",
+        "counter",
+        "Events slow subscribers missed.",
+        [("", s.events_dropped)],
+    )
+    metric("saturated", "gauge", "1 while ingest answers 429.", [("", int(s.saturated))])
+    return "\n".join(lines) + "\n"
+
+
+async def serve_http(
+    optimizer: StreamingOptimizer,
+    *,
+    host: str = "127.0.0.1",
+    port: int = 8765,
+    token: str | None = None,
+    max_body_bytes: int = 16 * 1024 * 1024,
+    max_record_bytes: int = 1024 * 1024,
+    shutdown: trio.Event | None = None,
+    task_status: trio.TaskStatus[str] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """Serve the API until ``shutdown`` is set; reports the base URL when ready.
+
+    Refuses a non-loopback bind without a token: the API can publish and roll
+    back modules, so it must not be open to the network.
+    """
+    if host not in LOOPBACK and not token:
+        raise ValueError(
+            f"binding {host} (not loopback) needs a bearer token: set --token or FGO_TOKEN"
+        )
+    config = HypercornConfig()
+    config.bind = [f"[{host}]:{port}" if ":" in host else f"{host}:{port}"]
+    config.accesslog = None
+    config.errorlog = None
+    config.graceful_timeout = 2.0
+    app = make_app(
+        optimizer, token=token, max_body_bytes=max_body_bytes, max_record_bytes=max_record_bytes
+    )
+    stop = shutdown if shutdown is not None else trio.Event()
+    async with trio.open_nursery() as nursery:
+        urls: list[str] = await nursery.start(
+            functools.partial(hypercorn_serve, app, config, shutdown_trigger=stop.wait)  # type: ignore[arg-type]
+        )
+        task_status.started(urls[0].rstrip("/"))

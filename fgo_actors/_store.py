@@ -1,0 +1,508 @@
+"""The daemon's store: one SQLite file in WAL mode.
+
+It holds what a restarted daemon needs to carry on where it stopped:
+trajectories (as received, rendered and measured), subsets, the nodes of the
+merge forest, published and rejected module versions, the LLM call log, the
+response cache and the offsets of tailed files.
+
+Every method is synchronous and does one transaction. :class:`AsyncStore`
+runs them one at a time in a worker thread, so a trio program never blocks on
+the disk and SQLite sees a single writer. WAL with ``synchronous=NORMAL``
+survives a killed process (what is committed is in the WAL file); it may lose
+the last transactions on a power cut, which ``durable=True`` (``FULL``)
+prevents at some cost in speed.
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import time
+from collections.abc import Callable, Iterable, Sequence
+from pathlib import Path
+from typing import Any, ParamSpec, TypeVar
+
+import attrs
+import trio
+
+from ._model import MergeNode, Module, RenderedTrajectory
+
+P = ParamSpec("P")
+T = TypeVar("T")
+
+SCHEMA_VERSION = 1
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS trajectories (
+    seq INTEGER PRIMARY KEY AUTOINCREMENT,
+    id TEXT NOT NULL UNIQUE,
+    body TEXT NOT NULL,
+    rendered TEXT NOT NULL,
+    tokens INTEGER NOT NULL,
+    success INTEGER NOT NULL,
+    grp TEXT NOT NULL,
+    truncated INTEGER NOT NULL,
+    received_at REAL NOT NULL,
+    subset TEXT
+);
+CREATE INDEX IF NOT EXISTS trajectories_unassigned ON trajectories (subset) WHERE subset IS NULL;
+CREATE TABLE IF NOT EXISTS subsets (
+    seq INTEGER PRIMARY KEY AUTOINCREMENT,
+    id TEXT NOT NULL UNIQUE,
+    state TEXT NOT NULL CHECK (state IN ('pending', 'done', 'failed')),
+    created_at REAL NOT NULL,
+    error TEXT
+);
+CREATE TABLE IF NOT EXISTS nodes (
+    seq INTEGER PRIMARY KEY AUTOINCREMENT,
+    id TEXT NOT NULL UNIQUE,
+    kind TEXT NOT NULL,
+    role TEXT NOT NULL CHECK (role IN ('forest', 'fold')),
+    rank INTEGER NOT NULL,
+    method TEXT NOT NULL,
+    module TEXT NOT NULL,
+    children TEXT NOT NULL,
+    subsets TEXT NOT NULL,
+    stats TEXT NOT NULL,
+    started_at REAL NOT NULL,
+    finished_at REAL NOT NULL,
+    parent TEXT
+);
+CREATE TABLE IF NOT EXISTS versions (
+    n INTEGER PRIMARY KEY,
+    status TEXT NOT NULL CHECK (status IN ('published', 'rejected')),
+    module TEXT NOT NULL,
+    lineage TEXT NOT NULL,
+    created_at REAL NOT NULL
+);
+CREATE TABLE IF NOT EXISTS llm_cache (
+    key TEXT PRIMARY KEY,
+    role TEXT NOT NULL,
+    response TEXT NOT NULL,
+    created_at REAL NOT NULL
+);
+CREATE TABLE IF NOT EXISTS llm_calls (
+    seq INTEGER PRIMARY KEY AUTOINCREMENT,
+    role TEXT NOT NULL,
+    cached INTEGER NOT NULL,
+    prompt_tokens INTEGER NOT NULL,
+    completion_tokens INTEGER NOT NULL,
+    at REAL NOT NULL
+);
+CREATE TABLE IF NOT EXISTS offsets (
+    path TEXT PRIMARY KEY,
+    offset INTEGER NOT NULL,
+    line INTEGER NOT NULL
+);
+"""
+
+
+class StoreError(Exception):
+    """The store file cannot be used (not SQLite, a newer schema, unwritable)."""
+
+
+@attrs.frozen
+class Version:
+    """A module version: ``n`` counts from 1; ``lineage`` says where it came from."""
+
+    n: int
+    status: str
+    module: Module
+    lineage: dict[str, Any]
+    created_at: float
+
+    def to_json(self, *, with_module: bool = True) -> dict[str, Any]:
+        out: dict[str, Any] = {
+            "version": self.n,
+            "status": self.status,
+            "created_at": self.created_at,
+            "lineage": self.lineage,
+        }
+        if with_module:
+            out["module"] = self.module.to_json()
+        return out
+
+
+@attrs.frozen
+class StoreCounts:
+    trajectories: int
+    unassigned: int
+    subsets_pending: int
+    subsets_done: int
+    subsets_failed: int
+    nodes: int
+    versions_published: int
+    versions_rejected: int
+    cached_responses: int
+
+
+def _dumps(value: object) -> str:
+    return json.dumps(value, ensure_ascii=False, separators=(",", ":"))
+
+
+class Store:
+    """Synchronous access to the store file. Not thread-safe by itself: use one
+    thread (``AsyncStore`` does)."""
+
+    def __init__(self, path: str | Path, *, durable: bool = False) -> None:
+        self.path = Path(path)
+        try:
+            self._db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
+            self._db.execute("PRAGMA journal_mode=WAL")
+            self._db.execute(f"PRAGMA synchronous={'FULL' if durable else 'NORMAL'}")
+            self._db.execute("PRAGMA busy_timeout=5000")
+            self._db.executescript(_SCHEMA)
+            with self._tx():
+                row = self._db.execute("SELECT value FROM meta WHERE key='schema'").fetchone()
+                if row is None:
+                    self._db.execute(
+                        "INSERT INTO meta VALUES ('schema', ?)", (str(SCHEMA_VERSION),)
+                    )
+                elif int(row[0]) > SCHEMA_VERSION:
+                    raise StoreError(
+                        f"{self.path}: store schema {row[0]} is newer than this fgo "
+                        f"({SCHEMA_VERSION}); upgrade fgo-actors"
+                    )
+        except sqlite3.DatabaseError as e:
+            raise StoreError(f"{self.path}: cannot use as a store: {e}") from e
+
+    def close(self) -> None:
+        self._db.close()
+
+    def _tx(self) -> sqlite3.Connection:
+        # ``with connection`` commits or rolls back; BEGIN makes it one transaction.
+        self._db.execute("BEGIN IMMEDIATE")
+        return self._db
+
+    # -- trajectories -----------------------------------------------------
+    def add_trajectories(
+        self, items: Sequence[tuple[RenderedTrajectory, dict[str, Any]]], now: float
+    ) -> list[bool]:
+        """Insert rendered trajectories with their JSON bodies; for each, whether
+        it was new (False: a duplicate id, ignored)."""
+        added: list[bool] = []
+        with self._tx():
+            for rendered, body in items:
+                cursor = self._db.execute(
+                    "INSERT OR IGNORE INTO trajectories "
+                    "(id, body, rendered, tokens, success, grp, truncated, received_at) "
+                    "VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                    (
+                        rendered.id,
+                        _dumps(body),
+                        rendered.text,
+                        rendered.tokens,
+                        int(rendered.success),
+                        rendered.group,
+                        int(rendered.truncated),
+                        now,
+                    ),
+                )
+                added.append(cursor.rowcount == 1)
+        return added
+
+    def known_ids(self, ids: Iterable[str]) -> set[str]:
+        ids = list(ids)
+        found: set[str] = set()
+        for start in range(0, len(ids), 500):
+            chunk = ids[start : start + 500]
+            marks = ",".join("?" * len(chunk))
+            rows = self._db.execute(f"SELECT id FROM trajectories WHERE id IN ({marks})", chunk)
+            found.update(r[0] for r in rows)
+        return found
+
+    def unassigned(self) -> list[tuple[str, int, float]]:
+        """(id, tokens, received_at) of trajectories in no subset yet, in arrival order."""
+        rows = self._db.execute(
+            "SELECT id, tokens, received_at FROM trajectories WHERE subset IS NULL ORDER BY seq"
+        )
+        return [(r[0], int(r[1]), float(r[2])) for r in rows]
+
+    def trajectory_body(self, trajectory_id: str) -> dict[str, Any] | None:
+        row = self._db.execute(
+            "SELECT body FROM trajectories WHERE id = ?", (trajectory_id,)
+        ).fetchone()
+        return None if row is None else dict(json.loads(row[0]))
+
+    # -- subsets ----------------------------------------------------------
+    def next_subset_number(self) -> int:
+        row = self._db.execute("SELECT COALESCE(MAX(seq), 0) FROM subsets").fetchone()
+        return int(row[0]) + 1
+
+    def create_subset(self, subset_id: str, trajectory_ids: Sequence[str], now: float) -> None:
+        with self._tx():
+            self._db.execute(
+                "INSERT INTO subsets (id, state, created_at) VALUES (?, 'pending', ?)",
+                (subset_id, now),
+            )
+            marks = ",".join("?" * len(trajectory_ids))
+            cursor = self._db.execute(
+                f"UPDATE trajectories SET subset = ? WHERE subset IS NULL AND id IN ({marks})",
+                (subset_id, *trajectory_ids),
+            )
+            if cursor.rowcount != len(trajectory_ids):
+                raise StoreError(
+                    f"subset {subset_id}: {len(trajectory_ids) - cursor.rowcount} of its "
+                    "trajectories are unknown or already in a subset"
+                )
+
+    def pending_subsets(self) -> list[str]:
+        rows = self._db.execute("SELECT id FROM subsets WHERE state = 'pending' ORDER BY seq")
+        return [r[0] for r in rows]
+
+    def subset_items(self, subset_id: str) -> tuple[RenderedTrajectory, ...]:
+        rows = self._db.execute(
+            "SELECT id, rendered, tokens, success, grp, truncated FROM trajectories "
+            "WHERE subset = ? ORDER BY seq",
+            (subset_id,),
+        )
+        return tuple(
+            RenderedTrajectory(
+                id=r[0],
+                text=r[1],
+                tokens=int(r[2]),
+                success=bool(r[3]),
+                group=r[4],
+                truncated=bool(r[5]),
+            )
+            for r in rows
+        )
+
+    def fail_subset(self, subset_id: str, error: str) -> None:
+        with self._tx():
+            self._db.execute(
+                "UPDATE subsets SET state = 'failed', error = ? WHERE id = ?", (error, subset_id)
+            )
+
+    # -- forest nodes -----------------------------------------------------
+    def add_node(self, node: MergeNode, *, rank: int, role: str = "forest") -> None:
+        """Record a finished node. A leaf marks its subset done; a forest merge
+        marks its children as merged into it. One transaction."""
+        with self._tx():
+            self._db.execute(
+                "INSERT INTO nodes (id, kind, role, rank, method, module, children, subsets, "
+                "stats, started_at, finished_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                (
+                    node.id,
+                    node.kind,
+                    role,
+                    rank,
+                    node.method,
+                    _dumps(node.module.to_json()),
+                    _dumps(list(node.children)),
+                    _dumps(list(node.subsets)),
+                    _dumps(node.stats),
+                    node.started_at,
+                    node.finished_at,
+                ),
+            )
+            if node.kind == "leaf":
+                for subset in node.subsets:
+                    self._db.execute("UPDATE subsets SET state = 'done' WHERE id = ?", (subset,))
+            if role == "forest" and node.children:
+                marks = ",".join("?" * len(node.children))
+                self._db.execute(
+                    f"UPDATE nodes SET parent = ? WHERE id IN ({marks})",
+                    (node.id, *node.children),
+                )
+
+    def node(self, node_id: str) -> MergeNode | None:
+        row = self._db.execute(
+            "SELECT id, kind, method, module, children, subsets, stats, started_at, finished_at "
+            "FROM nodes WHERE id = ?",
+            (node_id,),
+        ).fetchone()
+        if row is None:
+            return None
+        return MergeNode(
+            id=row[0],
+            kind=row[1],
+            method=row[2],
+            module=Module.from_json(json.loads(row[3])),
+            children=tuple(json.loads(row[4])),
+            subsets=tuple(json.loads(row[5])),
+            stats=json.loads(row[6]),
+            started_at=float(row[7]),
+            finished_at=float(row[8]),
+        )
+
+    def forest_trees(self) -> list[tuple[str, int]]:
+        """(node id, rank) of the forest's trees: nodes not yet merged, oldest first."""
+        rows = self._db.execute(
+            "SELECT id, rank FROM nodes WHERE role = 'forest' AND parent IS NULL ORDER BY seq"
+        )
+        return [(r[0], int(r[1])) for r in rows]
+
+    def max_node_number(self, prefix: str) -> int:
+        """The highest N among node ids ``{prefix}N``: where numbering goes on."""
+        rows = self._db.execute(
+            "SELECT id FROM nodes WHERE id LIKE ? ESCAPE '\\'",
+            (prefix.replace("_", "\\_").replace("%", "\\%") + "%",),
+        )
+        best = 0
+        for (node_id,) in rows:
+            tail = node_id[len(prefix) :]
+            if tail.isdigit():
+                best = max(best, int(tail))
+        return best
+
+    # -- versions ---------------------------------------------------------
+    def add_version(
+        self, status: str, module: Module, lineage: dict[str, Any], now: float
+    ) -> Version:
+        with self._tx():
+            row = self._db.execute("SELECT COALESCE(MAX(n), 0) FROM versions").fetchone()
+            n = int(row[0]) + 1
+            self._db.execute(
+                "INSERT INTO versions (n, status, module, lineage, created_at) "
+                "VALUES (?, ?, ?, ?, ?)",
+                (n, status, _dumps(module.to_json()), _dumps(lineage), now),
+            )
+        return Version(n=n, status=status, module=module, lineage=lineage, created_at=now)
+
+    def version(self, n: int) -> Version | None:
+        row = self._db.execute(
+            "SELECT n, status, module, lineage, created_at FROM versions WHERE n = ?", (n,)
+        ).fetchone()
+        return None if row is None else _version(row)
+
+    def latest_version(self) -> Version | None:
+        """The newest published version."""
+        row = self._db.execute(
+            "SELECT n, status, module, lineage, created_at FROM versions "
+            "WHERE status = 'published' ORDER BY n DESC LIMIT 1"
+        ).fetchone()
+        return None if row is None else _version(row)
+
+    def versions(self) -> list[Version]:
+        rows = self._db.execute(
+            "SELECT n, status, module, lineage, created_at FROM versions ORDER BY n"
+        )
+        return [_version(r) for r in rows]
+
+    # -- LLM response cache and call log ----------------------------------
+    def cached_response(self, key: str) -> dict[str, Any] | None:
+        row = self._db.execute("SELECT response FROM llm_cache WHERE key = ?", (key,)).fetchone()
+        return None if row is None else dict(json.loads(row[0]))
+
+    def log_call(
+        self,
+        role: str,
+        *,
+        cached: bool,
+        prompt_tokens: int,
+        completion_tokens: int,
+        key: str | None = None,
+        response: dict[str, Any] | None = None,
+        now: float | None = None,
+    ) -> None:
+        """Log one call; with ``key`` and ``response``, also cache the response."""
+        at = time.time() if now is None else now
+        with self._tx():
+            self._db.execute(
+                "INSERT INTO llm_calls (role, cached, prompt_tokens, completion_tokens, at) "
+                "VALUES (?, ?, ?, ?, ?)",
+                (role, int(cached), prompt_tokens, completion_tokens, at),
+            )
+            if key is not None and response is not None:
+                self._db.execute(
+                    "INSERT OR REPLACE INTO llm_cache (key, role, response, created_at) "
+                    "VALUES (?, ?, ?, ?)",
+                    (key, role, _dumps(response), at),
+                )
+
+    def tokens_spent(self) -> dict[str, dict[str, int]]:
+        """Prompt and completion tokens paid for (cache hits excluded), by role, ever."""
+        rows = self._db.execute(
+            "SELECT role, SUM(prompt_tokens), SUM(completion_tokens), COUNT(*) "
+            "FROM llm_calls WHERE cached = 0 GROUP BY role"
+        )
+        return {
+            r[0]: {"prompt": int(r[1]), "completion": int(r[2]), "calls": int(r[3])} for r in rows
+        }
+
+    # -- tailed files -----------------------------------------------------
+    def offset(self, path: str) -> tuple[int, int]:
+        """(byte offset, lines) of ``path`` read so far."""
+        row = self._db.execute(
+            "SELECT offset, line FROM offsets WHERE path = ?", (path,)
+        ).fetchone()
+        return (0, 0) if row is None else (int(row[0]), int(row[1]))
+
+    def set_offset(self, path: str, offset: int, line: int) -> None:
+        with self._tx():
+            self._db.execute(
+                "INSERT OR REPLACE INTO offsets (path, offset, line) VALUES (?, ?, ?)",
+                (path, offset, line),
+            )
+
+    # -- counts -----------------------------------------------------------
+    def counts(self) -> StoreCounts:
+        def one(sql: str) -> int:
+            return int(self._db.execute(sql).fetchone()[0])
+
+        states = dict(
+            self._db.execute("SELECT state, COUNT(*) FROM subsets GROUP BY state").fetchall()
+        )
+        statuses = dict(
+            self._db.execute("SELECT status, COUNT(*) FROM versions GROUP BY status").fetchall()
+        )
+        return StoreCounts(
+            trajectories=one("SELECT COUNT(*) FROM trajectories"),
+            unassigned=one("SELECT COUNT(*) FROM trajectories WHERE subset IS NULL"),
+            subsets_pending=int(states.get("pending", 0)),
+            subsets_done=int(states.get("done", 0)),
+            subsets_failed=int(states.get("failed", 0)),
+            nodes=one("SELECT COUNT(*) FROM nodes"),
+            versions_published=int(statuses.get("published", 0)),
+            versions_rejected=int(statuses.get("rejected", 0)),
+            cached_responses=one("SELECT COUNT(*) FROM llm_cache"),
+        )
+
+
+def _version(row: Sequence[Any]) -> Version:
+    return Version(
+        n=int(row[0]),
+        status=str(row[1]),
+        module=Module.from_json(json.loads(row[2])),
+        lineage=dict(json.loads(row[3])),
+        created_at=float(row[4]),
+    )
+
+
+class AsyncStore:
+    """Runs the :class:`Store`'s methods one at a time in a worker thread."""
+
+    def __init__(self, store: Store) -> None:
+        self.sync = store
+        self._one = trio.CapacityLimiter(1)
+
+    async def call(self, fn: Callable[P, T], /, *args: P.args, **kwargs: P.kwargs) -> T:
+        def bound() -> T:
+            return fn(*args, **kwargs)
+
+        return await trio.to_thread.run_sync(bound, limiter=self._one)
+
+
+class StoreCache:
+    """The store as the gateway's :class:`~fgo_actors._gateway.ResponseCache`."""
+
+    def __init__(self, store: AsyncStore) -> None:
+        self.store = store
+
+    async def get(self, key: str) -> dict[str, Any] | None:
+        return await self.store.call(self.store.sync.cached_response, key)
+
+    async def put(self, key: str, role: str, response: dict[str, Any]) -> None:
+        usage = response.get("usage")
+        usage = usage if isinstance(usage, dict) else {}
+        await self.store.call(
+            self.store.sync.log_call,
+            role,
+            cached=False,
+            prompt_tokens=int(usage.get("prompt_tokens") or 0),
+            completion_tokens=int(usage.get("completion_tokens") or 0),
+            key=key,
+            response=response,
+        )

@@ -1,0 +1,355 @@
+"""The streaming optimizer (``open_optimizer``), its store and its pure parts."""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import pytest
+import trio
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from fgo_actors import GatewayConfig, LLMGateway, MergeForest, RunConfig
+from fgo_actors._daemon import DaemonConfig, open_optimizer, parse_body
+from fgo_actors._forest import expected_merges
+from fgo_actors._partition import StreamPacker
+from fgo_actors._store import Store, StoreError
+from fgo_actors.testing import RecordedRequest
+
+from .conftest import StartLLM, make_trajectories
+
+# ---------------------------------------------------------------- pure parts
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    sizes=st.lists(st.integers(1, 50), max_size=60),
+    budget=st.integers(50, 200),
+    gaps=st.lists(st.floats(0, 3), min_size=60, max_size=60),
+    max_wait=st.floats(0.5, 5),
+)
+def test_stream_packer_is_next_fit_with_a_deadline(
+    sizes: list[int], budget: int, gaps: list[float], max_wait: float
+) -> None:
+    packer = StreamPacker(budget, max_wait)
+    sealed: list[tuple[str, ...]] = []
+    now = 0.0
+    for i, size in enumerate(sizes):
+        now += gaps[i]
+        due = packer.due(now)
+        if due:
+            sealed.append(due)
+        assert packer.deadline() is None or packer.deadline() > now  # type: ignore[operator]
+        sealed += packer.add(f"i{i}", size, now)
+    tail = packer.flush()
+    if tail:
+        sealed.append(tail)
+    # Every item once, in arrival order; no subset over budget, none empty.
+    assert [x for s in sealed for x in s] == [f"i{i}" for i in range(len(sizes))]
+    size_of = {f"i{i}": s for i, s in enumerate(sizes)}
+    assert all(s and sum(size_of[x] for x in s) <= budget for s in sealed)
+    assert packer.flush() is None
+    assert packer.pending_tokens == 0
+
+
+def test_stream_packer_seals_when_full_and_on_time() -> None:
+    packer = StreamPacker(10, 5.0)
+    assert packer.add("a", 4, 0.0) == []
+    assert packer.add("b", 6, 1.0) == [("a", "b")]  # exactly full
+    assert packer.add("c", 7, 2.0) == []
+    assert packer.add("d", 7, 3.0) == [("c",)]  # d does not fit beside c
+    assert packer.deadline() == 8.0
+    assert packer.due(7.9) is None
+    assert packer.due(8.0) == ("d",)
+    with pytest.raises(ValueError, match=r"1\.\.10"):
+        packer.add("e", 11, 9.0)
+
+
+@settings(max_examples=150, deadline=None)
+@given(leaves=st.integers(1, 40), fan_in=st.integers(2, 4), crash_after=st.integers(0, 80))
+def test_forest_restored_from_its_trees_finishes_like_one_never_stopped(
+    leaves: int, fan_in: int, crash_after: int
+) -> None:
+    """A crash loses the merges in flight; their children are still unmerged
+    nodes in the store. Restoring from every unmerged node (with its rank, in
+    creation order) and carrying on puts every leaf under one root, with as
+    many merges as a forest that never stopped."""
+    forest = MergeForest(fan_in)
+    children: dict[str, tuple[str, ...]] = {}
+    rank: dict[str, int] = {}
+    created: list[str] = []  # node creation order, as the store keeps it
+    merged: set[str] = set()
+    pending: list[Any] = []
+
+    def finish(job: Any) -> list[Any]:
+        children[job.id] = job.children
+        rank[job.id] = job.rank
+        created.append(job.id)
+        merged.update(job.children)
+        return forest.complete(job)
+
+    events = added = 0
+    while added < leaves or pending:
+        if events == crash_after:
+            trees = [(n, rank[n]) for n in created if n not in merged]
+            forest, pending = MergeForest.restore(trees, fan_in=fan_in, first_id=len(children) + 1)
+        events += 1
+        if pending:
+            pending += finish(pending.pop(0))
+        else:
+            leaf = f"l{added}"
+            rank[leaf] = 0
+            created.append(leaf)
+            pending += forest.add_leaf(leaf)
+            added += 1
+    pending += forest.close()
+    while pending:
+        pending += finish(pending.pop(0))
+    root = forest.root()
+
+    def under(node: str) -> set[str]:
+        return {node} if node.startswith("l") else set().union(*map(under, children[node]))
+
+    assert root is not None
+    assert under(root) == {f"l{i}" for i in range(leaves)}
+    assert len(children) == expected_merges(leaves, fan_in)
+
+
+def test_parse_body_json_jsonl_array_and_limits() -> None:
+    assert parse_body('{"a": 1}\n\n{"b": 2}\n') == ([(1, {"a": 1}), (3, {"b": 2})], [])
+    assert parse_body('[{"a": 1}, {"b": 2}]')[0] == [(1, {"a": 1}), (2, {"b": 2})]
+    assert parse_body('{\n  "a": 1\n}')[0] == [(1, {"a": 1})]
+    records, bad = parse_body('{"a": 1}\nnot json\n{"x": "' + "y" * 100 + '"}', max_record_bytes=50)
+    assert records == [(1, {"a": 1})]
+    assert [r.line for r in bad] == [2, 3]
+    assert bad[0].reason.startswith("not JSON")
+    assert "over the 50-byte limit" in bad[1].reason
+
+
+# ---------------------------------------------------------------- the store
+
+
+def test_store_rejects_a_file_that_is_not_sqlite(tmp_path: Path) -> None:
+    bogus = tmp_path / "notes.db"
+    bogus.write_text("these are my notes, not a database\n" * 50)
+    with pytest.raises(StoreError, match=r"notes\.db: cannot use as a store"):
+        Store(bogus)
+    assert bogus.read_text().startswith("these are my notes")
+
+
+def test_store_refuses_a_newer_schema(tmp_path: Path) -> None:
+    path = tmp_path / "s.db"
+    Store(path).close()
+    with sqlite3.connect(path) as db:
+        db.execute("UPDATE meta SET value = '99' WHERE key = 'schema'")
+    db.close()
+    with pytest.raises(StoreError, match="newer than this fgo"):
+        Store(path)
+
+
+# ---------------------------------------------------------------- the daemon
+
+
+def _config(tmp_path: Path, url: str, **kw: Any) -> DaemonConfig:
+    options: dict[str, Any] = {
+        "store": tmp_path / "fgo.db",
+        "gateway": GatewayConfig(base_url=url, model="m", max_concurrency=4),
+        "run": RunConfig(context_tokens=4096, subset_tokens=2000),
+        "max_wait": 0.5,
+        "publish_interval": 0.0,
+        "retry_pause": 0.2,
+    }
+    options.update(kw)
+    return DaemonConfig(**options)
+
+
+def _optimize_ids(requests: list[RecordedRequest]) -> list[frozenset[str]]:
+    """The trajectory ids in each optimize prompt (one per subset)."""
+    import re
+
+    return [
+        frozenset(re.findall(r"^### Trajectory (\S+)$", r.body["messages"][1]["content"], re.M))
+        for r in requests
+        if r.schema_name == "fgo_optimize"
+    ]
+
+
+async def test_stream_in_and_a_version_with_every_trajectory_comes_out(
+    start_llm: StartLLM, tmp_path: Path
+) -> None:
+    server, url = await start_llm()
+    data = make_trajectories(30)
+    async with open_optimizer(_config(tmp_path, url)) as opt:
+        assert opt.latest_module() is None
+        for trajectory in data[:10]:
+            assert (await opt.submit(trajectory)).accepted == 1
+        result = await opt.submit_many([t.to_json() for t in data])
+        assert (result.accepted, result.duplicate) == (20, 10)
+        await opt.wait_idle()
+        version = opt.latest_version()
+        assert version is not None
+        assert version.status == "published"
+        assert version.lineage["trajectories"] == 30
+        assert len(version.module.rules) > 0
+        stats = opt.statistics()
+        assert (stats.queued, stats.subsets_pending) == (0, 0)
+        # A forest that never closes keeps one tree per set bit of its leaf
+        # count; the version is the fold of all of them.
+        assert stats.trees == bin(stats.subsets_done).count("1")
+        assert len(version.lineage["trees"]) == stats.trees
+        # Each trajectory went into exactly one optimize prompt.
+        seen = Counter(i for ids in _optimize_ids(server.requests) for i in ids)
+        assert seen == Counter({t.id: 1 for t in data})
+        # Ingest is idempotent: the same batch again changes nothing.
+        again = await opt.submit_many([t.to_json() for t in data])
+        assert (again.accepted, again.duplicate) == (0, 30)
+
+
+async def test_bad_records_are_reported_by_line_and_the_rest_accepted(
+    start_llm: StartLLM, tmp_path: Path
+) -> None:
+    _server, url = await start_llm()
+    good = [t.to_json() for t in make_trajectories(2)]
+    body = "\n".join(
+        [
+            json.dumps(good[0]),
+            '{"id": "x", "task": "t"}',
+            "{not json",
+            json.dumps(good[1]),
+        ]
+    )
+    async with open_optimizer(_config(tmp_path, url)) as opt:
+        result = await opt.submit_text(body)
+    assert (result.accepted, result.duplicate) == (2, 0)
+    assert [r.line for r in result.rejected] == [2, 3]
+    assert "steps" in result.rejected[0].reason
+    assert "not JSON" in result.rejected[1].reason
+
+
+async def test_versions_iterator_sees_each_publication(start_llm: StartLLM, tmp_path: Path) -> None:
+    _server, url = await start_llm()
+    data = make_trajectories(12)
+    async with open_optimizer(_config(tmp_path, url)) as opt:
+        got: list[int] = []
+
+        async def follow() -> None:
+            async with opt.versions() as versions:
+                async for version in versions:
+                    got.append(version.n)
+                    if len(got) == 2:
+                        return
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(follow)
+            await trio.testing.wait_all_tasks_blocked()
+            await opt.submit_many(data[:6])
+            await opt.wait_idle()
+            await opt.submit_many(data[6:])
+            await opt.wait_idle()
+        assert got == [1, 2]
+        assert (await opt.version(2)).lineage["parents"] == [1]  # type: ignore[union-attr]
+
+
+async def test_rollback_publishes_the_old_module_again_and_survives_a_restart(
+    start_llm: StartLLM, tmp_path: Path
+) -> None:
+    _server, url = await start_llm()
+    data = make_trajectories(12)
+    config = _config(tmp_path, url)
+    async with open_optimizer(config) as opt:
+        await opt.submit_many(data[:6])
+        await opt.wait_idle()
+        await opt.submit_many(data[6:])
+        await opt.wait_idle()
+        first = await opt.version(1)
+        second = opt.latest_version()
+        assert first is not None
+        assert second is not None
+        assert first.module != second.module
+        back = await opt.rollback(1)
+        assert (back.n, back.module, back.lineage["rollback_of"]) == (3, first.module, 1)
+        assert opt.latest_module() == first.module
+        with pytest.raises(KeyError):
+            await opt.rollback(99)
+    async with open_optimizer(config) as opt:
+        await opt.wait_idle()
+        assert opt.latest_version().n == 3  # type: ignore[union-attr]
+        assert opt.latest_module() == first.module
+
+
+async def test_restart_resumes_without_losing_or_redoing_work(
+    start_llm: StartLLM, tmp_path: Path
+) -> None:
+    """Stop with a backlog (no grace), restart: every trajectory reaches a
+    version, and no subset finished before the stop is optimized again."""
+    server, url = await start_llm(latency=0.05)
+    data = make_trajectories(40)
+    config = _config(tmp_path, url, max_wait=0.2)
+    async with open_optimizer(config, grace=0) as opt:
+        await opt.submit_many(data)
+        while opt.statistics().subsets_done < 3:  # noqa: ASYNC110
+            await trio.sleep(0.05)
+        done_before = set(_optimize_ids(server.requests))  # sent before the stop
+    first_run = len(server.requests)
+    async with open_optimizer(config) as opt:
+        await opt.wait_idle()
+        version = opt.latest_version()
+        assert version is not None
+        assert version.lineage["trajectories"] == 40
+    later = _optimize_ids(server.requests[first_run:])
+    store = Store(config.store)
+    try:
+        counts = store.counts()
+        assert (counts.trajectories, counts.unassigned, counts.subsets_pending) == (40, 0, 0)
+    finally:
+        store.close()
+    # A subset the first run finished is not optimized again (replays come from
+    # the cache and do not reach the server).
+    finished_first = [ids for ids in done_before if ids not in later]
+    assert len(finished_first) >= 3
+    assert not set(later) & set(finished_first)
+
+
+async def test_response_cache_replays_a_finished_call(start_llm: StartLLM, tmp_path: Path) -> None:
+    server, url = await start_llm()
+    from fgo_actors._store import AsyncStore, StoreCache
+
+    store = Store(tmp_path / "c.db")
+    cache = StoreCache(AsyncStore(store))
+    messages = [{"role": "user", "content": "hello"}]
+    try:
+        for _ in range(2):
+            async with LLMGateway(GatewayConfig(base_url=url, model="m"), cache=cache) as gw:
+                await gw.chat("optimize", messages, max_tokens=16)
+                await gw.chat("optimize", messages, max_tokens=16)
+                stats = gw.statistics()
+        assert len(server.requests) == 1
+        assert stats.cached == {"optimize": 2}
+        assert stats.calls == {}
+        assert store.tokens_spent()["optimize"]["calls"] == 1
+    finally:
+        store.close()
+
+
+async def test_library_backpressure_blocks_submit_when_the_queue_is_full(
+    start_llm: StartLLM, tmp_path: Path
+) -> None:
+    _server, url = await start_llm(latency=1000)  # the LLM never answers in time
+    data = make_trajectories(100)
+    config = _config(
+        tmp_path,
+        url,
+        run=RunConfig(context_tokens=4096, subset_tokens=2000, optimizers=1),
+        max_queued=3,
+        max_pending_subsets=1,
+        max_wait=0.01,
+    )
+    async with open_optimizer(config, grace=0) as opt:
+        with trio.move_on_after(2) as scope:
+            await opt.submit_many(data)
+        assert scope.cancelled_caught  # submit waited instead of buffering 100
+        assert opt.saturated
