@@ -6,6 +6,13 @@ one remains. This module is the public surface; everything in ``_*`` modules
 is an implementation detail.
 """
 
+from ._bridge import AsyncioOptimizer as AsyncioOptimizer
+from ._bridge import open_optimizer_asyncio as open_optimizer_asyncio
+from ._daemon import DaemonConfig as DaemonConfig
+from ._daemon import DaemonStatistics as DaemonStatistics
+from ._daemon import IngestResult as IngestResult
+from ._daemon import StreamingOptimizer as StreamingOptimizer
+from ._daemon import open_optimizer as open_optimizer
 from ._errors import BudgetExhaustedError as BudgetExhaustedError
 from ._errors import FGOError as FGOError
 from ._errors import InputError as InputError
@@ -41,19 +48,25 @@ from ._sandbox import run_function as run_function
 from ._state import RunConfig as RunConfig
 from ._state import RunState as RunState
 from ._state import RunStatistics as RunStatistics
+from ._store import StoreError as StoreError
+from ._store import Version as Version
 from ._tokens import TokenCounter as TokenCounter
 from ._tokens import default_counter as default_counter
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "AsyncioOptimizer",
     "BudgetExhaustedError",
+    "DaemonConfig",
+    "DaemonStatistics",
     "FGOError",
     "Failure",
     "ForestStatistics",
     "FunctionSpec",
     "GatewayConfig",
     "GatewayStatistics",
+    "IngestResult",
     "InputError",
     "LLMGateway",
     "LLMUnavailableError",
@@ -74,14 +87,19 @@ __all__ = [
     "SandboxLimits",
     "SandboxResult",
     "Step",
+    "StoreError",
+    "StreamingOptimizer",
     "Subset",
     "TokenCounter",
     "Trajectory",
     "UnitFailedError",
+    "Version",
     "atomic_write_json",
     "default_counter",
     "load_module",
     "load_trajectories",
+    "open_optimizer",
+    "open_optimizer_asyncio",
     "run",
     "run_function",
 ]

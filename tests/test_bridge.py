@@ -1,0 +1,100 @@
+"""The asyncio bridge, from plain ``asyncio.run`` programs."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+import pytest
+
+from fgo_actors import GatewayConfig, RunConfig
+from fgo_actors._bridge import _guests, open_optimizer_asyncio
+from fgo_actors._daemon import DaemonConfig
+from fgo_actors._store import StoreError
+
+from .conftest import make_trajectories
+
+
+def _config(store: Path, url: str, **kw: object) -> DaemonConfig:
+    return DaemonConfig(
+        store=store,
+        gateway=GatewayConfig(base_url=url, model="m"),
+        run=RunConfig(context_tokens=4096, subset_tokens=2000),
+        max_wait=0.2,
+        publish_interval=0.0,
+        **kw,  # type: ignore[arg-type]
+    )
+
+
+def test_asyncio_program_submits_and_awaits_a_published_version(
+    server_url: str, tmp_path: Path
+) -> None:
+    data = make_trajectories(12)
+
+    async def program() -> tuple[int, int, int, bool]:
+        async with (
+            open_optimizer_asyncio(_config(tmp_path / "a.db", server_url)) as opt,
+            opt.versions() as versions,
+        ):
+            result = await opt.submit_many([t.to_json() for t in data])
+            again = await opt.submit(data[0])
+            first = await asyncio.wait_for(anext(versions), 30)
+            assert first.n == 1
+            await opt.wait_idle()
+            latest = opt.latest_version()
+            assert latest is not None
+            same = opt.latest_module() == latest.module
+            return result.accepted, again.duplicate, latest.lineage["trajectories"], same
+
+    accepted, duplicate, covered, same = asyncio.run(program())
+    assert (accepted, duplicate, covered, same) == (12, 1, 12, True)
+
+
+def test_two_optimizers_on_one_loop_share_one_guest_run(server_url: str, tmp_path: Path) -> None:
+    async def program() -> list[int]:
+        loop = asyncio.get_running_loop()
+        async with (
+            open_optimizer_asyncio(_config(tmp_path / "a.db", server_url)) as a,
+            open_optimizer_asyncio(_config(tmp_path / "b.db", server_url)) as b,
+        ):
+            assert _guests[loop].users == 2
+            await a.submit_many(make_trajectories(3, prefix="a"))
+            await b.submit_many(make_trajectories(5, prefix="b"))
+            await asyncio.gather(a.wait_idle(), b.wait_idle())
+            counts = [
+                v.lineage["trajectories"]
+                for v in (a.latest_version(), b.latest_version())
+                if v is not None
+            ]
+        assert loop not in _guests  # the guest run stopped with its last user
+        return counts
+
+    assert asyncio.run(program()) == [3, 5]
+
+
+def test_cancelling_an_asyncio_call_cancels_it_in_trio(server_url: str, tmp_path: Path) -> None:
+    """A submit that waits on backpressure is cancelled by asyncio's timeout,
+    and the optimizer goes on working."""
+    data = make_trajectories(200)
+
+    async def program() -> int:
+        config = _config(tmp_path / "c.db", "http://127.0.0.1:9/v1", max_queued=2)
+        async with open_optimizer_asyncio(config, grace=0) as opt:
+            with pytest.raises(TimeoutError):
+                await asyncio.wait_for(opt.submit_many(list(data)), 1.0)
+            assert opt.saturated
+            return len(await opt.list_versions())
+
+    assert asyncio.run(program()) == 0
+
+
+def test_an_optimizer_that_cannot_open_raises_its_error(tmp_path: Path) -> None:
+    bogus = tmp_path / "notes.db"
+    bogus.write_text("not a database\n" * 100)
+
+    async def program() -> None:
+        async with open_optimizer_asyncio(_config(bogus, "http://127.0.0.1:9/v1")):
+            pass
+
+    with pytest.raises(StoreError, match="cannot use as a store"):
+        asyncio.run(program())
