@@ -1050,6 +1050,18 @@ def bench_command(
 @click.option("--max-record-bytes", type=int, callback=_positive, help="Largest trajectory.")
 @click.option("--grace", type=float, help="Seconds work under way gets at shutdown [default: 10].")
 @click.option(
+    "--validate",
+    help="Validation tasks (ENV:FOLD:SEEDS): a candidate is published only if the "
+    "reference agent does not do worse with it than with the current version.",
+)
+@click.option("--params", help="Environment generation parameters for --validate.")
+@click.option(
+    "--max-steps",
+    type=int,
+    callback=_positive,
+    help="Agent turns per validation episode [default: 8].",
+)
+@click.option(
     "--base-url",
     envvar="FGO_BASE_URL",
     help="OpenAI-compatible base URL [env FGO_BASE_URL; default: the local model].",

@@ -33,10 +33,13 @@ import attrs
 import structlog
 import trio
 
+from ._agent import AgentConfig
 from ._errors import BudgetExhaustedError, InputError, LLMUnavailableError, UnitFailedError
+from ._eval import evaluate
 from ._forest import MergeForest, MergeJob
 from ._gateway import GatewayConfig, LLMGateway
 from ._model import MergeNode, Module, RenderedTrajectory, Subset, Trajectory
+from ._online import module_key
 from ._partition import StreamPacker
 from ._pipeline import _item_budget
 from ._prompts import PER_ITEM_SLACK, render_trajectory
@@ -44,6 +47,23 @@ from ._state import RunConfig, RunState
 from ._store import AsyncStore, Store, StoreCache, Version
 from .actors.merger import merge_modules
 from .actors.optimizer import optimize_subset
+from .envs import Task
+
+
+@attrs.frozen
+class ValidationConfig:
+    """Gate publication on validation tasks: a candidate is published only if
+    the reference agent does not do worse with it than with the current
+    version (mean score, then success rate); otherwise it is kept as rejected,
+    with its scores."""
+
+    tasks: tuple[Task, ...]
+    agent: AgentConfig = attrs.field(factory=lambda: AgentConfig(max_steps=8))
+    workers: int = 1
+
+    def __attrs_post_init__(self) -> None:
+        if not self.tasks:
+            raise ValueError("validation needs at least one task")
 
 
 @attrs.frozen
@@ -68,6 +88,7 @@ class DaemonConfig:
     # (about log2 of the subsets so far) with LLM merges.
     publish_interval: float = 30.0
     durable: bool = False  # synchronous=FULL: survive power cuts, not just crashes
+    validation: ValidationConfig | None = None
 
     def __attrs_post_init__(self) -> None:
         if self.max_wait < 0:
@@ -214,10 +235,13 @@ class StreamingOptimizer:
         store: AsyncStore,
         gateway: LLMGateway,
         nursery: trio.Nursery,
+        agent_gateway: LLMGateway | None = None,
     ) -> None:
         self.config = config
         self.store = store
         self.gateway = gateway
+        self.agent_gateway = agent_gateway or gateway
+        self._values: dict[str, dict[str, Any]] = {}  # module key -> validation result
         self.events = EventBus()
         self._nursery = nursery
         self._log = structlog.get_logger()
@@ -699,7 +723,7 @@ class StreamingOptimizer:
             return
         tree_nodes = [await self.store.call(self.store.sync.node, t) for t in ids]
         spent = await self.store.call(self.store.sync.tokens_spent)
-        lineage = {
+        lineage: dict[str, Any] = {
             "node": root_id,
             "trees": list(ids),
             "parents": [self._latest.n] if self._latest else [],
@@ -708,11 +732,26 @@ class StreamingOptimizer:
             "tokens": spent,
             "scores": None,
         }
+        status = "published"
+        if self.config.validation is not None:
+            current = self._latest.module if self._latest else self.config.initial
+            before = await self._validate(current, self._latest)
+            after = await self._validate(root.module, None)
+            lineage["scores"] = {
+                "candidate": after,
+                "current": {**before, "version": self._latest.n if self._latest else None},
+            }
+            if _value(after) < _value(before):
+                status = "rejected"
         version = await self.store.call(
-            self.store.sync.add_version, "published", root.module, lineage, time.time()
+            self.store.sync.add_version, status, root.module, lineage, time.time()
         )
-        self._latest = version
         done, failed, published, rejected = self._counts
+        if status == "rejected":
+            self._counts = (done, failed, published, rejected + 1)
+            self.events.emit("reject", version=version.n, node=root_id, scores=lineage["scores"])
+            return
+        self._latest = version
         self._counts = (done, failed, published + 1, rejected)
         self.events.emit(
             "publish",
@@ -721,6 +760,33 @@ class StreamingOptimizer:
             rules=len(root.module.rules),
             trajectories=lineage["trajectories"],
         )
+
+    async def _validate(self, module: Module, version: Version | None) -> dict[str, Any]:
+        """The module's validation result: remembered, recorded in ``version``'s
+        lineage (after a restart), or played now."""
+        validation = self.config.validation
+        assert validation is not None
+        key = module_key(module)
+        if key not in self._values:
+            recorded = version.lineage.get("scores") if version else None
+            if isinstance(recorded, dict) and "candidate" in recorded:
+                self._values[key] = dict(recorded["candidate"])
+            else:
+                summary, _ = await evaluate(
+                    validation.tasks,
+                    module,
+                    self.agent_gateway,
+                    label=key,
+                    workers=validation.workers,
+                    config=validation.agent,
+                )
+                self._values[key] = {
+                    "score": round(summary.score_mean, 4),
+                    "success_rate": round(summary.success_rate, 4),
+                    "tasks": summary.episodes,
+                }
+                self.events.emit("validate", module=key, **self._values[key])
+        return self._values[key]
 
     async def _stop(self, grace: float) -> None:
         """Stop intake; let the optimize and merge calls under way finish within
@@ -736,6 +802,11 @@ class StreamingOptimizer:
             optimizing=self._optimizing,
             merges_in_flight=len(self._forest.in_flight()) if self._forest else 0,
         )
+
+
+def _value(result: dict[str, Any]) -> tuple[float, float]:
+    """What the gate compares: mean score first, then success rate."""
+    return (float(result["score"]), float(result["success_rate"]))
 
 
 def _render_many(
@@ -758,11 +829,15 @@ async def open_optimizer(
     store = Store(config.store, durable=config.durable)
     try:
         astore = AsyncStore(store)
+        # The agent that plays validation tasks: short replies, no response
+        # cache (each validation is a fresh sample).
+        agent_config = attrs.evolve(config.gateway, max_completion_tokens=64)
         async with (
             LLMGateway(config.gateway, cache=StoreCache(astore)) as gateway,
+            LLMGateway(agent_config) as agent_gateway,
             trio.open_nursery() as nursery,
         ):
-            optimizer = StreamingOptimizer(config, astore, gateway, nursery)
+            optimizer = StreamingOptimizer(config, astore, gateway, nursery, agent_gateway)
             await optimizer._resume()
             try:
                 yield optimizer

@@ -15,10 +15,18 @@ import attrs
 import structlog
 import trio
 
-from ._daemon import DaemonConfig, StreamingOptimizer, open_optimizer, parse_body
+from ._agent import AgentConfig
+from ._daemon import (
+    DaemonConfig,
+    StreamingOptimizer,
+    ValidationConfig,
+    open_optimizer,
+    parse_body,
+)
 from ._gateway import GatewayConfig
 from ._model import Module
 from ._state import RunConfig
+from .envs import parse_tasks
 
 
 @attrs.frozen
@@ -43,6 +51,12 @@ class ServeSettings:
     grace: float = 10.0
     retry_pause: float = 30.0
     durable: bool = False
+    # Validation gate: publish a candidate only if the reference agent does not
+    # do worse with it on these tasks (ENV:FOLD:SEEDS) than with the current version.
+    validate: str | None = None
+    params: str = ""
+    max_steps: int = 8
+    validate_workers: int = 1
     # The optimizer LLM.
     base_url: str | None = None
     model: str = "default"
@@ -108,6 +122,13 @@ def daemon_config(settings: ServeSettings, gateway: GatewayConfig, context: int)
     from ._io import load_module
 
     initial = load_module(settings.initial_module) if settings.initial_module else Module()
+    validation = None
+    if settings.validate:
+        validation = ValidationConfig(
+            tasks=tuple(parse_tasks(settings.validate, params=settings.params)),
+            agent=AgentConfig(max_steps=settings.max_steps),
+            workers=settings.validate_workers,
+        )
     return DaemonConfig(
         store=settings.store,
         gateway=gateway,
@@ -124,6 +145,7 @@ def daemon_config(settings: ServeSettings, gateway: GatewayConfig, context: int)
         max_queued=settings.max_queued,
         retry_pause=settings.retry_pause,
         durable=settings.durable,
+        validation=validation,
     )
 
 
