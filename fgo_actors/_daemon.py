@@ -334,9 +334,14 @@ class StreamingOptimizer:
                 duplicates += 1
                 continue
             accepted += 1
-            self._queued += 1
             self._trajectories += 1
-            await self._queue_send.send((r.id, r.tokens + PER_ITEM_SLACK, now))
+            if self._closed:
+                continue  # stored: the next start packs it
+            self._queued += 1
+            try:
+                await self._queue_send.send((r.id, r.tokens + PER_ITEM_SLACK, now))
+            except trio.ClosedResourceError:  # shutting down meanwhile
+                self._queued -= 1
         result = IngestResult(accepted, duplicates, tuple(sorted(rejected, key=lambda r: r.line)))
         self.events.emit("ingest", accepted=accepted, duplicate=duplicates, rejected=len(rejected))
         return result
