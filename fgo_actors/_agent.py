@@ -16,6 +16,16 @@ Built so that a module can steer a small model:
   far), so llama.cpp reuses its cached prefix and evaluates just the new
   turn; when the turns outgrow their token budget, the oldest half is
   dropped at once, which costs one cache miss rather than one per step.
+
+An environment that lists no valid actions at the start of an episode (BFCL
+multi-turn) is played in tool-call mode instead: the system prompt carries the
+task and the environment's ``functions`` (one signature line each, when it has
+that attribute), each turn shows the observation and asks for ONE function call
+in Python syntax, or ``done`` to end the user's current request, and the first
+line of the reply that looks like a call (code fences and backticks stripped)
+is the action, for the environment to parse and check. The module's functions
+are not offered as macros in this mode: there are no numbered options to put
+them among, and an environment call is already one free-form action.
 """
 
 from __future__ import annotations
@@ -39,6 +49,13 @@ You are an agent acting in a text environment to complete a task. Each turn \
 you see what happened and a numbered list of the actions you can take now. \
 Reply with the number of ONE action and nothing else."""
 
+CALL_SYSTEM = """\
+You are an assistant that carries out a user's requests by calling functions. \
+Each turn you see the user's current request, or the result of your last call. \
+Reply with ONE function call in Python syntax, with keyword arguments, and \
+nothing else. When the current request is fully handled, or it cannot be \
+handled with the functions you have, reply done."""
+
 MACRO_NOTE = (
     "Options that start with [name] are shortcuts from your module: "
     "each plays several actions in a row."
@@ -46,6 +63,11 @@ MACRO_NOTE = (
 
 
 _NUMBER = re.compile(r"\d+")
+# A call on a reply line: a name (dotted names too, for the environment to
+# refuse clearly) right before an opening parenthesis, up to the last ")".
+_CALL = re.compile(r"[A-Za-z_][\w.]*\(.*\)")
+_FENCE = re.compile(r"^`+(?:python|py)?\s*|`+$")
+END_TURN = "done"
 
 
 @attrs.frozen
@@ -53,6 +75,7 @@ class AgentConfig:
     max_steps: int = 25
     history_tokens: int = 2000  # budget for earlier turns in the prompt
     max_reply_tokens: int = 8
+    max_call_tokens: int = 128  # the reply cap in tool-call mode (a call with its arguments)
     max_invalid: int = 3  # invalid replies in a row that end the episode
     # Rules restated next to each observation: the most relevant few (by words
     # shared with the observation and options), or all of them when None. The
@@ -287,6 +310,57 @@ def parse_choice(reply: str, n_actions: int) -> int | None:
     return number - 1 if 1 <= number <= n_actions else None
 
 
+def call_system_prompt(
+    module: Module, task: str, functions: Sequence[str], *, names_only: bool = False
+) -> str:
+    """The system prompt of tool-call mode: what the model is, the module's
+    instructions and rules, then the episode's task and functions (their names
+    only with ``names_only``, for the compact record)."""
+    parts = [CALL_SYSTEM]
+    if module.instructions.strip():
+        parts.append("Instructions:\n" + module.instructions.strip())
+    if module.rules:
+        parts.append("Rules learned from experience:\n" + _rule_lines(module))
+    parts.append(f"Task: {task}")
+    if functions and names_only:
+        names = ", ".join(f.split("(", 1)[0] for f in functions)
+        parts.append(f"Functions (signatures left out of this record): {names}")
+    elif functions:
+        parts.append("Functions:\n" + "\n".join(functions))
+    return "\n\n".join(parts)
+
+
+def call_message(
+    observation: str, module: Module, note: str | None = None, *, restate: int | None = None
+) -> str:
+    """One tool-call-mode turn: the observation, a note, the rules most relevant
+    to it (``restate`` of them, or all when None), and what to reply."""
+    parts = [observation.strip()]
+    if note:
+        parts.append(note)
+    rules = relevant_rules(module, observation, restate)
+    if rules:
+        parts.append("Remember:\n" + "\n".join(f"- {text}" for text in rules))
+    parts.append(f"Reply with one function call, or {END_TURN}.")
+    return "\n\n".join(parts)
+
+
+def parse_call_reply(reply: str) -> str | None:
+    """The action a tool-call-mode reply names: ``done``, or its first line
+    that looks like a call (code fences, backticks and one pair of enclosing
+    brackets stripped), or None. The environment parses and checks the call."""
+    for line in reply.splitlines():
+        text = _FENCE.sub("", line.strip()).strip().rstrip(";").strip()
+        if text.startswith("[") and text.endswith("]"):
+            text = text[1:-1].strip()
+        if text.lower().rstrip(".!") in (END_TURN, f"{END_TURN}()"):
+            return END_TURN
+        match = _CALL.search(text)
+        if match is not None:
+            return match.group()
+    return None
+
+
 async def rollout(
     env: Environment,
     task: Task,
@@ -301,6 +375,10 @@ async def rollout(
     log = structlog.get_logger()
     result: StepResult = await trio.to_thread.run_sync(env.reset, task)
     description = getattr(env, "task_description", "") or task.id
+    if not result.valid_actions and not result.done:
+        return await _call_rollout(
+            env, task, module, gateway, config, result, description, trajectory_id
+        )
     functions = module.functions if config.use_functions else ()
     system = system_prompt(module, macros=bool(functions))
     recorded: list[Step] = [Step(role="system", content=system)]
@@ -383,13 +461,112 @@ async def rollout(
             result = await trio.to_thread.run_sync(env.step, action)
             observation = result.observation
             history.append((action, observation))
+    return _finish(
+        task,
+        description,
+        recorded,
+        result,
+        observation,
+        trajectory_id=trajectory_id,
+        steps=steps,
+        invalid_replies=invalid_total,
+        macros_played=macros_played,
+        function_problems=function_problems,
+    )
+
+
+async def _call_rollout(
+    env: Environment,
+    task: Task,
+    module: Module,
+    gateway: LLMGateway,
+    config: AgentConfig,
+    result: StepResult,
+    description: str,
+    trajectory_id: str | None,
+) -> Trajectory:
+    """``rollout`` in tool-call mode, from the reset's ``result``: each reply is
+    one function call (or ``done``) for the environment to parse and run."""
+    functions = tuple(str(f) for f in getattr(env, "functions", ()))
+    system = call_system_prompt(module, description, functions)
+    record = call_system_prompt(module, description, functions, names_only=True)
+    recorded: list[Step] = [Step(role="system", content=record)]
+    window: list[dict[str, str]] = []
+    invalid_in_a_row = invalid_total = steps = 0
+    note: str | None = None
+    observation = result.observation
+    while not result.done and steps < config.max_steps:
+        user = call_message(observation, module, note, restate=config.restate_rules)
+        messages = [
+            {"role": "system", "content": system},
+            *window,
+            {"role": "user", "content": user},
+        ]
+        try:
+            reply = await gateway.chat(
+                "agent", messages, max_tokens=config.max_call_tokens, accept_cut=True
+            )
+        except ReplyRejectedError as e:  # an empty reply: an invalid turn
+            reply = f"(no usable reply: {e})"
+        steps += 1
+        window += [{"role": "user", "content": user}, {"role": "assistant", "content": reply}]
+        if gateway.counter.count_messages(window) > config.history_tokens:
+            window = _drop_oldest_half(window, gateway.counter, config.history_tokens)
+        action = parse_call_reply(reply)
+        seen = "\n".join([observation, *(f"({n})" for n in [note] if n)])
+        said = reply.strip()
+        recorded += [
+            Step(role="user", content=seen),
+            Step(
+                role="assistant", content=said if action in (None, said) else f"{said} -> {action}"
+            ),
+        ]
+        if action is None:
+            invalid_in_a_row += 1
+            invalid_total += 1
+            note = f"Your last reply ({said[:40]!r}) was neither a function call nor {END_TURN}."
+            if invalid_in_a_row >= config.max_invalid:
+                break
+            continue
+        invalid_in_a_row = 0
+        note = None
+        result = await trio.to_thread.run_sync(env.step, action)
+        observation = result.observation
+    return _finish(
+        task,
+        description,
+        recorded,
+        result,
+        observation,
+        trajectory_id=trajectory_id,
+        steps=steps,
+        invalid_replies=invalid_total,
+        macros_played=0,
+        function_problems=[],
+    )
+
+
+def _finish(
+    task: Task,
+    description: str,
+    recorded: list[Step],
+    result: StepResult,
+    observation: str,
+    *,
+    trajectory_id: str | None,
+    steps: int,
+    invalid_replies: int,
+    macros_played: int,
+    function_problems: list[str],
+) -> Trajectory:
+    """The episode as a Trajectory: the steps, the last observation, the outcome."""
     ended = (
         "task solved"
         if result.success
         else ("task failed" if result.done else f"stopped after {steps} steps")
     )
     recorded.append(Step(role="user", content=observation))
-    log.info("rollout_done", task=task.id, success=result.success, steps=steps)
+    structlog.get_logger().info("rollout_done", task=task.id, success=result.success, steps=steps)
     return Trajectory(
         id=trajectory_id or task.id,
         task=description,
@@ -397,7 +574,7 @@ async def rollout(
         outcome=Outcome(
             success=result.success,
             score=result.score,
-            feedback=f"{ended}; score {result.score:g}; {invalid_total} invalid replies",
+            feedback=f"{ended}; score {result.score:g}; {invalid_replies} invalid replies",
         ),
         metadata={
             "task_type": task.env,
@@ -406,7 +583,7 @@ async def rollout(
             "seed": task.seed,
             "params": task.params,
             "steps": steps,
-            "invalid_replies": invalid_total,
+            "invalid_replies": invalid_replies,
             "macros_played": macros_played,
             "function_problems": function_problems,
         },

@@ -12,4 +12,14 @@ fi
 if ! .venv/bin/python -m pip show llama_cpp_python >/dev/null 2>&1; then
     echo "installing llama-cpp-python: the first time, this compiles for about 5 minutes ..." >&2
 fi
+# BFCL (the bfcl extra, also wanted with envs) is installed without its declared
+# dependencies: see the bfcl extra in pyproject.toml.
+case ",${EXTRAS}," in
+*,bfcl,*) BFCL_EVAL="bfcl-eval==2026.3.23" ;;
+*,envs,*) EXTRAS="${EXTRAS},bfcl" BFCL_EVAL="bfcl-eval==2026.3.23" ;;
+*) BFCL_EVAL="" ;;
+esac
 .venv/bin/python -m pip install --quiet -e ".[${EXTRAS}]"
+if [ -n "${BFCL_EVAL}" ]; then
+    .venv/bin/python -m pip install --quiet --no-deps "${BFCL_EVAL}"
+fi
