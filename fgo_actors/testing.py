@@ -101,7 +101,8 @@ def agent_choice(prompt: str) -> str:
 
 def scripted_reply(body: dict[str, Any]) -> str:
     """The default policy: a deterministic, schema-valid optimize or merge reply,
-    or, for a reference-agent turn (no response format), ``agent_choice``.
+    or, for a reference-agent turn (no response format), ``agent_choice``
+    (``done`` in tool-call mode).
 
     Optimize: add one rule naming the trajectories seen (evidence), or, once the
     module holds MAX_SCRIPTED_RULES rules, revise one instead, so modules stay
@@ -115,6 +116,8 @@ def scripted_reply(body: dict[str, Any]) -> str:
         last = str(messages[-1].get("content") or "")
         if "Reply with the number of one action" in last:
             return agent_choice(last)
+        if "Reply with one function call, or done." in last:
+            return "done"  # tool-call mode: end each request at once
     prompt = _first_user(body)
     if name == "fgo_merge":
         rules: dict[str, list[str]] = {}

@@ -8,9 +8,12 @@ loopback LLM server, whose policy here replays scripted calls.
 from __future__ import annotations
 
 import itertools
+import json
 import keyword
+import os
 import random
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -40,7 +43,7 @@ from fgo_actors.envs._bfcl import (
     task_index,
 )
 
-from .conftest import StartLLM
+from .conftest import StartLLM, run_fgo
 
 pytest.importorskip("bfcl_eval")
 
@@ -413,3 +416,35 @@ async def test_tool_call_mode_replies_that_name_no_call_are_invalid(start_llm: S
     assert "was neither a function call nor done" in server.requests[-1].prompt
     assert not traj.outcome.success
     assert "stopped after 3 steps" in (traj.outcome.feedback or "")
+
+
+def test_eval_command_plays_bfcl_tasks(server_url: str, tmp_path: Path) -> None:
+    """``fgo eval`` on BFCL from the command line: the scripted agent ends every
+    request at once, so each episode fails cleanly, with no invalid reply."""
+    out = tmp_path / "eval.json"
+    module = tmp_path / "m.json"
+    rule = Rule(id="r1", text="List a folder before you change it.")
+    module.write_text(json.dumps(Module(rules=(rule,)).to_json()))
+    env = {k: v for k, v in os.environ.items() if not k.startswith("FGO_")}
+    proc = run_fgo(
+        "eval",
+        "--tasks",
+        "bfcl_base:test:0-1",
+        "--module",
+        str(module),
+        "--baseline",
+        "empty",
+        "--out",
+        str(out),
+        "--max-steps",
+        "10",
+        "--base-url",
+        server_url,
+        env=env,
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    results = json.loads(out.read_text())["results"]
+    assert [r["label"] for r in results] == ["m", "empty"]
+    for result in results:
+        assert (result["episodes"], result["successes"], result["invalid_replies"]) == (2, 0, 0)
+        assert result["turns"] >= 2
