@@ -49,6 +49,9 @@ from .actors.merger import merge_modules
 from .actors.optimizer import optimize_subset
 from .envs import Task
 
+# Trajectories the feeder reads from the store at once, and the packer's inbox size.
+FEED_BATCH = 256
+
 
 @attrs.frozen
 class ValidationConfig:
@@ -79,7 +82,8 @@ class DaemonConfig:
     max_wait: float = 60.0
     # Sealed subsets waiting for an optimizer before ingest pushes back (429).
     max_pending_subsets: int = 8
-    # Trajectories accepted but not yet packed, before ingest pushes back.
+    # Trajectories stored but not yet given to the packer, before ingest
+    # pushes back (they wait in the store, not in memory).
     max_queued: int = 10_000
     # Seconds to wait before retrying work that failed because the LLM endpoint
     # was unreachable (the daemon keeps running through outages).
@@ -249,9 +253,8 @@ class StreamingOptimizer:
         self._module_tokens, budget = _item_budget(gateway, config.run, config.initial)
         self._item_budget = budget
         self._render_max = budget - PER_ITEM_SLACK
-        self._queue_send, self._queue_recv = trio.open_memory_channel[tuple[str, int, float]](
-            config.max_queued
-        )
+        # The packer's inbox: (id, tokens) fed from the store, or ("", 0) to flush.
+        self._queue_send, self._queue_recv = trio.open_memory_channel[tuple[str, int]](FEED_BATCH)
         self._subsets_send, self._subsets_recv = trio.open_memory_channel[str](
             config.max_pending_subsets
         )
@@ -259,7 +262,9 @@ class StreamingOptimizer:
             config.max_pending_subsets
         )
         self._changed = trio.Event()  # the forest's trees changed
-        self._queued = 0
+        self._stored = trio.Event()  # new trajectories are in the store
+        self._queued = 0  # accepted, not yet in a sealed subset
+        self._unfed = 0  # accepted, still only in the store (not yet given to the packer)
         self._pending = 0
         self._optimizing = 0
         self._in_transit = 0  # leaves sent to the merger, not yet in the forest
@@ -283,17 +288,34 @@ class StreamingOptimizer:
     async def submit_many(
         self, records: Sequence[Trajectory | object], *, lines: Sequence[int] | None = None
     ) -> IngestResult:
-        """Validate, render and store ``records``; queue the new ones for packing.
+        """Validate, render and store ``records``; the new ones will be packed.
 
         Bad records are reported (with ``lines[i]``, default i+1) and skipped;
-        duplicates of stored ids are counted and skipped. Waits while the
-        packing queue is full (library backpressure; HTTP checks
-        :attr:`saturated` first and answers 429).
+        duplicates of stored ids are counted and skipped. Waits first while the
+        pipeline is :attr:`saturated` (library backpressure; HTTP checks it
+        and answers 429 instead). Once stored, a record is never lost: the
+        feeder gives the store's backlog to the packer in arrival order.
         """
+        while self.saturated and not self._closed:
+            await self._activity.wait()
+        return await self._submit(records, lines)
+
+    async def submit_text(self, text: str, *, max_record_bytes: int | None = None) -> IngestResult:
+        """Ingest a JSON or JSONL body at once (no waiting): records that are not
+        JSON, or too big, are rejected; the rest are stored."""
+        records, bad = parse_body(text, max_record_bytes=max_record_bytes)
+        return await self._submit([r for _, r in records], [n for n, _ in records], bad)
+
+    async def _submit(
+        self,
+        records: Sequence[Trajectory | object],
+        lines: Sequence[int] | None,
+        refused: Sequence[Rejected] = (),
+    ) -> IngestResult:
         if self._closed:
             raise RuntimeError("the optimizer is closed")
         numbers = list(lines) if lines is not None else list(range(1, len(records) + 1))
-        rejected: list[Rejected] = []
+        rejected: list[Rejected] = list(refused)
         valid: list[tuple[int, Trajectory, dict[str, Any]]] = []
         seen: set[str] = set()
         duplicates = 0
@@ -322,44 +344,28 @@ class StreamingOptimizer:
             self._render_max,
             self.config.run.group_key,
         )
-        now = time.time()
         added = await self.store.call(
             self.store.sync.add_trajectories,
             [(r, b) for r, (_, _, b) in zip(rendered, fresh, strict=True)],
-            now,
+            time.time(),
         )
-        accepted = 0
-        for r, is_new in zip(rendered, added, strict=True):
-            if not is_new:  # another request stored it in the meantime
-                duplicates += 1
-                continue
-            accepted += 1
-            self._trajectories += 1
-            if self._closed:
-                continue  # stored: the next start packs it
-            self._queued += 1
-            try:
-                await self._queue_send.send((r.id, r.tokens + PER_ITEM_SLACK, now))
-            except trio.ClosedResourceError:  # shutting down meanwhile
-                self._queued -= 1
+        accepted = sum(added)
+        duplicates += len(added) - accepted  # stored by another request meanwhile
+        self._trajectories += accepted
+        self._queued += accepted
+        self._unfed += accepted
+        if accepted:
+            self._stored.set()
         result = IngestResult(accepted, duplicates, tuple(sorted(rejected, key=lambda r: r.line)))
         self.events.emit("ingest", accepted=accepted, duplicate=duplicates, rejected=len(rejected))
         return result
-
-    async def submit_text(self, text: str, *, max_record_bytes: int | None = None) -> IngestResult:
-        """Ingest a JSON or JSONL body; records that are not JSON, or too big, are rejected."""
-        records, bad = parse_body(text, max_record_bytes=max_record_bytes)
-        result = await self.submit_many([r for _, r in records], lines=[n for n, _ in records])
-        return attrs.evolve(
-            result, rejected=tuple(sorted([*bad, *result.rejected], key=lambda r: r.line))
-        )
 
     @property
     def saturated(self) -> bool:
         """True when the pipeline is full: ingest should push back."""
         return (
             self._pending >= self.config.max_pending_subsets
-            or self._queued >= self.config.max_queued
+            or self._unfed >= self.config.max_queued
         )
 
     def latest_version(self) -> Version | None:
@@ -416,13 +422,14 @@ class StreamingOptimizer:
 
     async def flush(self) -> None:
         """Seal the open subset now instead of waiting for ``max_wait``."""
-        await self._queue_send.send(("", 0, 0.0))
+        await self._queue_send.send(("", 0))
 
     async def wait_idle(self) -> None:
         """Wait until everything received so far is packed, optimized, merged and
         published (flushing the open subset). For tests, batch feeds and stdin."""
-        await self.flush()
         while not self._idle():
+            if self._queued and not self._unfed:
+                await self.flush()  # all fed: seal the open subset now
             await self._activity.wait()
 
     def _idle(self) -> bool:
@@ -493,12 +500,11 @@ class StreamingOptimizer:
             trees, fan_in=self.config.run.fan_in, first_id=first_merge
         )
         pending = await self.store.call(sync.pending_subsets)
-        unassigned = await self.store.call(sync.unassigned)
         self._subset_number = await self.store.call(sync.next_subset_number)
         self._log.info(
             "daemon_resumed",
             trajectories=counts.trajectories,
-            unassigned=len(unassigned),
+            unassigned=counts.unassigned,
             pending_subsets=len(pending),
             trees=len(trees),
             merges_restarted=len(jobs),
@@ -517,9 +523,8 @@ class StreamingOptimizer:
         self._pending += len(pending)
         n.start_soon(self._feed_pending, pending, subsets_send)
         n.start_soon(self._packer, self._queue_recv, self._subsets_send)
-        for item in unassigned:
-            self._queued += 1
-            await self._queue_send.send(item)
+        self._queued = self._unfed = counts.unassigned
+        n.start_soon(self._feeder, self._queue_send.clone())
         if trees and tuple(t for t, _ in trees) != self._published_trees:
             self._changed.set()
 
@@ -529,9 +534,30 @@ class StreamingOptimizer:
                 await out.send(subset_id)
 
     # -- actors -----------------------------------------------------------
+    async def _feeder(self, out: trio.MemorySendChannel[tuple[str, int]]) -> None:
+        """Give the store's unpacked trajectories to the packer, in arrival order.
+
+        Everything ingested goes through here, so memory holds at most one feed
+        batch however far ingest runs ahead: the backlog waits in the store.
+        """
+        structlog.contextvars.bind_contextvars(actor="feeder")
+        after = 0  # the store sequence number of the last trajectory fed
+        with out:
+            while True:
+                self._stored = trio.Event()
+                rows = await self.store.call(self.store.sync.unassigned, after, FEED_BATCH)
+                if not rows:
+                    await self._stored.wait()
+                    continue
+                for seq, trajectory_id, tokens in rows:
+                    await out.send((trajectory_id, tokens + PER_ITEM_SLACK))
+                    after = seq
+                    self._unfed -= 1
+                self._poke()
+
     async def _packer(
         self,
-        inp: trio.MemoryReceiveChannel[tuple[str, int, float]],
+        inp: trio.MemoryReceiveChannel[tuple[str, int]],
         out: trio.MemorySendChannel[str],
     ) -> None:
         """Seal subsets by budget, by ``max_wait``, or on a flush (an empty id)."""
@@ -540,7 +566,7 @@ class StreamingOptimizer:
         with inp, out:
             while True:
                 deadline = packer.deadline()
-                item: tuple[str, int, float] | None = None
+                item: tuple[str, int] | None = None
                 with trio.move_on_at(math.inf if deadline is None else deadline):
                     try:
                         item = await inp.receive()

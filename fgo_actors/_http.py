@@ -19,6 +19,8 @@ from starlette.routing import Route
 
 from ._daemon import StreamingOptimizer
 
+# Version numbers are SQLite integers: larger ones cannot exist.
+MAX_VERSION = 2**63
 LOOPBACK = frozenset({"127.0.0.1", "::1", "localhost"})
 SSE_HEARTBEAT = 15.0
 
@@ -111,7 +113,7 @@ def make_app(
 
     async def get_version(request: Request) -> Response:
         n = int(request.path_params["n"])
-        version = await optimizer.version(n)
+        version = await optimizer.version(n) if n < MAX_VERSION else None
         if version is None:
             return _error(404, f"there is no version {n}")
         return JSONResponse(version.to_json())
@@ -119,6 +121,8 @@ def make_app(
     async def rollback(request: Request) -> Response:
         n = int(request.path_params["n"])
         try:
+            if n >= MAX_VERSION:
+                raise KeyError(n)
             version = await optimizer.rollback(n)
         except KeyError:
             return _error(404, f"there is no version {n}")
@@ -128,8 +132,10 @@ def make_app(
 
     async def events(request: Request) -> Response:
         async def stream() -> AsyncIterator[str]:
-            yield ": fgo events\n\n"
             async with optimizer.events.subscribe() as inbox:
+                # Subscribed before the first byte: a client that has read this
+                # comment misses no later event.
+                yield ": fgo events\n\n"
                 while True:
                     event: dict[str, Any] | None = None
                     with trio.move_on_after(SSE_HEARTBEAT):
@@ -182,7 +188,7 @@ def prometheus_text(optimizer: StreamingOptimizer) -> str:
     def metric(name: str, kind: str, help_text: str, samples: list[tuple[str, float]]) -> None:
         lines.append(f"# HELP fgo_{name} {help_text}")
         lines.append(f"# TYPE fgo_{name} {kind}")
-        lines.extend(f"fgo_{name}{labels} {value:g}" for labels, value in samples)
+        lines.extend(f"fgo_{name}{labels} {_number(value)}" for labels, value in samples)
 
     metric("trajectories_total", "counter", "Trajectories stored.", [("", s.trajectories)])
     metric(
@@ -209,7 +215,7 @@ def prometheus_text(optimizer: StreamingOptimizer) -> str:
         "counter",
         "Tokens paid for since start, by role and kind.",
         [
-            (f'{{role="{role}",kind="{kind}"}}', float(n))
+            (f'{{role="{role}",kind="{kind}"}}', n)
             for role, counts in sorted(s.tokens_by_role.items())
             for kind, n in sorted(counts.items())
         ],
@@ -245,6 +251,13 @@ def prometheus_text(optimizer: StreamingOptimizer) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _number(value: float) -> str:
+    """A sample value: integers exactly (token counters pass a million fast)."""
+    if isinstance(value, int) or float(value).is_integer():
+        return str(int(value))
+    return repr(float(value))
+
+
 async def serve_http(
     optimizer: StreamingOptimizer,
     *,
@@ -263,7 +276,8 @@ async def serve_http(
     """
     if host not in LOOPBACK and not token:
         raise ValueError(
-            f"binding {host} (not loopback) needs a bearer token: set --token or FGO_TOKEN"
+            f"binding {host} (not loopback) needs a bearer token "
+            "(in $FGO_TOKEN, or the variable --token-env names)"
         )
     config = HypercornConfig()
     config.bind = [f"[{host}]:{port}" if ":" in host else f"{host}:{port}"]

@@ -212,12 +212,15 @@ class Store:
             found.update(r[0] for r in rows)
         return found
 
-    def unassigned(self) -> list[tuple[str, int, float]]:
-        """(id, tokens, received_at) of trajectories in no subset yet, in arrival order."""
+    def unassigned(self, after: int = 0, limit: int = 1000) -> list[tuple[int, str, int]]:
+        """(sequence number, id, tokens) of up to ``limit`` trajectories in no
+        subset yet, with sequence numbers above ``after``, in arrival order."""
         rows = self._db.execute(
-            "SELECT id, tokens, received_at FROM trajectories WHERE subset IS NULL ORDER BY seq"
+            "SELECT seq, id, tokens FROM trajectories WHERE subset IS NULL AND seq > ? "
+            "ORDER BY seq LIMIT ?",
+            (after, limit),
         )
-        return [(r[0], int(r[1]), float(r[2])) for r in rows]
+        return [(int(r[0]), r[1], int(r[2])) for r in rows]
 
     def trajectory_body(self, trajectory_id: str) -> dict[str, Any] | None:
         row = self._db.execute(

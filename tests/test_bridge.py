@@ -16,14 +16,15 @@ from .conftest import make_trajectories
 
 
 def _config(store: Path, url: str, **kw: object) -> DaemonConfig:
-    return DaemonConfig(
-        store=store,
-        gateway=GatewayConfig(base_url=url, model="m"),
-        run=RunConfig(context_tokens=4096, subset_tokens=2000),
-        max_wait=0.2,
-        publish_interval=0.0,
-        **kw,  # type: ignore[arg-type]
-    )
+    options: dict[str, object] = {
+        "store": store,
+        "gateway": GatewayConfig(base_url=url, model="m"),
+        "run": RunConfig(context_tokens=4096, subset_tokens=2000),
+        "max_wait": 0.2,
+        "publish_interval": 0.0,
+        **kw,
+    }
+    return DaemonConfig(**options)  # type: ignore[arg-type]
 
 
 def test_asyncio_program_submits_and_awaits_a_published_version(
@@ -78,10 +79,15 @@ def test_cancelling_an_asyncio_call_cancels_it_in_trio(server_url: str, tmp_path
     data = make_trajectories(200)
 
     async def program() -> int:
-        config = _config(tmp_path / "c.db", "http://127.0.0.1:9/v1", max_queued=2)
+        config = _config(
+            tmp_path / "c.db", "http://127.0.0.1:9/v1", max_pending_subsets=1, max_wait=0.01
+        )
         async with open_optimizer_asyncio(config, grace=0) as opt:
+            await opt.submit_many(list(data[:100]))
+            while not opt.saturated:  # noqa: ASYNC110
+                await asyncio.sleep(0.01)
             with pytest.raises(TimeoutError):
-                await asyncio.wait_for(opt.submit_many(list(data)), 1.0)
+                await asyncio.wait_for(opt.submit_many(list(data[100:])), 1.0)
             assert opt.saturated
             return len(await opt.list_versions())
 

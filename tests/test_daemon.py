@@ -335,21 +335,31 @@ async def test_response_cache_replays_a_finished_call(start_llm: StartLLM, tmp_p
         store.close()
 
 
-async def test_library_backpressure_blocks_submit_when_the_queue_is_full(
+async def test_library_backpressure_blocks_submit_when_the_pipeline_is_full(
     start_llm: StartLLM, tmp_path: Path
 ) -> None:
+    """With the LLM stalled, subsets pile up; once the pipeline is saturated,
+    the next submit waits instead of growing a buffer, and resumes when asked
+    to stop waiting. Whatever was stored stays stored."""
     _server, url = await start_llm(latency=1000)  # the LLM never answers in time
     data = make_trajectories(100)
     config = _config(
         tmp_path,
         url,
         run=RunConfig(context_tokens=4096, subset_tokens=2000, optimizers=1),
-        max_queued=3,
         max_pending_subsets=1,
         max_wait=0.01,
     )
     async with open_optimizer(config, grace=0) as opt:
-        with trio.move_on_after(2) as scope:
-            await opt.submit_many(data)
-        assert scope.cancelled_caught  # submit waited instead of buffering 100
-        assert opt.saturated
+        first = await opt.submit_many(data[:50])
+        assert first.accepted == 50
+        with trio.fail_after(10):
+            while not opt.saturated:  # noqa: ASYNC110
+                await trio.sleep(0.01)
+        with trio.move_on_after(1) as scope:
+            await opt.submit_many(data[50:])
+        assert scope.cancelled_caught  # it waited
+        assert opt.statistics().trajectories == 50
+        # An HTTP body is never held: submit_text stores at once even now.
+        text = "\n".join(json.dumps(t.to_json()) for t in data[50:])
+        assert (await opt.submit_text(text)).accepted == 50

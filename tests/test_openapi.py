@@ -1,0 +1,579 @@
+"""The live HTTP API of ``fgo serve`` against ``protocols/openapi.yaml``.
+
+A real daemon and ``serve_http`` on a loopback port, driven with httpx over
+the socket: every answer's status must be documented for its path and method,
+its content type must be the documented one, its documented headers present
+and valid, and its JSON body (and each SSE event's data) valid against the
+documented schema. The other way round, every documented path, method and
+status must be exercised here, so the file cannot drift from the code.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import re
+import time
+from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager, suppress
+from pathlib import Path
+from typing import Any
+
+import attrs
+import httpx
+import pytest
+import trio
+import trio.testing
+import yaml
+from jsonschema import Draft202012Validator
+from jsonschema.exceptions import ValidationError
+from referencing import Registry, Resource
+from referencing.jsonschema import DRAFT202012
+from starlette.routing import Route
+
+from fgo_actors import (
+    DaemonConfig,
+    GatewayConfig,
+    Module,
+    RunConfig,
+    StreamingOptimizer,
+    open_optimizer,
+)
+from fgo_actors._http import make_app, serve_http
+from fgo_actors._store import Store
+
+from .conftest import ROOT, StartLLM, make_trajectories
+
+PROTOCOLS = ROOT / "protocols"
+# The spec's base URI: its relative $refs ("module.schema.json") resolve to
+# the schemas' own $ids ("fgo-actors/module.schema.json").
+SPEC_URI = "fgo-actors/openapi.yaml"
+METHODS = ("get", "put", "post", "delete", "patch", "head", "options", "trace")
+TOKEN = "s3cret-token"
+MAX_BODY = 16_384
+
+
+def _pointer(*parts: str) -> str:
+    return "".join("/" + p.replace("~", "~0").replace("/", "~1") for p in parts)
+
+
+@functools.cache
+def _spec() -> dict[str, Any]:
+    spec: dict[str, Any] = yaml.safe_load((PROTOCOLS / "openapi.yaml").read_text("utf-8"))
+    return spec
+
+
+@functools.cache
+def _registry() -> Registry[Any]:
+    """The spec and every ``protocols/*.schema.json`` under its $id; nothing
+    is fetched (an unknown $ref is an error, not a download)."""
+    resources = [(SPEC_URI, DRAFT202012.create_resource(_spec()))]
+    for path in sorted(PROTOCOLS.glob("*.schema.json")):
+        schema = json.loads(path.read_text("utf-8"))
+        resources.append((schema["$id"], Resource.from_contents(schema)))
+    return Registry().with_resources(resources)
+
+
+def _validator(pointer: str) -> Draft202012Validator:
+    """A validator for the schema at ``pointer`` in the spec."""
+    return Draft202012Validator({"$ref": f"{SPEC_URI}#{pointer}"}, registry=_registry())
+
+
+def _deref(node: dict[str, Any], pointer: str) -> tuple[dict[str, Any], str]:
+    """Follow a local ``$ref`` (a reusable response or parameter)."""
+    while "$ref" in node:
+        ref = node["$ref"]
+        assert ref.startswith("#/"), ref
+        pointer = ref[1:]
+        found: Any = _spec()
+        for part in ref[2:].split("/"):
+            found = found[part.replace("~1", "/").replace("~0", "~")]
+        node = found
+    return node, pointer
+
+
+def _documented() -> set[tuple[str, str, str]]:
+    return {
+        (path, method, status)
+        for path, item in _spec()["paths"].items()
+        for method, operation in item.items()
+        if method in METHODS
+        for status in operation["responses"]
+    }
+
+
+class Conformance:
+    """Checks answers against the spec and records what was exercised."""
+
+    def __init__(self) -> None:
+        self.seen: set[tuple[str, str, str]] = set()
+
+    def check(self, response: httpx.Response, template: str, *, read: bool = True) -> Any:
+        """Check ``response`` to a request on path ``template``; return its JSON
+        body (or text). With ``read=False`` (a stream), only status and headers."""
+        method = response.request.method.lower()
+        status = str(response.status_code)
+        operation = _spec()["paths"][template][method]
+        assert status in operation["responses"], (
+            f"{method.upper()} {template} answered {status}, which is not documented: "
+            f"{response.text if read else ''}"
+        )
+        self.seen.add((template, method, status))
+        doc, pointer = _deref(
+            operation["responses"][status], _pointer("paths", template, method, "responses", status)
+        )
+        for name, header in doc.get("headers", {}).items():
+            value = response.headers.get(name)
+            assert value is not None or not header.get("required"), f"{status}: no {name} header"
+            if value is not None:
+                typed = int(value) if header["schema"].get("type") == "integer" else value
+                Draft202012Validator(header["schema"]).validate(typed)
+        media = response.headers["content-type"].split(";")[0].strip()
+        assert media in doc["content"], f"{method.upper()} {template} {status}: {media}"
+        if not read:
+            return None
+        if media != "application/json":
+            return response.text
+        body = response.json()
+        _validator(pointer + _pointer("content", media, "schema")).validate(body)
+        return body
+
+    def check_event(self, event: dict[str, str]) -> dict[str, Any]:
+        """Check one SSE message (its ``id``, ``event`` and ``data`` fields)."""
+        data: dict[str, Any] = json.loads(event["data"])
+        _validator(
+            _pointer(
+                "paths", "/v1/events", "get", "responses", "200", "content", "text/event-stream"
+            )
+            + "/x-event-data"
+        ).validate(data)
+        assert (event["id"], event["event"]) == (str(data["id"]), data["type"])
+        return data
+
+
+@asynccontextmanager
+async def _events(
+    client: httpx.AsyncClient,
+) -> AsyncIterator[tuple[httpx.Response, AsyncIterator[str]]]:
+    """``GET /v1/events`` as a stream; yields the response and its lines."""
+    async with client.stream("GET", "/v1/events") as response:
+        lines = response.aiter_lines()
+        try:
+            yield response, lines
+        finally:
+            # The lines come through a chain of httpx async generators that
+            # aclosing() cannot reach, and trio warns about each one left
+            # suspended. Close the socket and run the chain to its ReadError.
+            await response.aclose()
+            with trio.fail_after(1), suppress(httpx.ReadError, httpx.StreamClosed):
+                async for _ in lines:
+                    pass
+
+
+async def _next_event(lines: AsyncIterator[str]) -> dict[str, str]:
+    """The next SSE message's fields; comments (heartbeats) are skipped."""
+    fields: dict[str, str] = {}
+    async for line in lines:
+        if not line:
+            if fields:
+                return fields
+            continue
+        if line.startswith(":"):
+            continue
+        name, _, value = line.partition(":")
+        fields[name] = value.removeprefix(" ")
+    raise AssertionError(f"the event stream ended; last fields {fields}")
+
+
+def _metrics(text: str) -> dict[str, dict[str, Any]]:
+    """Parse the Prometheus text format: {family: {type, labels, samples}}."""
+    families: dict[str, dict[str, Any]] = {}
+    sample = re.compile(r"^([a-z_]+)(?:\{(.*)\})? (\S+)$")
+    for line in text.splitlines():
+        if line.startswith("# HELP "):
+            families[line.split()[2]] = {"type": None, "labels": set(), "samples": {}}
+        elif line.startswith("# TYPE "):
+            _, _, name, kind = line.split()
+            families[name]["type"] = kind
+        else:
+            m = sample.match(line)
+            assert m, f"not a sample line: {line!r}"
+            name, labels, value = m.groups()
+            pairs = re.findall(r'([a-z_]+)="([^"]*)"', labels or "")
+            families[name]["labels"] |= {k for k, _ in pairs}
+            families[name]["samples"][tuple(pairs)] = value
+    return families
+
+
+def _config(tmp_path: Path, url: str, **kw: Any) -> DaemonConfig:
+    options: dict[str, Any] = {
+        "store": tmp_path / "fgo.db",
+        "gateway": GatewayConfig(base_url=url, model="m", max_concurrency=4),
+        "run": RunConfig(context_tokens=4096, subset_tokens=2000),
+        "max_wait": 0.5,
+        "publish_interval": 0.0,
+        "retry_pause": 0.2,
+    }
+    options.update(kw)
+    return DaemonConfig(**options)
+
+
+@asynccontextmanager
+async def _serving(
+    config: DaemonConfig, *, grace: float = 10.0, **http: Any
+) -> AsyncIterator[tuple[StreamingOptimizer, str]]:
+    """A daemon and its HTTP API on 127.0.0.1 (a free port); yields it and the base URL."""
+    stop = trio.Event()
+    async with open_optimizer(config, grace=grace) as opt, trio.open_nursery() as nursery:
+        base: str = await nursery.start(
+            functools.partial(serve_http, opt, host="127.0.0.1", port=0, shutdown=stop, **http)
+        )
+        try:
+            yield opt, base
+        finally:
+            stop.set()
+
+
+@asynccontextmanager
+async def _client(base: str, token: str | None = TOKEN) -> AsyncIterator[httpx.AsyncClient]:
+    headers = {"Authorization": f"Bearer {token}"} if token else {}
+    async with httpx.AsyncClient(base_url=base, headers=headers, timeout=5) as client:
+        yield client
+
+
+def _seed_rejected_version(path: Path) -> Module:
+    """A store whose version 1 the validation gate kept as rejected."""
+    module = Module(instructions="a candidate that played worse")
+    lineage = {
+        "node": "f1",
+        "trees": ["s000001"],
+        "parents": [],
+        "subsets": 1,
+        "trajectories": 4,
+        "tokens": {"optimize": {"prompt": 10, "completion": 5, "calls": 1}},
+        "scores": {
+            "candidate": {"score": 0.25, "success_rate": 0.0, "tasks": 4},
+            "current": {"score": 0.5, "success_rate": 0.5, "tasks": 4, "version": None},
+        },
+    }
+    store = Store(path)
+    try:
+        store.add_version("rejected", module, lineage, time.time())
+    finally:
+        store.close()
+    return module
+
+
+# ---------------------------------------------------------------- the spec
+
+
+def test_the_spec_is_well_formed_and_resolves_offline() -> None:
+    spec = _spec()
+    assert spec["openapi"].startswith("3.1")
+    for schema in spec["components"]["schemas"].values():
+        Draft202012Validator.check_schema(schema)
+    # Every $ref anywhere in the file resolves, without the network.
+    resolver = _registry().resolver(base_uri=SPEC_URI)
+
+    def refs(node: Any) -> Iterator[str]:
+        if isinstance(node, dict):
+            if isinstance(node.get("$ref"), str):
+                yield node["$ref"]
+            for value in node.values():
+                yield from refs(value)
+        elif isinstance(node, list):
+            for value in node:
+                yield from refs(value)
+
+    found = set(refs(spec))
+    assert {"module.schema.json", "trajectory.schema.json"} <= found
+    for ref in found:
+        resolver.lookup(ref)
+    # The module schema is applied, not skipped: a version whose module has an
+    # unknown key fails.
+    version = {"version": 1, "status": "published", "created_at": 1.0, "lineage": {}}
+    _validator("/components/schemas/Version").validate({**version, "module": Module().to_json()})
+    with pytest.raises(ValidationError):
+        _validator("/components/schemas/Version").validate(
+            {**version, "module": {**Module().to_json(), "bogus": 1}}
+        )
+
+
+def test_every_event_the_daemon_emits_is_documented() -> None:
+    source = (ROOT / "fgo_actors" / "_daemon.py").read_text("utf-8")
+    emitted = set(re.findall(r"\.emit\(\s*\"(\w+)\"", source))
+    documented = set(_spec()["components"]["schemas"]["Event"]["discriminator"]["mapping"])
+    assert emitted == documented
+
+
+# ---------------------------------------------------------------- the live API
+
+
+async def test_live_api_conforms_to_the_spec(start_llm: StartLLM, tmp_path: Path) -> None:
+    _server, url = await start_llm()
+    conformance = Conformance()
+    rejected_module = _seed_rejected_version(tmp_path / "fgo.db")
+    data = [t.to_json() for t in make_trajectories(12)]
+    async with (
+        _serving(_config(tmp_path, url), token=TOKEN, max_body_bytes=MAX_BODY) as (opt, base),
+        _client(base) as client,
+        _client(base, token=None) as anonymous,
+        _client(base, token="wrong") as wrong,
+    ):
+        # The routes the app serves are the documented ones.
+        served = {
+            (route.path.replace(":int}", "}"), method.lower())
+            for route in make_app(opt).routes
+            if isinstance(route, Route)
+            for method in route.methods or ()
+            if method != "HEAD"
+        }
+        assert served == {(path, method) for path, method, _ in _documented()}
+
+        health = conformance.check(await anonymous.get("/healthz"), "/healthz")
+        assert health == {"status": "ok", "latest_version": None, "saturated": False}
+
+        # 401 on every guarded endpoint, without a token and with a wrong one.
+        guarded = [
+            ("POST", "/v1/trajectories", "/v1/trajectories"),
+            ("GET", "/v1/module", "/v1/module"),
+            ("GET", "/v1/module/versions", "/v1/module/versions"),
+            ("GET", "/v1/module/versions/1", "/v1/module/versions/{n}"),
+            ("POST", "/v1/module/rollback/1", "/v1/module/rollback/{n}"),
+            ("GET", "/v1/events", "/v1/events"),
+            ("GET", "/metrics", "/metrics"),
+        ]
+        for method, path, template in guarded:
+            for who in (anonymous, wrong):
+                body = b"{}" if method == "POST" else None
+                answer = await who.request(method, path, content=body)
+                assert answer.status_code == 401, (method, path)
+                conformance.check(answer, template)
+
+        # Before any publication: only the (seeded) rejected version exists.
+        answer = await client.get("/v1/module")
+        assert answer.status_code == 404
+        conformance.check(answer, "/v1/module")
+        listing = conformance.check(await client.get("/v1/module/versions"), "/v1/module/versions")
+        assert listing["latest"] is None
+        assert [(v["version"], v["status"]) for v in listing["versions"]] == [(1, "rejected")]
+        one = conformance.check(
+            await client.get("/v1/module/versions/1"), "/v1/module/versions/{n}"
+        )
+        assert one["module"] == rejected_module.to_json()
+        for n in (0, 99):
+            answer = await client.get(f"/v1/module/versions/{n}")
+            assert answer.status_code == 404
+            conformance.check(answer, "/v1/module/versions/{n}")
+        answer = await client.post("/v1/module/rollback/1")
+        assert answer.status_code == 409
+        assert "rejected" in conformance.check(answer, "/v1/module/rollback/{n}")["error"]
+        answer = await client.post("/v1/module/rollback/99")
+        assert answer.status_code == 404
+        conformance.check(answer, "/v1/module/rollback/{n}")
+
+        # Bodies refused whole: not UTF-8 (400), over the size limit (413).
+        answer = await client.post("/v1/trajectories", content=b'{"id": "\xff"}')
+        assert answer.status_code == 400
+        conformance.check(answer, "/v1/trajectories")
+        answer = await client.post("/v1/trajectories", content=b" " * (MAX_BODY + 1))
+        assert answer.status_code == 413
+        conformance.check(answer, "/v1/trajectories")
+
+        async with _events(client) as (stream, lines):
+            conformance.check(stream, "/v1/events", read=False)
+            assert await anext(lines) == ": fgo events"
+            # The stream subscribes after its first comment: let it.
+            await trio.testing.wait_all_tasks_blocked()
+
+            # JSON Lines, with one line that is not JSON and one that is no trajectory.
+            jsonl = "\n".join(
+                [*(json.dumps(t) for t in data[:3]), "{oops", '{"id": "x"}']
+                + [json.dumps(t) for t in data[3:6]]
+            )
+            answer = await client.post(
+                "/v1/trajectories",
+                content=jsonl,
+                headers={"Content-Type": "application/x-ndjson"},
+            )
+            result = conformance.check(answer, "/v1/trajectories")
+            assert answer.status_code == 202
+            assert (result["accepted"], result["duplicate"], result["rejected"]) == (6, 0, 2)
+            assert [e["line"] for e in result["errors"]] == [4, 5]
+            await opt.wait_idle()
+            # A JSON array (two already stored) and a single JSON object.
+            array = data[4:11]
+            _validator(
+                _pointer("paths", "/v1/trajectories", "post", "requestBody", "content")
+                + "/application~1json/schema"
+            ).validate(array)
+            answer = await client.post("/v1/trajectories", json=array)
+            result = conformance.check(answer, "/v1/trajectories")
+            assert (result["accepted"], result["duplicate"], result["errors"]) == (5, 2, [])
+            answer = await client.post("/v1/trajectories", json=data[11])
+            assert conformance.check(answer, "/v1/trajectories")["accepted"] == 1
+            await opt.wait_idle()
+
+            latest = conformance.check(await client.get("/v1/module"), "/v1/module")
+            assert (latest["version"], latest["status"]) == (3, "published")
+            assert latest["lineage"]["trajectories"] == 12
+            assert latest["lineage"]["parents"] == [2]
+            second = conformance.check(
+                await client.get("/v1/module/versions/2"), "/v1/module/versions/{n}"
+            )
+            back = conformance.check(
+                await client.post("/v1/module/rollback/2"), "/v1/module/rollback/{n}"
+            )
+            assert (back["version"], back["lineage"]["rollback_of"]) == (4, 2)
+            assert back["module"] == second["module"] != latest["module"]
+
+            # The events, from the first: every one valid, ids consecutive.
+            events: list[dict[str, Any]] = []
+            with trio.fail_after(3):
+                while not events or events[-1].get("rollback_of") != 2:
+                    events.append(conformance.check_event(await _next_event(lines)))
+        assert [e["id"] for e in events] == list(range(1, len(events) + 1))
+        assert {"ingest", "subset", "optimize", "merge", "publish"} <= {e["type"] for e in events}
+        assert [e["version"] for e in events if e["type"] == "publish"] == [2, 3, 4]
+        assert [(e["accepted"], e["duplicate"]) for e in events if e["type"] == "ingest"] == [
+            (6, 0),
+            (5, 2),
+            (1, 0),
+        ]
+
+        listing = conformance.check(await client.get("/v1/module/versions"), "/v1/module/versions")
+        assert listing["latest"] == 4
+        assert [v["status"] for v in listing["versions"]] == ["rejected"] + ["published"] * 3
+        text = conformance.check(await client.get("/metrics"), "/metrics")
+        metrics = _metrics(text)
+        documented = _spec()["paths"]["/metrics"]["get"]["responses"]["200"]["x-metrics"]
+        assert {
+            name: {"type": f["type"], "labels": sorted(f["labels"])} for name, f in metrics.items()
+        } == {name: {**m, "labels": sorted(m["labels"])} for name, m in documented.items()}
+        assert metrics["fgo_trajectories_total"]["samples"][()] == "12"
+        assert metrics["fgo_latest_version"]["samples"][()] == "4"
+        versions = metrics["fgo_versions_total"]["samples"]
+        assert (versions[(("status", "published"),)], versions[(("status", "rejected"),)]) == (
+            "3",
+            "1",
+        )
+        health = conformance.check(await anonymous.get("/healthz"), "/healthz")
+        assert health == {"status": "ok", "latest_version": 4, "saturated": False}
+
+    # A saturated daemon: its LLM never answers, so the one subset it may hold
+    # (max_pending_subsets=1) stays unoptimized, and ingest pushes back.
+    _stalled, stalled_url = await start_llm(latency=1000)
+    config = _config(
+        tmp_path / "sat",
+        stalled_url,
+        run=RunConfig(context_tokens=4096, subset_tokens=2000, optimizers=1),
+        max_pending_subsets=1,
+        max_wait=0.01,
+    )
+    config.store.parent.mkdir()
+    async with (
+        _serving(config, grace=0, token=TOKEN, max_body_bytes=MAX_BODY) as (opt, base),
+        _client(base) as client,
+    ):
+        answer = await client.post("/v1/trajectories", json=data[0])
+        assert conformance.check(answer, "/v1/trajectories")["accepted"] == 1
+        with trio.fail_after(10):
+            while not opt.saturated:  # noqa: ASYNC110
+                await trio.sleep(0.01)
+        health = conformance.check(await client.get("/healthz"), "/healthz")
+        assert health["saturated"] is True
+        answer = await client.post("/v1/trajectories", json=data[1])
+        assert answer.status_code == 429
+        conformance.check(answer, "/v1/trajectories")
+        assert int(answer.headers["Retry-After"]) > 0
+        assert opt.statistics().trajectories == 1  # the refused body was not read
+
+    assert _documented() - conformance.seen == set(), "documented but never exercised"
+
+
+# ---------------------------------------------------------------- edge cases
+
+
+async def test_a_version_number_past_sqlite_integers_is_404(
+    start_llm: StartLLM, tmp_path: Path
+) -> None:
+    _server, url = await start_llm()
+    conformance = Conformance()
+    async with _serving(_config(tmp_path, url)) as (_opt, base), _client(base) as client:
+        for method, path in [
+            ("GET", "/v1/module/versions/{n}"),
+            ("POST", "/v1/module/rollback/{n}"),
+        ]:
+            answer = await client.request(method, path.format(n=2**63))
+            assert answer.status_code == 404, answer.text
+            conformance.check(answer, path)
+
+
+async def test_the_ingest_event_counts_every_refused_record(
+    start_llm: StartLLM, tmp_path: Path
+) -> None:
+    _server, url = await start_llm()
+    conformance = Conformance()
+    body = json.dumps(make_trajectories(1)[0].to_json()) + "\nnot json\n"
+    async with (
+        _serving(_config(tmp_path, url)) as (_opt, base),
+        _client(base) as client,
+        _events(client) as (_stream, lines),
+    ):
+        assert await anext(lines) == ": fgo events"
+        await trio.testing.wait_all_tasks_blocked()
+        answer = await client.post("/v1/trajectories", content=body)
+        reply = conformance.check(answer, "/v1/trajectories")
+        with trio.fail_after(3):
+            event = conformance.check_event(await _next_event(lines))
+    assert (reply["accepted"], reply["rejected"]) == (1, 1)
+    assert event["type"] == "ingest"
+    assert event["rejected"] == reply["rejected"], (
+        f"ingest event rejected={event['rejected']}, reply rejected={reply['rejected']}"
+    )
+
+
+async def test_metrics_write_big_counts_exactly(
+    start_llm: StartLLM, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    _server, url = await start_llm()
+    conformance = Conformance()
+    async with _serving(_config(tmp_path, url)) as (opt, base), _client(base) as client:
+        real = opt.statistics
+        monkeypatch.setattr(
+            opt,
+            "statistics",
+            lambda: attrs.evolve(
+                real(), trajectories=1_234_567, tokens_by_role={"optimize": {"prompt": 98_765_432}}
+            ),
+        )
+        metrics = _metrics(conformance.check(await client.get("/metrics"), "/metrics"))
+    assert metrics["fgo_trajectories_total"]["samples"][()] == "1234567"
+    tokens = metrics["fgo_llm_tokens_total"]["samples"]
+    assert tokens[(("role", "optimize"), ("kind", "prompt"))] == "98765432"
+
+
+async def test_a_body_bigger_than_the_room_left_is_answered_at_once(
+    start_llm: StartLLM, tmp_path: Path
+) -> None:
+    _server, url = await start_llm(latency=1000)  # the LLM never answers in time
+    conformance = Conformance()
+    config = _config(
+        tmp_path,
+        url,
+        run=RunConfig(context_tokens=4096, subset_tokens=2000, optimizers=1),
+        max_queued=3,
+        max_pending_subsets=1,
+        max_wait=0.01,
+    )
+    body = [t.to_json() for t in make_trajectories(100)]
+    answer: httpx.Response | None = None
+    with trio.CancelScope() as hard_stop:
+        async with _serving(config, grace=0) as (opt, base), _client(base) as client:
+            assert not opt.saturated
+            with trio.move_on_after(0.5):
+                answer = await client.post("/v1/trajectories", json=body)
+            hard_stop.cancel()  # hypercorn would give a held request 2 s to finish
+    assert answer is not None, "POST /v1/trajectories: no answer in 0.5 s"
+    assert answer.status_code in (202, 429)
+    conformance.check(answer, "/v1/trajectories")
