@@ -279,6 +279,7 @@ class StreamingOptimizer:
         self._stopping = False
         self._subset_number = 1
         self._activity = trio.Event()  # set (and replaced) whenever work moves on
+        self._spent_before: dict[str, dict[str, int]] = {}
 
     # -- public API -------------------------------------------------------
     async def submit(self, trajectory: Trajectory | dict[str, Any]) -> IngestResult:
@@ -490,6 +491,7 @@ class StreamingOptimizer:
             counts.versions_published,
             counts.versions_rejected,
         )
+        self._spent_before = await self.store.call(sync.tokens_spent)
         self._latest = await self.store.call(sync.latest_version)
         if self._latest is not None:
             self._published_trees = tuple(self._latest.lineage.get("trees", ()))
@@ -525,7 +527,7 @@ class StreamingOptimizer:
         n.start_soon(self._packer, self._queue_recv, self._subsets_send)
         self._queued = self._unfed = counts.unassigned
         n.start_soon(self._feeder, self._queue_send.clone())
-        if trees and tuple(t for t, _ in trees) != self._published_trees:
+        if trees and {t for t, _ in trees} != set(self._published_trees or ()):
             self._changed.set()
 
     async def _feed_pending(self, pending: Sequence[str], out: trio.MemorySendChannel[str]) -> None:
@@ -714,11 +716,14 @@ class StreamingOptimizer:
             await trio.sleep_until(last + self.config.publish_interval)
             self._changed = trio.Event()
             self._poke()
-            if self._forest.in_flight():
-                continue  # the merge under way sets _changed when it lands
-            trees = self._forest.ranked_trees()
+            # Prefer a quiet forest; but under a steady stream some merge is
+            # nearly always running, so after a while fold what is finished.
+            with trio.move_on_after(max(self.config.publish_interval, 1.0)):
+                while self._forest.in_flight():
+                    await self._activity.wait()
+            trees = self._frontier()
             ids = tuple(t for t, _ in trees)
-            if not trees or ids == self._published_trees:
+            if not trees or set(ids) == set(self._published_trees or ()):
                 continue
             self._folding = True
             try:
@@ -728,16 +733,26 @@ class StreamingOptimizer:
                 self._poke()
             last = trio.current_time()
 
+    def _frontier(self) -> list[tuple[str, int]]:
+        """The finished trees, lowest rank first: the forest's trees and the
+        children of the merges under way (finished nodes, already stored)."""
+        assert self._forest is not None
+        trees = self._forest.ranked_trees()
+        for job in self._forest.in_flight():
+            trees += [(child, job.rank - 1) for child in job.children]
+        return sorted(trees, key=lambda t: t[1])
+
     async def _fold_and_publish(self, trees: Sequence[tuple[str, int]]) -> None:
         ids = tuple(t for t, _ in trees)
         fold, jobs = MergeForest.restore(
             trees, fan_in=self.config.run.fan_in, id_prefix="f", first_id=self._fold_number + 1
         )
         jobs += fold.close()
+        folded: dict[str, MergeNode] = {}
         async with trio.open_nursery() as nursery:
 
             async def run(job: MergeJob) -> None:
-                node = await self._merge_node(job, role="fold")
+                node = folded[job.id] = await self._merge_node(job, role="fold")
                 for follow in fold.complete(job, node.id):
                     nursery.start_soon(run, follow)
 
@@ -746,21 +761,20 @@ class StreamingOptimizer:
         self._fold_number += fold.statistics().merges_started
         root_id = fold.root()
         assert root_id is not None
-        root = await self.store.call(self.store.sync.node, root_id)
+        root = folded.get(root_id) or await self.store.call(self.store.sync.node, root_id)
         assert root is not None
         self._published_trees = ids
         if self._latest is not None and self._latest.module == root.module:
             self.events.emit("unchanged", node=root_id, version=self._latest.n)
             return
-        tree_nodes = [await self.store.call(self.store.sync.node, t) for t in ids]
-        spent = await self.store.call(self.store.sync.tokens_spent)
+        stats = await self.store.call(self.store.sync.node_stats, ids)
         lineage: dict[str, Any] = {
             "node": root_id,
             "trees": list(ids),
             "parents": [self._latest.n] if self._latest else [],
-            "subsets": sum(int(n.stats.get("subsets", 0)) for n in tree_nodes if n),
-            "trajectories": sum(int(n.stats.get("trajectories", 0)) for n in tree_nodes if n),
-            "tokens": spent,
+            "subsets": sum(int(s.get("subsets", 0)) for s in stats),
+            "trajectories": sum(int(s.get("trajectories", 0)) for s in stats),
+            "tokens": self._tokens_spent(),
             "scores": None,
         }
         status = "published"
@@ -791,6 +805,18 @@ class StreamingOptimizer:
             rules=len(root.module.rules),
             trajectories=lineage["trajectories"],
         )
+
+    def _tokens_spent(self) -> dict[str, dict[str, int]]:
+        """Tokens paid for by role, ever: the store's count at start plus this
+        process's (cache hits excluded)."""
+        gw = self.gateway.statistics()
+        out = {role: dict(counts) for role, counts in self._spent_before.items()}
+        for role in set(gw.calls) | set(gw.prompt_tokens):
+            counts = out.setdefault(role, {"prompt": 0, "completion": 0, "calls": 0})
+            counts["prompt"] += gw.prompt_tokens.get(role, 0)
+            counts["completion"] += gw.completion_tokens.get(role, 0)
+            counts["calls"] += gw.calls.get(role, 0)
+        return out
 
     async def _validate(self, module: Module, version: Version | None) -> dict[str, Any]:
         """The module's validation result: remembered, recorded in ``version``'s

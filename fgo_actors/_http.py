@@ -78,16 +78,19 @@ def make_app(
         return wrapper
 
     async def post_trajectories(request: Request) -> Response:
-        if optimizer.saturated:
-            return _error(
-                429,
-                "the optimizer is saturated; retry later",
-                {"Retry-After": str(retry_after)},
-            )
+        # The body is read even when the answer is 429: a server that answers
+        # before reading must drop the connection, and the client would see a
+        # reset instead of the 429.
         try:
             raw = await _read_body(request, max_body_bytes)
         except BodyTooLargeError:
             return _error(413, f"request body is over {max_body_bytes} bytes")
+        if optimizer.saturated:
+            return _error(
+                429,
+                "the optimizer is saturated; nothing was stored; retry later",
+                {"Retry-After": str(retry_after)},
+            )
         try:
             text = raw.decode("utf-8")
         except UnicodeDecodeError as e:

@@ -229,8 +229,17 @@ class Module:
         return out
 
     @classmethod
-    def from_json(cls, obj: object, *, path: str | None = None, line: int | None = None) -> Module:
-        problem = schema_error("module", obj)
+    def from_json(
+        cls,
+        obj: object,
+        *,
+        path: str | None = None,
+        line: int | None = None,
+        validate: bool = True,
+    ) -> Module:
+        """Validate against the schema (unless ``validate`` is False: for JSON this
+        program wrote itself, such as the daemon's store) and convert."""
+        problem = schema_error("module", obj) if validate else None
         if problem is not None:
             field, message = problem
             raise InputError(message, path=path, line=line, field=field)

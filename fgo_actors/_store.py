@@ -47,6 +47,7 @@ CREATE TABLE IF NOT EXISTS trajectories (
     subset TEXT
 );
 CREATE INDEX IF NOT EXISTS trajectories_unassigned ON trajectories (subset) WHERE subset IS NULL;
+CREATE INDEX IF NOT EXISTS trajectories_subset ON trajectories (subset, seq);
 CREATE TABLE IF NOT EXISTS subsets (
     seq INTEGER PRIMARY KEY AUTOINCREMENT,
     id TEXT NOT NULL UNIQUE,
@@ -322,13 +323,21 @@ class Store:
             id=row[0],
             kind=row[1],
             method=row[2],
-            module=Module.from_json(json.loads(row[3])),
+            module=Module.from_json(json.loads(row[3]), validate=False),  # written by us
             children=tuple(json.loads(row[4])),
             subsets=tuple(json.loads(row[5])),
             stats=json.loads(row[6]),
             started_at=float(row[7]),
             finished_at=float(row[8]),
         )
+
+    def node_stats(self, node_ids: Sequence[str]) -> list[dict[str, Any]]:
+        """The ``stats`` of each node (without reading their modules)."""
+        out = []
+        for node_id in node_ids:
+            row = self._db.execute("SELECT stats FROM nodes WHERE id = ?", (node_id,)).fetchone()
+            out.append(dict(json.loads(row[0])) if row else {})
+        return out
 
     def forest_trees(self) -> list[tuple[str, int]]:
         """(node id, rank) of the forest's trees: nodes not yet merged, oldest first."""
@@ -468,7 +477,7 @@ def _version(row: Sequence[Any]) -> Version:
     return Version(
         n=int(row[0]),
         status=str(row[1]),
-        module=Module.from_json(json.loads(row[2])),
+        module=Module.from_json(json.loads(row[2]), validate=False),  # written by us
         lineage=dict(json.loads(row[3])),
         created_at=float(row[4]),
     )
