@@ -93,12 +93,17 @@ class DaemonConfig:
     publish_interval: float = 30.0
     durable: bool = False  # synchronous=FULL: survive power cuts, not just crashes
     validation: ValidationConfig | None = None
+    # A stream never ends, so provenance would grow without bound: each rule
+    # keeps its most recent subsets and trajectories, this many of each, and a
+    # node its most recent subsets. The full lineage stays in the store's
+    # forest (each node's children).
+    provenance_cap: int = 64
 
     def __attrs_post_init__(self) -> None:
         if self.max_wait < 0:
             raise ValueError("max_wait must not be negative")
-        if self.max_pending_subsets < 1 or self.max_queued < 1:
-            raise ValueError("max_pending_subsets and max_queued must be at least 1")
+        if self.max_pending_subsets < 1 or self.max_queued < 1 or self.provenance_cap < 1:
+            raise ValueError("max_pending_subsets, max_queued and provenance_cap must be positive")
 
 
 @attrs.frozen
@@ -651,6 +656,7 @@ class StreamingOptimizer:
             finished_at=self._state.now(),
             stats={**subset.stats(), "subsets": 1, "epochs": 1},
         )
+        node = bounded(node, self.config.provenance_cap)
         await self.store.call(self.store.sync.add_node, node, rank=0)
         done, failed, published, rejected = self._counts
         self._counts = (done + 1, failed, published, rejected)
@@ -700,6 +706,7 @@ class StreamingOptimizer:
                     "llm_unavailable", unit=job.id, error=str(e), retry_in=self.config.retry_pause
                 )
                 await trio.sleep(self.config.retry_pause)
+        node = bounded(node, self.config.provenance_cap)
         await self.store.call(self.store.sync.add_node, node, rank=job.rank, role=role)
         self.events.emit(
             "merge", node=node.id, role=role, method=node.method, rules=len(node.module.rules)
@@ -859,6 +866,20 @@ class StreamingOptimizer:
             optimizing=self._optimizing,
             merges_in_flight=len(self._forest.in_flight()) if self._forest else 0,
         )
+
+
+def bounded(node: MergeNode, cap: int) -> MergeNode:
+    """``node`` with at most ``cap`` of the most recent subsets and trajectories
+    in each rule's provenance, and of subsets in the node itself."""
+    rules = tuple(
+        attrs.evolve(r, subsets=r.subsets[-cap:], trajectories=r.trajectories[-cap:])
+        if len(r.subsets) > cap or len(r.trajectories) > cap
+        else r
+        for r in node.module.rules
+    )
+    return attrs.evolve(
+        node, module=attrs.evolve(node.module, rules=rules), subsets=node.subsets[-cap:]
+    )
 
 
 def _value(result: dict[str, Any]) -> tuple[float, float]:

@@ -363,3 +363,18 @@ async def test_library_backpressure_blocks_submit_when_the_pipeline_is_full(
         # An HTTP body is never held: submit_text stores at once even now.
         text = "\n".join(json.dumps(t.to_json()) for t in data[50:])
         assert (await opt.submit_text(text)).accepted == 50
+
+
+async def test_provenance_stays_bounded_however_long_the_stream(
+    start_llm: StartLLM, tmp_path: Path
+) -> None:
+    """Unbounded, this run's rules name up to 2 subsets and 6 trajectories."""
+    _server, url = await start_llm()
+    async with open_optimizer(_config(tmp_path, url, provenance_cap=1)) as opt:
+        await opt.submit_many(make_trajectories(40))
+        await opt.wait_idle()
+        version = opt.latest_version()
+    assert version is not None
+    assert version.lineage["trajectories"] == 40
+    assert max(len(r.subsets) for r in version.module.rules) == 1
+    assert max(len(r.trajectories) for r in version.module.rules) == 1
