@@ -1085,6 +1085,7 @@ def serve_command(config_path: Path | None, log_json: bool, **flags: Any) -> Non
     seconds, and the exit code is 0.
     """
     from . import _serve
+    from ._http import LOOPBACK
 
     interactive = sys.stderr.isatty() and not log_json
     configure_logging(json=not interactive, level="info")
@@ -1093,7 +1094,7 @@ def serve_command(config_path: Path | None, log_json: bool, **flags: Any) -> Non
         settings = _serve.ServeSettings.load(config_path, flags)
     except (ValueError, TypeError) as e:
         _fail(err, EXIT_BAD_INPUT, "error", e)
-    if settings.host not in ("127.0.0.1", "::1", "localhost") and not settings.token():
+    if settings.host not in LOOPBACK and not settings.token():
         _fail(
             err,
             EXIT_BAD_INPUT,
