@@ -226,13 +226,28 @@ def parse_body(
             records.append((number, json.loads(line)))
         except json.JSONDecodeError as e:
             # A pretty-printed single object spans lines: try the whole body.
-            if number == 1 and stripped.startswith("{"):
-                try:
-                    return [(1, json.loads(stripped))], []
-                except json.JSONDecodeError:
-                    pass
+            if not records and not rejected and stripped.startswith("{"):
+                whole = _whole_object(stripped, number, max_record_bytes)
+                if whole is not None:
+                    return whole
             rejected.append(Rejected(number, f"not JSON: {e.msg} (column {e.colno})"))
     return records, rejected
+
+
+def _whole_object(
+    text: str, line: int, max_record_bytes: int | None
+) -> tuple[list[tuple[int, object]], list[Rejected]] | None:
+    """``text`` as one JSON value starting on ``line``, or None if it is not JSON."""
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError:
+        return None
+    size = len(text.encode())
+    if max_record_bytes is not None and size > max_record_bytes:
+        return [], [
+            Rejected(line, f"record is {size} bytes, over the {max_record_bytes}-byte limit")
+        ]
+    return [(line, value)], []
 
 
 class StreamingOptimizer:

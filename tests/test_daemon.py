@@ -123,6 +123,9 @@ def test_parse_body_json_jsonl_array_and_limits() -> None:
     assert parse_body('{"a": 1}\n\n{"b": 2}\n') == ([(1, {"a": 1}), (3, {"b": 2})], [])
     assert parse_body('[{"a": 1}, {"b": 2}]')[0] == [(1, {"a": 1}), (2, {"b": 2})]
     assert parse_body('{\n  "a": 1\n}')[0] == [(1, {"a": 1})]
+    assert parse_body('\n{\n  "a": 1\n}\n')[0] == [(2, {"a": 1})]
+    big = '{\n  "a": "' + "x" * 100 + '"\n}'
+    assert [r.line for r in parse_body(big, max_record_bytes=50)[1]] == [1]
     records, bad = parse_body('{"a": 1}\nnot json\n{"x": "' + "y" * 100 + '"}', max_record_bytes=50)
     assert records == [(1, {"a": 1})]
     assert [r.line for r in bad] == [2, 3]
