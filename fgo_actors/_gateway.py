@@ -127,7 +127,7 @@ class ResponseCache(Protocol):
     """Where finished calls are kept, so that a restarted daemon replays them
     instead of paying for them again. Keys come from :func:`request_key`."""
 
-    async def get(self, key: str) -> dict[str, Any] | None: ...
+    async def get(self, key: str, role: str) -> dict[str, Any] | None: ...
 
     async def put(self, key: str, role: str, response: dict[str, Any]) -> None: ...
 
@@ -359,7 +359,7 @@ class LLMGateway:
                 body["response_format"] = {"type": "json_object", "schema": schema}
         key = request_key(body) if self.cache is not None else None
         if self.cache is not None and key is not None:
-            hit = await self.cache.get(key)
+            hit = await self.cache.get(key, role)
             if hit is not None:
                 # A call paid for before (by this process or one that died):
                 # replayed, not booked as spent again.

@@ -503,8 +503,14 @@ class StoreCache:
     def __init__(self, store: AsyncStore) -> None:
         self.store = store
 
-    async def get(self, key: str) -> dict[str, Any] | None:
-        return await self.store.call(self.store.sync.cached_response, key)
+    async def get(self, key: str, role: str) -> dict[str, Any] | None:
+        """The cached response, if any; a hit is logged as a cached call."""
+        response = await self.store.call(self.store.sync.cached_response, key)
+        if response is not None:
+            await self.store.call(
+                self.store.sync.log_call, role, cached=True, prompt_tokens=0, completion_tokens=0
+            )
+        return response
 
     async def put(self, key: str, role: str, response: dict[str, Any]) -> None:
         usage = response.get("usage")

@@ -334,6 +334,9 @@ async def test_response_cache_replays_a_finished_call(start_llm: StartLLM, tmp_p
         assert stats.cached == {"optimize": 2}
         assert stats.calls == {}
         assert store.tokens_spent()["optimize"]["calls"] == 1
+        # The call log has the paid call and the three replays (one, then two).
+        logged = store._db.execute("SELECT cached, COUNT(*) FROM llm_calls GROUP BY cached")
+        assert dict(logged.fetchall()) == {0: 1, 1: 3}
     finally:
         store.close()
 
