@@ -36,7 +36,7 @@ import trio
 from ._agent import AgentConfig
 from ._errors import BudgetExhaustedError, InputError, LLMUnavailableError, UnitFailedError
 from ._eval import evaluate
-from ._forest import MergeForest, MergeJob
+from ._forest import MergeForest, MergeJob, fold_plan
 from ._gateway import GatewayConfig, LLMGateway
 from ._model import MergeNode, Module, RenderedTrajectory, Subset, Trajectory
 from ._online import module_key
@@ -290,7 +290,6 @@ class StreamingOptimizer:
         self._in_transit = 0  # leaves sent to the merger, not yet in the forest
         self._forest: MergeForest | None = None
         self._folding = False
-        self._fold_number = 0
         self._latest: Version | None = None
         self._published_trees: tuple[str, ...] | None = None
         self._counts = (0, 0, 0, 0)  # subsets done, failed; versions published, rejected
@@ -517,7 +516,6 @@ class StreamingOptimizer:
             self._published_trees = tuple(self._latest.lineage.get("trees", ()))
         trees = await self.store.call(sync.forest_trees)
         first_merge = await self.store.call(sync.max_node_number, "m") + 1
-        self._fold_number = await self.store.call(sync.max_node_number, "f")
         self._forest, jobs = MergeForest.restore(
             trees, fan_in=self.config.run.fan_in, first_id=first_merge
         )
@@ -766,25 +764,22 @@ class StreamingOptimizer:
 
     async def _fold_and_publish(self, trees: Sequence[tuple[str, int]]) -> None:
         ids = tuple(t for t, _ in trees)
-        fold, jobs = MergeForest.restore(
-            trees, fan_in=self.config.run.fan_in, id_prefix="f", first_id=self._fold_number + 1
-        )
-        jobs += fold.close()
-        folded: dict[str, MergeNode] = {}
-        async with trio.open_nursery() as nursery:
-
-            async def run(job: MergeJob) -> None:
-                node = folded[job.id] = await self._merge_node(job, role="fold")
-                for follow in fold.complete(job, node.id):
-                    nursery.start_soon(run, follow)
-
-            for job in jobs:
-                nursery.start_soon(run, job)
-        self._fold_number += fold.statistics().merges_started
-        root_id = fold.root()
-        assert root_id is not None
-        root = folded.get(root_id) or await self.store.call(self.store.sync.node, root_id)
+        # A chain, biggest trees first, with ids derived from the children: the
+        # merges a previous fold already made are in the store, and only those
+        # after the first tree that changed are run.
+        root: MergeNode | None = None
+        reused = 0
+        for job in fold_plan(trees, self.config.run.fan_in):
+            root = await self.store.call(self.store.sync.node, job.id)
+            if root is None:
+                root = await self._merge_node(job, role="fold")
+            else:
+                reused += 1
+        if root is None:  # a single tree
+            root = await self.store.call(self.store.sync.node, ids[0])
         assert root is not None
+        root_id = root.id
+        self._log.info("folded", trees=len(ids), merges_reused=reused, node=root_id)
         self._published_trees = ids
         if self._latest is not None and self._latest.module == root.module:
             self.events.emit("unchanged", node=root_id, version=self._latest.n)

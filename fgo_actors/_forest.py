@@ -14,6 +14,7 @@ costs amortised O(1) merges and the depth is O(log n).
 from __future__ import annotations
 
 import functools
+import hashlib
 import itertools
 from collections.abc import Sequence
 
@@ -188,3 +189,32 @@ def expected_merges(leaves: int, fan_in: int = 2) -> int:
     while pending:
         pending.extend(forest.complete(pending.pop(0)))
     return forest.statistics().merges_done
+
+
+def fold_plan(trees: Sequence[tuple[str, int]], fan_in: int = 2) -> list[MergeJob]:
+    """The merges that fold ``trees`` (``(node id, rank)``) into one, highest
+    rank first, as a chain: the biggest trees, which change least often, come
+    first, so folding again after a new leaf repeats the same first merges.
+
+    Each merge's id is derived from its children's ids (``f`` and a digest),
+    so the same merge always has the same id: a caller that keeps finished
+    nodes by id reruns only the merges after the first tree that changed.
+    Ties in rank keep the given order. Returns [] for fewer than two trees.
+    """
+    if fan_in < 2:
+        raise ValueError("fan_in must be at least 2")
+    ordered = sorted(trees, key=lambda t: -t[1])
+    if len(ordered) < 2:
+        return []
+    jobs: list[MergeJob] = []
+    acc, rank = ordered[0]
+    rest = ordered[1:]
+    while rest:
+        group, rest = rest[: fan_in - 1], rest[fan_in - 1 :]
+        children = (acc, *(node for node, _ in group))
+        digest = hashlib.sha256("\n".join(children).encode()).hexdigest()[:16]
+        rank = max(rank, *(r for _, r in group)) + 1
+        job = MergeJob(id=f"f{digest}", children=children, rank=rank)
+        jobs.append(job)
+        acc = job.id
+    return jobs

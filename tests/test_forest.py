@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import math
 from collections import Counter
 
@@ -17,7 +18,7 @@ from hypothesis.stateful import (
 )
 
 from fgo_actors import MergeForest, MergeJob
-from fgo_actors._forest import expected_merges
+from fgo_actors._forest import expected_merges, fold_plan
 
 
 def drain(forest: MergeForest, jobs: list[MergeJob], *, lifo: bool = False) -> list[MergeJob]:
@@ -391,3 +392,31 @@ def test_expected_merges_bounds(n: int, fan_in: int) -> None:
 )
 def test_expected_merges_examples(n: int, fan_in: int, merges: int) -> None:
     assert expected_merges(n, fan_in) == merges
+
+
+@given(
+    ranks=st.lists(st.integers(0, 12), min_size=0, max_size=20),
+    fan_in=st.integers(2, 4),
+    new_rank=st.integers(0, 12),
+)
+def test_fold_plan_is_a_chain_whose_prefix_survives_a_new_small_tree(
+    ranks: list[int], fan_in: int, new_rank: int
+) -> None:
+    trees = [(f"t{i}", r) for i, r in enumerate(ranks)]
+    plan = fold_plan(trees, fan_in)
+    if len(trees) < 2:
+        assert plan == []
+        return
+    # Every tree is folded in exactly once, and the last merge is the root.
+    leaves = [c for job in plan for c in job.children if not c.startswith("f")]
+    assert sorted(leaves) == sorted(t for t, _ in trees)
+    assert all(job.children[0] == prev.id for prev, job in itertools.pairwise(plan))
+    assert len(plan) == -(-(len(trees) - 1) // (fan_in - 1))
+    assert fold_plan(trees, fan_in) == plan  # ids come from the children
+    # A new tree no bigger than any other goes last: the old chain is reused
+    # whole when the last group was full, else all but its last merge.
+    if new_rank <= min(ranks):
+        again = fold_plan([*trees, ("new", new_rank)], fan_in)
+        full = (len(trees) - 1) % (fan_in - 1) == 0
+        kept = plan if full else plan[:-1]
+        assert again[: len(kept)] == kept
