@@ -223,12 +223,6 @@ class Store:
         )
         return [(int(r[0]), r[1], int(r[2])) for r in rows]
 
-    def trajectory_body(self, trajectory_id: str) -> dict[str, Any] | None:
-        row = self._db.execute(
-            "SELECT body FROM trajectories WHERE id = ?", (trajectory_id,)
-        ).fetchone()
-        return None if row is None else dict(json.loads(row[0]))
-
     # -- subsets ----------------------------------------------------------
     def next_subset_number(self) -> int:
         row = self._db.execute("SELECT COALESCE(MAX(seq), 0) FROM subsets").fetchone()
