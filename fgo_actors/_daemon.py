@@ -699,7 +699,11 @@ class StreamingOptimizer:
 
     async def _merge_node(self, job: MergeJob, *, role: str) -> MergeNode:
         """Run one merge (retrying through endpoint outages) and store its node."""
-        structlog.contextvars.bind_contextvars(actor=f"merger/{job.id}")
+        # Bound for this call only: the publisher's own folds run in its task.
+        with structlog.contextvars.bound_contextvars(actor=f"merger/{job.id}"):
+            return await self._run_merge(job, role)
+
+    async def _run_merge(self, job: MergeJob, role: str) -> MergeNode:
         children = [await self.store.call(self.store.sync.node, c) for c in job.children]
         missing = [c for c, n in zip(job.children, children, strict=True) if n is None]
         if missing:
