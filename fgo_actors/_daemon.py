@@ -785,9 +785,6 @@ class StreamingOptimizer:
         root_id = root.id
         self._log.info("folded", trees=len(ids), merges_reused=reused, node=root_id)
         self._published_trees = ids
-        if self._latest is not None and self._latest.module == root.module:
-            self.events.emit("unchanged", node=root_id, version=self._latest.n)
-            return
         stats = await self.store.call(self.store.sync.node_stats, ids)
         lineage: dict[str, Any] = {
             "node": root_id,
@@ -798,6 +795,16 @@ class StreamingOptimizer:
             "tokens": self._tokens_spent(),
             "scores": None,
         }
+        latest = self._latest
+        if (
+            latest is not None
+            and same_content(latest.module, root.module)
+            and latest.lineage.get("trajectories") == lineage["trajectories"]
+        ):
+            # Nothing new to say (say, a fold that got the same reply as the
+            # forest merge of the same children): no new version.
+            self.events.emit("unchanged", node=root_id, version=latest.n)
+            return
         status = "published"
         if self.config.validation is not None:
             current = self._latest.module if self._latest else self.config.initial
@@ -880,6 +887,17 @@ class StreamingOptimizer:
             optimizing=self._optimizing,
             merges_in_flight=len(self._forest.in_flight()) if self._forest else 0,
         )
+
+
+def same_content(a: Module, b: Module) -> bool:
+    """Whether two modules would steer an agent the same way: the same
+    instructions, rule texts and functions (rule ids and provenance aside, as
+    when a fold and a forest merge of the same children got the same reply)."""
+    return (
+        a.instructions == b.instructions
+        and [r.text for r in a.rules] == [r.text for r in b.rules]
+        and a.functions == b.functions
+    )
 
 
 def bounded(node: MergeNode, cap: int) -> MergeNode:

@@ -240,6 +240,7 @@ class LLMGateway:
         self._prompt: dict[str, int] = {}
         self._completion: dict[str, int] = {}
         self._cached: dict[str, int] = {}
+        self._sending: dict[str, trio.Event] = {}  # cache keys of requests on their way
         self._retries = 0
         self._reasks = 0
         self._in_flight = 0
@@ -357,8 +358,15 @@ class LLMGateway:
                 }
             else:
                 body["response_format"] = {"type": "json_object", "schema": schema}
-        key = request_key(body) if self.cache is not None else None
-        if self.cache is not None and key is not None:
+        if self.cache is None:
+            return await self._send(role, body, messages, max_tokens, accept_cut, reask, None)
+        key = request_key(body)
+        # The same request already on its way (two tasks asking the same merge)
+        # is sent once: wait for it, then take its reply from the cache.
+        while (sent := self._sending.get(key)) is not None:
+            await sent.wait()
+        self._sending[key] = trio.Event()
+        try:
             hit = await self.cache.get(key, role)
             if hit is not None:
                 # A call paid for before (by this process or one that died):
@@ -366,6 +374,21 @@ class LLMGateway:
                 self._cached[role] = self._cached.get(role, 0) + 1
                 self._log.info("llm_call_cached", role=role)
                 return self._reply_content(hit, max_tokens, accept_cut)
+            return await self._send(role, body, messages, max_tokens, accept_cut, reask, key)
+        finally:
+            self._sending.pop(key).set()
+
+    async def _send(
+        self,
+        role: str,
+        body: dict[str, Any],
+        messages: Sequence[dict[str, str]],
+        max_tokens: int | None,
+        accept_cut: bool,
+        reask: bool,
+        key: str | None,
+    ) -> str:
+        """Send ``body`` (with retries), book its usage, cache it under ``key``."""
         # Counting a long prompt costs about 0.25 ms per 1k tokens, so it is done
         # only when needed: to reserve budget, or when the server reports no usage.
         prompt_estimate: int | None = None

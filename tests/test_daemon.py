@@ -341,6 +341,35 @@ async def test_response_cache_replays_a_finished_call(start_llm: StartLLM, tmp_p
         store.close()
 
 
+async def test_the_same_request_on_its_way_twice_is_sent_once(
+    start_llm: StartLLM, tmp_path: Path
+) -> None:
+    """Two tasks asking the same merge at once (a fold beside the forest's own
+    merge) share one call and get the same reply; a different request is not held."""
+    server, url = await start_llm(latency=0.5)
+    from fgo_actors._store import AsyncStore, StoreCache
+
+    store = Store(tmp_path / "c.db")
+    replies: list[str] = []
+    try:
+        cache = StoreCache(AsyncStore(store))
+        async with (
+            LLMGateway(GatewayConfig(base_url=url, model="m"), cache=cache) as gw,
+            trio.open_nursery() as nursery,
+        ):
+
+            async def ask(text: str) -> None:
+                messages = [{"role": "user", "content": text}]
+                replies.append(await gw.chat("merge", messages, max_tokens=16))
+
+            for text in ("same", "same", "other"):
+                nursery.start_soon(ask, text)
+        assert len(server.requests) == 2
+        assert gw.statistics().cached == {"merge": 1}
+    finally:
+        store.close()
+
+
 async def test_library_backpressure_blocks_submit_when_the_pipeline_is_full(
     start_llm: StartLLM, tmp_path: Path
 ) -> None:
