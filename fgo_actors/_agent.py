@@ -212,6 +212,28 @@ def _drop_oldest_half(
     return window
 
 
+async def _ask(
+    gateway: LLMGateway,
+    system: str,
+    window: list[dict[str, str]],
+    user: str,
+    max_tokens: int,
+    history_tokens: int,
+) -> tuple[str, list[dict[str, str]]]:
+    """One agent turn: send the system prompt, the earlier turns and ``user``;
+    return the reply (an empty one becomes a note, an invalid turn) and the
+    turns so far, the oldest half dropped once they outgrow ``history_tokens``."""
+    messages = [{"role": "system", "content": system}, *window, {"role": "user", "content": user}]
+    try:
+        reply = await gateway.chat("agent", messages, max_tokens=max_tokens, accept_cut=True)
+    except ReplyRejectedError as e:
+        reply = f"(no usable reply: {e})"
+    window = [*window, {"role": "user", "content": user}, {"role": "assistant", "content": reply}]
+    if gateway.counter.count_messages(window) > history_tokens:
+        window = _drop_oldest_half(window, gateway.counter, history_tokens)
+    return reply, window
+
+
 def macros_from(
     function: str, value: object, valid_actions: Sequence[str], config: AgentConfig
 ) -> tuple[list[Macro], str | None]:
@@ -416,21 +438,10 @@ async def rollout(
             note,
             restate=config.restate_rules,
         )
-        messages = [
-            {"role": "system", "content": system},
-            *window,
-            {"role": "user", "content": user},
-        ]
-        try:
-            reply = await gateway.chat(
-                "agent", messages, max_tokens=config.max_reply_tokens, accept_cut=True
-            )
-        except ReplyRejectedError as e:  # an empty reply: an invalid turn
-            reply = f"(no usable reply: {e})"
+        reply, window = await _ask(
+            gateway, system, window, user, config.max_reply_tokens, config.history_tokens
+        )
         steps += 1
-        window += [{"role": "user", "content": user}, {"role": "assistant", "content": reply}]
-        if gateway.counter.count_messages(window) > config.history_tokens:
-            window = _drop_oldest_half(window, gateway.counter, config.history_tokens)
         choice = parse_choice(reply, len(options))
         # The record is compact (what an optimizer needs to read): the
         # observation, and the reply with the option it chose; not the option
@@ -497,21 +508,10 @@ async def _call_rollout(
     observation = result.observation
     while not result.done and steps < config.max_steps:
         user = call_message(observation, module, note, restate=config.restate_rules)
-        messages = [
-            {"role": "system", "content": system},
-            *window,
-            {"role": "user", "content": user},
-        ]
-        try:
-            reply = await gateway.chat(
-                "agent", messages, max_tokens=config.max_call_tokens, accept_cut=True
-            )
-        except ReplyRejectedError as e:  # an empty reply: an invalid turn
-            reply = f"(no usable reply: {e})"
+        reply, window = await _ask(
+            gateway, system, window, user, config.max_call_tokens, config.history_tokens
+        )
         steps += 1
-        window += [{"role": "user", "content": user}, {"role": "assistant", "content": reply}]
-        if gateway.counter.count_messages(window) > config.history_tokens:
-            window = _drop_oldest_half(window, gateway.counter, config.history_tokens)
         action = parse_call_reply(reply)
         seen = "\n".join([observation, *(f"({n})" for n in [note] if n)])
         said = reply.strip()
