@@ -9,6 +9,9 @@ latencies and the client's backoff both run in virtual time.
 Replies are deterministic: an optimize request gets one new rule naming the
 trajectories it saw; a merge request gets the union of the children's rules,
 with lineage. Latency and faults are injectable per request.
+
+``synthetic_trajectory`` makes the deterministic trajectories the tests and
+benchmarks feed it.
 """
 
 from __future__ import annotations
@@ -23,6 +26,40 @@ from typing import Any
 import attrs
 import h11
 import trio
+
+from ._model import Outcome, Step, Trajectory
+
+
+def synthetic_trajectory(
+    i: int,
+    *,
+    steps: int = 4,
+    words: int = 12,
+    groups: int = 3,
+    prefix: str = "t",
+    width: int = 4,
+) -> Trajectory:
+    """Trajectory number ``i``: deterministic, with sizes, groups (``task_type``)
+    and outcomes (one in three fails) that vary with ``i``; its id is
+    ``prefix`` and ``i`` padded to ``width`` digits."""
+    body = [
+        Step(
+            role="user",
+            content=f"observation {i}.{k}: "
+            + " ".join(f"w{(i * 7 + k * 3 + j) % 97}" for j in range(words + (i % 5) * 3)),
+        )
+        if k % 2 == 0
+        else Step(role="assistant", content=f"action {k} for item {i}")
+        for k in range(steps)
+    ]
+    return Trajectory(
+        id=f"{prefix}{i:0{width}d}",
+        task=f"task number {i}",
+        steps=tuple(body),
+        outcome=Outcome(success=i % 3 != 0, score=float(i % 3 != 0)),
+        metadata={"task_type": f"type{i % groups}"},
+    )
+
 
 Policy = Callable[[dict[str, Any]], str]
 Latency = Callable[[dict[str, Any]], float]

@@ -89,8 +89,7 @@ import attrs
 import httpx
 import trio
 
-from fgo_actors import Outcome, Step, Trajectory
-from fgo_actors.testing import FakeLLMServer
+from fgo_actors.testing import FakeLLMServer, synthetic_trajectory
 
 ROOT = Path(__file__).resolve().parent.parent
 MAX_CONNECTION_RETRIES = 20
@@ -102,25 +101,11 @@ MAX_CONNECTION_RETRIES = 20
 def make_record(
     i: int, *, steps: int, words: int, groups: int = 5, prefix: str = "t"
 ) -> dict[str, Any]:
-    """Trajectory ``i`` as JSON: deterministic, with varied sizes, groups and outcomes
-    (the shape of ``tests/conftest.py``'s ``make_trajectories``)."""
-    body = [
-        Step(
-            role="user",
-            content=f"observation {i}.{k}: "
-            + " ".join(f"w{(i * 7 + k * 3 + j) % 97}" for j in range(words + (i % 5) * 3)),
-        )
-        if k % 2 == 0
-        else Step(role="assistant", content=f"action {k} for item {i}")
-        for k in range(steps)
-    ]
-    return Trajectory(
-        id=f"{prefix}{i:07d}",
-        task=f"task number {i}",
-        steps=tuple(body),
-        outcome=Outcome(success=i % 3 != 0, score=float(i % 3 != 0)),
-        metadata={"task_type": f"type{i % groups}"},
-    ).to_json()
+    """Trajectory ``i`` as JSON (``fgo_actors.testing.synthetic_trajectory``)."""
+    trajectory = synthetic_trajectory(
+        i, steps=steps, words=words, groups=groups, prefix=prefix, width=7
+    )
+    return trajectory.to_json()
 
 
 def jsonl(records: Sequence[dict[str, Any]]) -> bytes:

@@ -16,8 +16,8 @@ import pytest
 import structlog
 import trio
 
-from fgo_actors import Outcome, Step, Trajectory
-from fgo_actors.testing import FakeLLMServer
+from fgo_actors import Trajectory
+from fgo_actors.testing import FakeLLMServer, synthetic_trajectory
 
 ROOT = Path(__file__).resolve().parent.parent
 EXAMPLES = ROOT / "examples" / "trajectories.jsonl"
@@ -114,28 +114,10 @@ def make_trajectories(
     n: int, *, steps: int = 4, words: int = 12, groups: int = 3, prefix: str = "t"
 ) -> list[Trajectory]:
     """Deterministic synthetic trajectories with varied sizes, groups and outcomes."""
-    out = []
-    for i in range(n):
-        body = [
-            Step(
-                role="user",
-                content=f"observation {i}.{k}: "
-                + " ".join(f"w{(i * 7 + k * 3 + j) % 97}" for j in range(words + (i % 5) * 3)),
-            )
-            if k % 2 == 0
-            else Step(role="assistant", content=f"action {k} for item {i}")
-            for k in range(steps)
-        ]
-        out.append(
-            Trajectory(
-                id=f"{prefix}{i:04d}",
-                task=f"task number {i}",
-                steps=tuple(body),
-                outcome=Outcome(success=i % 3 != 0, score=float(i % 3 != 0)),
-                metadata={"task_type": f"type{i % groups}"},
-            )
-        )
-    return out
+    return [
+        synthetic_trajectory(i, steps=steps, words=words, groups=groups, prefix=prefix)
+        for i in range(n)
+    ]
 
 
 def examples() -> list[dict[str, Any]]:
