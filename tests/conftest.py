@@ -16,7 +16,7 @@ import pytest
 import structlog
 import trio
 
-from fgo_actors import Trajectory
+from fgo_actors import DaemonConfig, GatewayConfig, RunConfig, Trajectory
 from fgo_actors.testing import FakeLLMServer, synthetic_trajectory
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -108,6 +108,21 @@ def server_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
             proc.kill()
             proc.wait(timeout=10)
         proc.stdout.close()
+
+
+def daemon_config(store: Path, url: str, **kw: Any) -> DaemonConfig:
+    """A streaming optimizer for tests: store at ``store``, the LLM at ``url``,
+    a 4k context, short waits; ``kw`` overrides any field."""
+    options: dict[str, Any] = {
+        "store": store,
+        "gateway": GatewayConfig(base_url=url, model="m", max_concurrency=4),
+        "run": RunConfig(context_tokens=4096, subset_tokens=2000),
+        "max_wait": 0.5,
+        "publish_interval": 0.0,
+        "retry_pause": 0.2,
+        **kw,
+    }
+    return DaemonConfig(**options)
 
 
 def make_trajectories(

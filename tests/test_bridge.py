@@ -7,24 +7,10 @@ from pathlib import Path
 
 import pytest
 
-from fgo_actors import GatewayConfig, RunConfig
 from fgo_actors._bridge import _guests, open_optimizer_asyncio
-from fgo_actors._daemon import DaemonConfig
 from fgo_actors._store import StoreError
 
-from .conftest import make_trajectories
-
-
-def _config(store: Path, url: str, **kw: object) -> DaemonConfig:
-    options: dict[str, object] = {
-        "store": store,
-        "gateway": GatewayConfig(base_url=url, model="m"),
-        "run": RunConfig(context_tokens=4096, subset_tokens=2000),
-        "max_wait": 0.2,
-        "publish_interval": 0.0,
-        **kw,
-    }
-    return DaemonConfig(**options)  # type: ignore[arg-type]
+from .conftest import daemon_config, make_trajectories
 
 
 def test_asyncio_program_submits_and_awaits_a_published_version(
@@ -34,7 +20,7 @@ def test_asyncio_program_submits_and_awaits_a_published_version(
 
     async def program() -> tuple[int, int, int, bool]:
         async with (
-            open_optimizer_asyncio(_config(tmp_path / "a.db", server_url)) as opt,
+            open_optimizer_asyncio(daemon_config(tmp_path / "a.db", server_url)) as opt,
             opt.versions() as versions,
         ):
             result = await opt.submit_many([t.to_json() for t in data])
@@ -55,8 +41,8 @@ def test_two_optimizers_on_one_loop_share_one_guest_run(server_url: str, tmp_pat
     async def program() -> list[int]:
         loop = asyncio.get_running_loop()
         async with (
-            open_optimizer_asyncio(_config(tmp_path / "a.db", server_url)) as a,
-            open_optimizer_asyncio(_config(tmp_path / "b.db", server_url)) as b,
+            open_optimizer_asyncio(daemon_config(tmp_path / "a.db", server_url)) as a,
+            open_optimizer_asyncio(daemon_config(tmp_path / "b.db", server_url)) as b,
         ):
             assert _guests[loop].users == 2
             await a.submit_many(make_trajectories(3, prefix="a"))
@@ -79,7 +65,7 @@ def test_cancelling_an_asyncio_call_cancels_it_in_trio(server_url: str, tmp_path
     data = make_trajectories(200)
 
     async def program() -> int:
-        config = _config(
+        config = daemon_config(
             tmp_path / "c.db", "http://127.0.0.1:9/v1", max_pending_subsets=1, max_wait=0.01
         )
         async with open_optimizer_asyncio(config, grace=0) as opt:
@@ -99,7 +85,7 @@ def test_an_optimizer_that_cannot_open_raises_its_error(tmp_path: Path) -> None:
     bogus.write_text("not a database\n" * 100)
 
     async def program() -> None:
-        async with open_optimizer_asyncio(_config(bogus, "http://127.0.0.1:9/v1")):
+        async with open_optimizer_asyncio(daemon_config(bogus, "http://127.0.0.1:9/v1")):
             pass
 
     with pytest.raises(StoreError, match="cannot use as a store"):

@@ -14,13 +14,13 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from fgo_actors import GatewayConfig, LLMGateway, MergeForest, RunConfig
-from fgo_actors._daemon import DaemonConfig, open_optimizer, parse_body
+from fgo_actors._daemon import open_optimizer, parse_body
 from fgo_actors._forest import expected_merges
 from fgo_actors._partition import StreamPacker
 from fgo_actors._store import Store, StoreError
 from fgo_actors.testing import RecordedRequest
 
-from .conftest import StartLLM, make_trajectories
+from .conftest import StartLLM, daemon_config, make_trajectories
 
 # ---------------------------------------------------------------- pure parts
 
@@ -157,19 +157,6 @@ def test_store_refuses_a_newer_schema(tmp_path: Path) -> None:
 # ---------------------------------------------------------------- the daemon
 
 
-def _config(tmp_path: Path, url: str, **kw: Any) -> DaemonConfig:
-    options: dict[str, Any] = {
-        "store": tmp_path / "fgo.db",
-        "gateway": GatewayConfig(base_url=url, model="m", max_concurrency=4),
-        "run": RunConfig(context_tokens=4096, subset_tokens=2000),
-        "max_wait": 0.5,
-        "publish_interval": 0.0,
-        "retry_pause": 0.2,
-    }
-    options.update(kw)
-    return DaemonConfig(**options)
-
-
 def _optimize_ids(requests: list[RecordedRequest]) -> list[frozenset[str]]:
     """The trajectory ids in each optimize prompt (one per subset)."""
     import re
@@ -186,7 +173,7 @@ async def test_stream_in_and_a_version_with_every_trajectory_comes_out(
 ) -> None:
     server, url = await start_llm()
     data = make_trajectories(30)
-    async with open_optimizer(_config(tmp_path, url)) as opt:
+    async with open_optimizer(daemon_config(tmp_path / "fgo.db", url)) as opt:
         assert opt.latest_module() is None
         for trajectory in data[:10]:
             assert (await opt.submit(trajectory)).accepted == 1
@@ -225,7 +212,7 @@ async def test_bad_records_are_reported_by_line_and_the_rest_accepted(
             json.dumps(good[1]),
         ]
     )
-    async with open_optimizer(_config(tmp_path, url)) as opt:
+    async with open_optimizer(daemon_config(tmp_path / "fgo.db", url)) as opt:
         result = await opt.submit_text(body)
     assert (result.accepted, result.duplicate) == (2, 0)
     assert [r.line for r in result.rejected] == [2, 3]
@@ -236,7 +223,7 @@ async def test_bad_records_are_reported_by_line_and_the_rest_accepted(
 async def test_versions_iterator_sees_each_publication(start_llm: StartLLM, tmp_path: Path) -> None:
     _server, url = await start_llm()
     data = make_trajectories(12)
-    async with open_optimizer(_config(tmp_path, url)) as opt:
+    async with open_optimizer(daemon_config(tmp_path / "fgo.db", url)) as opt:
         got: list[int] = []
 
         async def follow() -> None:
@@ -262,7 +249,7 @@ async def test_rollback_publishes_the_old_module_again_and_survives_a_restart(
 ) -> None:
     _server, url = await start_llm()
     data = make_trajectories(12)
-    config = _config(tmp_path, url)
+    config = daemon_config(tmp_path / "fgo.db", url)
     async with open_optimizer(config) as opt:
         await opt.submit_many(data[:6])
         await opt.wait_idle()
@@ -291,7 +278,7 @@ async def test_restart_resumes_without_losing_or_redoing_work(
     version, and no subset finished before the stop is optimized again."""
     server, url = await start_llm(latency=0.05)
     data = make_trajectories(40)
-    config = _config(tmp_path, url, max_wait=0.2)
+    config = daemon_config(tmp_path / "fgo.db", url, max_wait=0.2)
     async with open_optimizer(config, grace=0) as opt:
         await opt.submit_many(data)
         while opt.statistics().subsets_done < 3:  # noqa: ASYNC110
@@ -378,8 +365,8 @@ async def test_library_backpressure_blocks_submit_when_the_pipeline_is_full(
     to stop waiting. Whatever was stored stays stored."""
     _server, url = await start_llm(latency=1000)  # the LLM never answers in time
     data = make_trajectories(100)
-    config = _config(
-        tmp_path,
+    config = daemon_config(
+        tmp_path / "fgo.db",
         url,
         run=RunConfig(context_tokens=4096, subset_tokens=2000, optimizers=1),
         max_pending_subsets=1,
@@ -405,7 +392,7 @@ async def test_provenance_stays_bounded_however_long_the_stream(
 ) -> None:
     """Unbounded, this run's rules name up to 2 subsets and 6 trajectories."""
     _server, url = await start_llm()
-    async with open_optimizer(_config(tmp_path, url, provenance_cap=1)) as opt:
+    async with open_optimizer(daemon_config(tmp_path / "fgo.db", url, provenance_cap=1)) as opt:
         await opt.submit_many(make_trajectories(40))
         await opt.wait_idle()
         version = opt.latest_version()

@@ -33,7 +33,6 @@ from starlette.routing import Route
 
 from fgo_actors import (
     DaemonConfig,
-    GatewayConfig,
     Module,
     RunConfig,
     StreamingOptimizer,
@@ -42,7 +41,7 @@ from fgo_actors import (
 from fgo_actors._http import make_app, serve_http
 from fgo_actors._store import Store
 
-from .conftest import ROOT, StartLLM, make_trajectories
+from .conftest import ROOT, StartLLM, daemon_config, make_trajectories
 
 PROTOCOLS = ROOT / "protocols"
 # The spec's base URI: its relative $refs ("module.schema.json") resolve to
@@ -205,19 +204,6 @@ def _metrics(text: str) -> dict[str, dict[str, Any]]:
     return families
 
 
-def _config(tmp_path: Path, url: str, **kw: Any) -> DaemonConfig:
-    options: dict[str, Any] = {
-        "store": tmp_path / "fgo.db",
-        "gateway": GatewayConfig(base_url=url, model="m", max_concurrency=4),
-        "run": RunConfig(context_tokens=4096, subset_tokens=2000),
-        "max_wait": 0.5,
-        "publish_interval": 0.0,
-        "retry_pause": 0.2,
-    }
-    options.update(kw)
-    return DaemonConfig(**options)
-
-
 @asynccontextmanager
 async def _serving(
     config: DaemonConfig, *, grace: float = 10.0, **http: Any
@@ -315,7 +301,10 @@ async def test_live_api_conforms_to_the_spec(start_llm: StartLLM, tmp_path: Path
     rejected_module = _seed_rejected_version(tmp_path / "fgo.db")
     data = [t.to_json() for t in make_trajectories(12)]
     async with (
-        _serving(_config(tmp_path, url), token=TOKEN, max_body_bytes=MAX_BODY) as (opt, base),
+        _serving(daemon_config(tmp_path / "fgo.db", url), token=TOKEN, max_body_bytes=MAX_BODY) as (
+            opt,
+            base,
+        ),
         _client(base) as client,
         _client(base, token=None) as anonymous,
         _client(base, token="wrong") as wrong,
@@ -463,8 +452,8 @@ async def test_live_api_conforms_to_the_spec(start_llm: StartLLM, tmp_path: Path
     # A saturated daemon: its LLM never answers, so the one subset it may hold
     # (max_pending_subsets=1) stays unoptimized, and ingest pushes back.
     _stalled, stalled_url = await start_llm(latency=1000)
-    config = _config(
-        tmp_path / "sat",
+    config = daemon_config(
+        tmp_path / "sat" / "fgo.db",
         stalled_url,
         run=RunConfig(context_tokens=4096, subset_tokens=2000, optimizers=1),
         max_pending_subsets=1,
@@ -499,7 +488,10 @@ async def test_a_version_number_past_sqlite_integers_is_404(
 ) -> None:
     _server, url = await start_llm()
     conformance = Conformance()
-    async with _serving(_config(tmp_path, url)) as (_opt, base), _client(base) as client:
+    async with (
+        _serving(daemon_config(tmp_path / "fgo.db", url)) as (_opt, base),
+        _client(base) as client,
+    ):
         for method, path in [
             ("GET", "/v1/module/versions/{n}"),
             ("POST", "/v1/module/rollback/{n}"),
@@ -516,7 +508,7 @@ async def test_the_ingest_event_counts_every_refused_record(
     conformance = Conformance()
     body = json.dumps(make_trajectories(1)[0].to_json()) + "\nnot json\n"
     async with (
-        _serving(_config(tmp_path, url)) as (_opt, base),
+        _serving(daemon_config(tmp_path / "fgo.db", url)) as (_opt, base),
         _client(base) as client,
         _events(client) as (_stream, lines),
     ):
@@ -538,7 +530,10 @@ async def test_metrics_write_big_counts_exactly(
 ) -> None:
     _server, url = await start_llm()
     conformance = Conformance()
-    async with _serving(_config(tmp_path, url)) as (opt, base), _client(base) as client:
+    async with (
+        _serving(daemon_config(tmp_path / "fgo.db", url)) as (opt, base),
+        _client(base) as client,
+    ):
         real = opt.statistics
         monkeypatch.setattr(
             opt,
@@ -558,8 +553,8 @@ async def test_a_body_bigger_than_the_room_left_is_answered_at_once(
 ) -> None:
     _server, url = await start_llm(latency=1000)  # the LLM never answers in time
     conformance = Conformance()
-    config = _config(
-        tmp_path,
+    config = daemon_config(
+        tmp_path / "fgo.db",
         url,
         run=RunConfig(context_tokens=4096, subset_tokens=2000, optimizers=1),
         max_queued=3,
