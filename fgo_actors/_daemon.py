@@ -24,6 +24,7 @@ from __future__ import annotations
 import json
 import math
 import time
+from collections import Counter
 from collections.abc import AsyncGenerator, AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -291,8 +292,9 @@ class StreamingOptimizer:
         self._forest: MergeForest | None = None
         self._folding = False
         self._latest: Version | None = None
-        self._published_trees: tuple[str, ...] | None = None
-        self._counts = (0, 0, 0, 0)  # subsets done, failed; versions published, rejected
+        self._published_trees: frozenset[str] = frozenset()
+        # subsets_done, subsets_failed, versions_published, versions_rejected
+        self._count: Counter[str] = Counter()
         self._trajectories = 0
         self._closed = False
         self._stopping = False
@@ -423,9 +425,8 @@ class StreamingOptimizer:
             self.store.sync.add_version, "published", target.module, lineage, time.time()
         )
         self._latest = version
-        self._published_trees = tuple(trees)
-        done, failed, published, rejected = self._counts
-        self._counts = (done, failed, published + 1, rejected)
+        self._published_trees = frozenset(trees)
+        self._count["versions_published"] += 1
         self.events.emit("publish", version=version.n, rollback_of=n)
         return version
 
@@ -468,18 +469,18 @@ class StreamingOptimizer:
         gw = self.gateway.statistics()
         roles = sorted(set(gw.prompt_tokens) | set(gw.completion_tokens))
         forest = self._forest
-        done, failed, published, rejected = self._counts
+        count = self._count
         return DaemonStatistics(
             trajectories=self._trajectories,
             queued=self._queued,
             subsets_pending=self._pending,
-            subsets_done=done,
-            subsets_failed=failed,
+            subsets_done=count["subsets_done"],
+            subsets_failed=count["subsets_failed"],
             optimizing=self._optimizing,
             merges_in_flight=len(forest.in_flight()) if forest else 0,
             trees=len(forest.trees()) if forest else 0,
-            versions_published=published,
-            versions_rejected=rejected,
+            versions_published=count["versions_published"],
+            versions_rejected=count["versions_rejected"],
             latest_version=self._latest.n if self._latest else None,
             llm_in_flight=gw.in_flight,
             tokens_by_role={
@@ -504,16 +505,16 @@ class StreamingOptimizer:
         sync = self.store.sync
         counts = await self.store.call(sync.counts)
         self._trajectories = counts.trajectories
-        self._counts = (
-            counts.subsets_done,
-            counts.subsets_failed,
-            counts.versions_published,
-            counts.versions_rejected,
+        self._count.update(
+            subsets_done=counts.subsets_done,
+            subsets_failed=counts.subsets_failed,
+            versions_published=counts.versions_published,
+            versions_rejected=counts.versions_rejected,
         )
         self._spent_before = await self.store.call(sync.tokens_spent)
         self._latest = await self.store.call(sync.latest_version)
         if self._latest is not None:
-            self._published_trees = tuple(self._latest.lineage.get("trees", ()))
+            self._published_trees = frozenset(self._latest.lineage.get("trees", ()))
         trees = await self.store.call(sync.forest_trees)
         first_merge = await self.store.call(sync.max_node_number, "m") + 1
         self._forest, jobs = MergeForest.restore(
@@ -545,7 +546,7 @@ class StreamingOptimizer:
         n.start_soon(self._packer, self._queue_recv, self._subsets_send)
         self._queued = self._unfed = counts.unassigned
         n.start_soon(self._feeder, self._queue_send.clone())
-        if trees and {t for t, _ in trees} != set(self._published_trees or ()):
+        if trees and {t for t, _ in trees} != self._published_trees:
             self._changed.set()
 
     async def _feed_pending(self, pending: Sequence[str], out: trio.MemorySendChannel[str]) -> None:
@@ -647,8 +648,7 @@ class StreamingOptimizer:
                 break
             except (UnitFailedError, BudgetExhaustedError) as e:
                 await self.store.call(self.store.sync.fail_subset, subset_id, str(e))
-                done, failed, published, rejected = self._counts
-                self._counts = (done, failed + 1, published, rejected)
+                self._count["subsets_failed"] += 1
                 self.events.emit("optimize_failed", subset=subset_id, error=str(e)[:500])
                 return None
             except LLMUnavailableError as e:
@@ -671,8 +671,7 @@ class StreamingOptimizer:
         )
         node = bounded(node, self.config.provenance_cap)
         await self.store.call(self.store.sync.add_node, node, rank=0)
-        done, failed, published, rejected = self._counts
-        self._counts = (done + 1, failed, published, rejected)
+        self._count["subsets_done"] += 1
         self.events.emit("optimize", subset=subset_id, rules=len(module.rules))
         return node
 
@@ -747,7 +746,7 @@ class StreamingOptimizer:
                     await self._activity.wait()
             trees = self._frontier()
             ids = tuple(t for t, _ in trees)
-            if not trees or set(ids) == set(self._published_trees or ()):
+            if not trees or set(ids) == self._published_trees:
                 continue
             self._folding = True
             try:
@@ -784,7 +783,7 @@ class StreamingOptimizer:
         assert root is not None
         root_id = root.id
         self._log.info("folded", trees=len(ids), merges_reused=reused, node=root_id)
-        self._published_trees = ids
+        self._published_trees = frozenset(ids)
         stats = await self.store.call(self.store.sync.node_stats, ids)
         lineage: dict[str, Any] = {
             "node": root_id,
@@ -819,13 +818,12 @@ class StreamingOptimizer:
         version = await self.store.call(
             self.store.sync.add_version, status, root.module, lineage, time.time()
         )
-        done, failed, published, rejected = self._counts
         if status == "rejected":
-            self._counts = (done, failed, published, rejected + 1)
+            self._count["versions_rejected"] += 1
             self.events.emit("reject", version=version.n, node=root_id, scores=lineage["scores"])
             return
         self._latest = version
-        self._counts = (done, failed, published + 1, rejected)
+        self._count["versions_published"] += 1
         self.events.emit(
             "publish",
             version=version.n,

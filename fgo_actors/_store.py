@@ -132,10 +132,8 @@ class StoreCounts:
     subsets_pending: int
     subsets_done: int
     subsets_failed: int
-    nodes: int
     versions_published: int
     versions_rejected: int
-    cached_responses: int
 
 
 def _dumps(value: object) -> str:
@@ -460,10 +458,8 @@ class Store:
             subsets_pending=int(states.get("pending", 0)),
             subsets_done=int(states.get("done", 0)),
             subsets_failed=int(states.get("failed", 0)),
-            nodes=one("SELECT COUNT(*) FROM nodes"),
             versions_published=int(statuses.get("published", 0)),
             versions_rejected=int(statuses.get("rejected", 0)),
-            cached_responses=one("SELECT COUNT(*) FROM llm_cache"),
         )
 
 
