@@ -38,10 +38,41 @@ def interleave(successes: Sequence[T], failures: Sequence[T]) -> list[T]:
     return out
 
 
+def spread(ranked: Sequence[T]) -> list[T]:
+    """Reorder a ranked list so every prefix samples all of its ranks.
+
+    The upper and the lower half are each spread the same way, then
+    interleaved: each prefix holds the upper half in about its share (off by
+    at most one), each half's prefix holds its own upper half likewise, and
+    so on. So a contiguous slice holds the top ranks, the middle and the
+    bottom in about their overall proportions, whatever its length.
+    """
+    if len(ranked) <= 1:
+        return list(ranked)
+    half = (len(ranked) + 1) // 2
+    return interleave(spread(ranked[:half]), spread(ranked[half:]))
+
+
+def _by_score(items: Sequence[RenderedTrajectory]) -> list[RenderedTrajectory]:
+    """``items`` spread by outcome score (highest first, no score lowest; ties
+    keep their order), or as they are when all scores are the same."""
+    if len({it.score for it in items}) <= 1:
+        return list(items)
+    ranked = sorted(items, key=lambda it: -math.inf if it.score is None else it.score, reverse=True)
+    return spread(ranked)
+
+
 def order_for_packing(
     items: Sequence[RenderedTrajectory], seed: int = 0
 ) -> list[RenderedTrajectory]:
-    """Group by ``group`` (sorted), shuffle within a group by ``seed``, stratify by outcome."""
+    """Group by ``group`` (sorted), shuffle within a group by ``seed``, stratify by outcome
+    and, within an outcome, by score.
+
+    The subsets are contiguous slices of this order, so each holds successes
+    and failures in the group's proportions, and its failures span the scores:
+    the near misses (partial progress) are spread over the subsets rather
+    than packed into a few.
+    """
     rng = random.Random(seed)
     groups: dict[str, list[RenderedTrajectory]] = {}
     for it in items:
@@ -53,7 +84,7 @@ def order_for_packing(
         fail = [m for m in members if not m.success]
         rng.shuffle(succ)
         rng.shuffle(fail)
-        out.extend(interleave(succ, fail))
+        out.extend(interleave(_by_score(succ), _by_score(fail)))
     return out
 
 

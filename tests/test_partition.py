@@ -3,17 +3,19 @@
 from __future__ import annotations
 
 import itertools
+import math
 import re
 from collections import Counter
 from collections.abc import Sequence
 
+import attrs
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from fgo_actors import Outcome, Step, Trajectory, default_counter
 from fgo_actors._model import RenderedTrajectory
-from fgo_actors._partition import interleave, item_budget, order_for_packing, pack
+from fgo_actors._partition import interleave, item_budget, order_for_packing, pack, spread
 from fgo_actors._prompts import MIN_RENDER_TOKENS, PER_ITEM_SLACK, render_trajectory
 from fgo_actors.actors.partitioner import make_subsets
 
@@ -65,19 +67,48 @@ def sizes_and_budget(draw: st.DrawFn, max_size: int = 80) -> tuple[list[int], in
     return sizes, budget
 
 
+scores = st.one_of(
+    st.none(),
+    st.sampled_from([0.0, 0.25, 0.5, 0.75, 1.0]),
+    st.floats(min_value=0, max_value=1),
+)
+
 rendered_items = st.lists(
     st.tuples(
         st.sampled_from(["", "alpha", "beta", "gamma"]),
         st.booleans(),
         st.integers(min_value=0, max_value=300),
+        scores,
     ),
     max_size=60,
 ).map(
     lambda rows: [
-        RenderedTrajectory(id=f"t{i}", text=f"text {i}", tokens=tok, success=ok, group=g)
-        for i, (g, ok, tok) in enumerate(rows)
+        RenderedTrajectory(
+            id=f"t{i}", text=f"text {i}", tokens=tok, success=ok, group=g, score=score
+        )
+        for i, (g, ok, tok, score) in enumerate(rows)
     ]
 )
+
+
+def spread_bound(n: int) -> float:
+    """How far from its share a score band may be in any prefix of ``n`` spread items:
+    half an item per level of halving, one level more for uneven halves."""
+    return 1 + math.log2(max(n, 1)) / 2
+
+
+def assert_spread(values: Sequence[float | None]) -> None:
+    """Every band of top values (all values at or above a threshold) holds about its
+    share of every prefix: the high and the low values are spread over the order."""
+    n = len(values)
+    ranked = [-math.inf if v is None else v for v in values]
+    for threshold in set(ranked):
+        flags = [v >= threshold for v in ranked]
+        total = sum(flags)
+        seen = 0
+        for k, flag in enumerate(flags, start=1):
+            seen += flag
+            assert abs(seen - k * total / n) <= spread_bound(n), (threshold, k, values)
 
 
 # -- interleave --------------------------------------------------------------
@@ -129,10 +160,12 @@ def test_order_for_packing_is_a_grouped_stratified_permutation(
     assert len(groups_in_order) == len(set(groups_in_order))
     assert groups_in_order == sorted(groups_in_order)
 
-    # Within a group, outcomes are stratified.
+    # Within a group, outcomes are stratified, and within an outcome, scores are spread.
     for g in set(groups_in_order):
         members = [i.success for i in out if i.group == g]
         assert_stratified(members, sum(members))
+        for outcome in (True, False):
+            assert_spread([i.score for i in out if i.group == g and i.success == outcome])
 
     # Deterministic for a seed.
     assert order_for_packing(items, seed) == out
@@ -147,6 +180,44 @@ def test_order_for_packing_seed_only_shuffles_within_outcome() -> None:
     b = order_for_packing(items, 2)
     assert [i.success for i in a] == [i.success for i in b]
     assert a != b
+
+
+@SETTINGS
+@given(n=st.integers(min_value=0, max_value=200))
+def test_spread_puts_every_band_of_ranks_in_every_prefix(n: int) -> None:
+    out = spread(list(range(n)))
+    assert sorted(out) == list(range(n))
+    # The upper half, exactly as interleave stratifies: off by at most one.
+    assert_stratified([r < (n + 1) // 2 for r in out], (n + 1) // 2)
+    # Any top band, within half an item per level of halving.
+    assert_spread([float(n - r) for r in out])
+
+
+def test_order_for_packing_spreads_partial_progress_over_the_subsets() -> None:
+    """Three near misses among twelve failures: one in each of three subsets,
+    where sorting by score would put them all in one."""
+    items = [
+        RenderedTrajectory(
+            id=f"f{i}", text="", tokens=10, success=False, group="", score=0.5 if i < 3 else 0.0
+        )
+        for i in range(12)
+    ]
+    for seed in range(20):
+        subsets = make_subsets(items, 4 * (10 + PER_ITEM_SLACK), seed)
+        assert [len(s.items) for s in subsets] == [4, 4, 4]
+        assert [sum(t.score == 0.5 for t in s.items) for s in subsets] == [1, 1, 1]
+
+
+def test_order_for_packing_leaves_equal_scores_in_shuffled_order() -> None:
+    plain = [
+        RenderedTrajectory(id=f"t{i}", text="", tokens=1, success=i % 3 == 0, group="g")
+        for i in range(30)
+    ]
+    scored = [attrs.evolve(t, score=1.0 if t.success else 0.0) for t in plain]
+    for seed in range(5):
+        assert [t.id for t in order_for_packing(scored, seed)] == [
+            t.id for t in order_for_packing(plain, seed)
+        ]
 
 
 # -- pack --------------------------------------------------------------------
@@ -386,6 +457,46 @@ def test_render_trajectory_long_example() -> None:
     assert out.text.endswith("\nOutcome: FAILURE (score 0.25). Feedback: booked the wrong date")
     # The tail of the last step survives.
     assert "lorem \nOutcome:" in out.text
+
+
+def test_render_trajectory_shows_the_score_changes_of_recorded_turns() -> None:
+    def turn(content: str, score: object) -> list[Step]:
+        return [
+            Step(role="user", content="You see a mug.", extra={"valid_actions": ["take mug"]}),
+            Step(role="assistant", content=content, extra={"played": [content], "score": score}),
+        ]
+
+    steps = (
+        Step(role="system", content="Tidy up."),
+        *turn("look around", 0.0),
+        *turn("take mug", 0.0),
+        *turn("put mug in cupboard", 0.25),
+        *turn("inventory", 0.25),
+        *turn("take mug from cupboard", 0),
+        *turn("oops", True),  # not a score
+        *turn("put mug in cupboard", 0.25),
+        *turn("put plate in rack", 1),
+        Step(role="user", content="Done."),
+    )
+    traj = Trajectory(id="e", task="tidy", steps=steps, outcome=Outcome(success=True, score=1.0))
+    lines = render_trajectory(traj, COUNTER, 10**6).text.splitlines()
+    replies = [line for line in lines if line.startswith("[assistant]")]
+    assert replies == [
+        "[assistant] look around",
+        "[assistant] take mug",
+        "[assistant] put mug in cupboard [score +0.25 -> 0.25]",
+        "[assistant] inventory",
+        "[assistant] take mug from cupboard [score -0.25 -> 0]",
+        "[assistant] oops",
+        "[assistant] put mug in cupboard [score +0.25 -> 0.25]",
+        "[assistant] put plate in rack [score +0.75 -> 1]",
+    ]
+    assert "[user] You see a mug." in lines  # user steps are unchanged
+    # Without the extra fields, the same steps render as they always did.
+    bare = attrs.evolve(traj, steps=tuple(attrs.evolve(s, extra={}) for s in steps))
+    text = render_trajectory(bare, COUNTER, 10**6).text
+    assert "[score" not in text
+    assert text.splitlines()[4:6] == ["[user] You see a mug.", "[assistant] look around"]
 
 
 def test_render_trajectory_group_key() -> None:
