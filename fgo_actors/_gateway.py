@@ -11,12 +11,13 @@ from __future__ import annotations
 
 import email.utils
 import hashlib
+import inspect
 import json
 import math
 import re
 import time
-from collections.abc import Callable, Sequence
-from typing import Any, Literal, Protocol, TypeVar
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Any, Literal, Protocol, TypeVar, overload
 
 import attrs
 import httpx
@@ -284,17 +285,37 @@ class LLMGateway:
         return sum(self._prompt.values()) + sum(self._completion.values())
 
     # -- public calls -----------------------------------------------------
+    @overload
+    async def structured(
+        self,
+        role: str,
+        messages: Sequence[dict[str, str]],
+        schema_name: Literal["fgo_optimize", "fgo_merge"],
+        check: Callable[[dict[str, Any]], Awaitable[T]],
+    ) -> T: ...
+
+    @overload
     async def structured(
         self,
         role: str,
         messages: Sequence[dict[str, str]],
         schema_name: Literal["fgo_optimize", "fgo_merge"],
         check: Callable[[dict[str, Any]], T],
-    ) -> T:
+    ) -> T: ...
+
+    async def structured(
+        self,
+        role: str,
+        messages: Sequence[dict[str, str]],
+        schema_name: Literal["fgo_optimize", "fgo_merge"],
+        check: Callable[[dict[str, Any]], Any],
+    ) -> Any:
         """Ask for a reply matching ``schema_name``, then pass it through ``check``.
 
         ``check`` turns the parsed reply into the caller's result or raises
-        ReplyRejectedError; either a parse, schema or check failure re-asks the
+        ReplyRejectedError; it may be a coroutine function (an awaitable it
+        returns is awaited), for checks that run something, such as a
+        proposed function in the sandbox. A parse, schema or check failure re-asks the
         LLM with the error, at most ``max_reasks`` times, then raises
         UnitFailedError. Transport failures raise LLMUnavailableError and an
         exhausted budget BudgetExhaustedError.
@@ -313,7 +334,10 @@ class LLMGateway:
                     field, message = problem
                     raise ReplyRejectedError(f"field {field}: {message}")
                 assert isinstance(obj, dict)
-                return check(obj)
+                result = check(obj)
+                if inspect.isawaitable(result):
+                    return await result
+                return result
             except ReplyRejectedError as e:
                 error = str(e)
                 self._log.warning(

@@ -116,7 +116,9 @@ def daemon_config(store: Path, url: str, **kw: Any) -> DaemonConfig:
     options: dict[str, Any] = {
         "store": store,
         "gateway": GatewayConfig(base_url=url, model="m", max_concurrency=4),
-        "run": RunConfig(context_tokens=4096, subset_tokens=2000),
+        # A 400-token module cap leaves about 900 tokens of each subset for
+        # trajectories: six of make_trajectories' fit in one subset.
+        "run": RunConfig(context_tokens=4096, subset_tokens=2000, module_tokens=400),
         "max_wait": 0.5,
         "publish_interval": 0.0,
         "retry_pause": 0.2,

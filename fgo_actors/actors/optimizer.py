@@ -8,10 +8,12 @@ import structlog
 import trio
 
 from .._edits import apply_actions
-from .._errors import BudgetExhaustedError, UnitFailedError
+from .._errors import BudgetExhaustedError, ReplyRejectedError, UnitFailedError
+from .._fncheck import changed_functions, function_problems, static_problems
 from .._gateway import LLMGateway
 from .._model import MergeNode, Module, RenderedTrajectory, Subset
 from .._prompts import accept_edits, optimize_messages
+from .._sandbox import SandboxLimits
 from .._state import RunState
 
 
@@ -22,22 +24,40 @@ async def optimize_subset(
     *,
     subset_id: str,
     module_tokens: int,
+    function_limits: SandboxLimits | None = None,
 ) -> Module:
-    """One optimize call: the edited module, or UnitFailedError after bounded re-asks."""
-    messages = optimize_messages(module, items, module_tokens=module_tokens)
+    """One optimize call: the edited module, or UnitFailedError after bounded re-asks.
+
+    Every function the reply adds or revises is checked before the reply is
+    kept (``_fncheck``): statically, then replayed in the sandbox (with
+    ``function_limits``, by default the agent's) on the subset's recorded
+    turns, if any. A failing function rejects the reply, and the re-ask names
+    the function, the trajectory and turn, and the error.
+    """
+    messages = optimize_messages(
+        module, items, module_tokens=module_tokens, counter=gateway.counter
+    )
     trajectory_ids = [i.id for i in items]
 
-    def check(reply: dict[str, Any]) -> Module:
+    async def check(reply: dict[str, Any]) -> Module:
         result = apply_actions(
             module, reply["actions"], subset_id=subset_id, trajectory_ids=trajectory_ids
         )
-        return accept_edits(
+        changed = changed_functions(module, result.module)
+        errors = [*result.errors, *(p for fn in changed for p in static_problems(fn))]
+        edited = accept_edits(
             gateway.counter,
             result.module,
-            result.errors,
+            errors,
             module_tokens,
             "merge or remove rules to make room",
         )
+        problems = await function_problems(changed, items, function_limits)
+        if problems:
+            raise ReplyRejectedError(
+                "; ".join(problems) + ". Fix the function or leave it out of the actions."
+            )
+        return edited
 
     return await gateway.structured("optimize", messages, "fgo_optimize", check)
 
