@@ -17,6 +17,12 @@ Built so that a module can steer a small model:
   turn; when the turns outgrow their token budget, the oldest half is
   dropped at once, which costs one cache miss rather than one per step.
 
+Each numbered-options turn is recorded compactly, with the extra fields that
+``turns_of`` reads back: the user step carries ``valid_actions`` (the
+environment's options, macros left out) and the assistant step ``played``
+(the environment actions the turn played; none for an invalid reply) and
+``score`` (the task score after them).
+
 An environment that lists no valid actions at the start of an episode (BFCL
 multi-turn) is played in tool-call mode instead: the system prompt carries the
 task and the environment's ``functions`` (one signature line each, when it has
@@ -31,7 +37,8 @@ them among, and an environment call is already one free-form action.
 from __future__ import annotations
 
 import re
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from typing import Any
 
 import attrs
 import structlog
@@ -451,8 +458,11 @@ async def rollout(
             [observation, *(f"({n})" for n in [note] if n), *(f"(function {p})" for p in problems)]
         )
         chosen = reply.strip() if choice is None else f"{reply.strip()} -> {options[choice]}"
-        recorded += [Step(role="user", content=seen), Step(role="assistant", content=chosen)]
+        # The turn record (``turns_of``): the environment's options on the user
+        # step; the actions played and the score after them on the reply.
+        recorded.append(Step(role="user", content=seen, extra={"valid_actions": actions}))
         if choice is None:
+            recorded.append(turn_reply(chosen, [], result.score))
             invalid_in_a_row += 1
             invalid_total += 1
             note = f"Your last reply ({reply.strip()[:40]!r}) named no listed action number."
@@ -467,11 +477,14 @@ async def rollout(
                 play_macro, env, macros[choice], result
             )
             history += played
+            acted = [a for a, _ in played]
         else:
             action = actions[choice - len(macros)]
             result = await trio.to_thread.run_sync(env.step, action)
             observation = result.observation
             history.append((action, observation))
+            acted = [action]
+        recorded.append(turn_reply(chosen, acted, result.score))
     return _finish(
         task,
         description,
@@ -546,6 +559,12 @@ async def _call_rollout(
     )
 
 
+def turn_reply(content: str, played: Sequence[str], score: float) -> Step:
+    """A turn's assistant step: the reply as recorded, with the environment
+    actions it played and the task score after them (see ``turns_of``)."""
+    return Step(role="assistant", content=content, extra={"played": list(played), "score": score})
+
+
 def _finish(
     task: Task,
     description: str,
@@ -558,8 +577,10 @@ def _finish(
     invalid_replies: int,
     macros_played: int,
     function_problems: list[str],
+    metadata: Mapping[str, Any] | None = None,
 ) -> Trajectory:
-    """The episode as a Trajectory: the steps, the last observation, the outcome."""
+    """The episode as a Trajectory: the steps, the last observation, the outcome.
+    ``metadata`` adds to (or overrides) the fields every episode records."""
     ended = (
         "task solved"
         if result.success
@@ -586,6 +607,8 @@ def _finish(
             "invalid_replies": invalid_replies,
             "macros_played": macros_played,
             "function_problems": function_problems,
+            "policy": "llm",
+            **(metadata or {}),
         },
     )
 
@@ -604,6 +627,28 @@ async def collect(
 
     Each worker owns its environments (one per environment name), made and
     closed in worker threads. LLM calls are bounded by the gateway's limiter.
+    """
+
+    async def play(env: Environment, task: Task) -> Trajectory:
+        return await rollout(env, task, module, gateway, config)
+
+    await play_tasks(tasks, out, play, workers=workers, make_env=make_env, actor="agent")
+
+
+async def play_tasks(
+    tasks: Sequence[Task],
+    out: trio.MemorySendChannel[Trajectory],
+    play: Callable[[Environment, Task], Awaitable[Trajectory]],
+    *,
+    workers: int,
+    make_env: Callable[[str], Environment] | None = None,
+    actor: str = "agent",
+) -> None:
+    """Play every task with ``play(env, task)`` in ``workers`` concurrent
+    workers (named ``<actor>-<n>``); send each Trajectory to ``out`` and close it.
+
+    Each worker owns its environments (one per environment name), made and
+    closed in worker threads.
     """
     from .envs import make_env as default_make_env
 
@@ -628,13 +673,16 @@ async def collect(
                     env = envs.get(task.env)
                     if env is None:
                         env = envs[task.env] = await trio.to_thread.run_sync(factory, task.env)
-                    await outbox.send(await rollout(env, task, module, gateway, config))
+                    await outbox.send(await play(env, task))
         finally:
-            for env in envs.values():
-                await trio.to_thread.run_sync(env.close)
+            # Shielded: on cancellation (Ctrl-C, a stopped bench) the JVMs and
+            # their pipes must still be closed.
+            with trio.CancelScope(shield=True):
+                for env in envs.values():
+                    await trio.to_thread.run_sync(env.close)
 
     async with trio.open_nursery() as nursery:
         nursery.start_soon(feed)
         with receive_tasks, out:
             for i in range(max(1, workers)):
-                nursery.start_soon(worker, f"agent-{i + 1}", receive_tasks.clone(), out.clone())
+                nursery.start_soon(worker, f"{actor}-{i + 1}", receive_tasks.clone(), out.clone())

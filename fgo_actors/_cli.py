@@ -472,6 +472,12 @@ def _agent_gateway(
     )
 
 
+def _probability(ctx: click.Context, param: click.Parameter, value: float) -> float:
+    if not 0.0 <= value <= 1.0:
+        raise click.BadParameter(f"must be between 0 and 1, got {value:g}")
+    return value
+
+
 @main.command()
 @click.option(
     "--tasks", "task_spec", required=True, help="Task set ENV:FOLD:SEEDS, e.g. twc:train:0-19."
@@ -486,7 +492,7 @@ def _agent_gateway(
     "--module",
     "module_path",
     type=click.Path(dir_okay=False, path_type=Path),
-    help="Module the agent acts with (default: empty).",
+    help="Module the agent acts with (default: empty; --policy llm only).",
 )
 @click.option(
     "--out",
@@ -495,6 +501,26 @@ def _agent_gateway(
     help="Where to write the trajectories (JSONL).",
 )
 @click.option("--max-steps", type=int, default=25, show_default=True, callback=_positive)
+@click.option(
+    "--policy",
+    type=click.Choice(["llm", "oracle"]),
+    default="llm",
+    show_default=True,
+    help="Who acts: the reference agent with an LLM, or the oracle (the environment's "
+    "gold path with random detours; no LLM).",
+)
+@click.option(
+    "--epsilon",
+    type=float,
+    default=0.3,
+    show_default=True,
+    callback=_probability,
+    help="Oracle: each episode takes a random action instead of the gold one with a "
+    "probability drawn uniformly from [0, EPSILON].",
+)
+@click.option(
+    "--seed", type=int, default=0, show_default=True, help="Oracle: seed of its random choices."
+)
 @_workers_option
 @_agent_endpoint_options
 def collect(
@@ -503,6 +529,9 @@ def collect(
     module_path: Path | None,
     out: Path,
     max_steps: int,
+    policy: str,
+    epsilon: float,
+    seed: int,
     workers: int | None,
     base_url: str | None,
     model: str,
@@ -510,13 +539,15 @@ def collect(
     max_concurrency: int | None,
     log_json: bool,
 ) -> None:
-    """Run the reference agent on a task set and write its trajectories as JSONL.
+    """Run the reference agent (or the oracle policy) on a task set and write
+    its trajectories as JSONL.
 
     Lines are written as episodes finish (to OUT.partial, renamed to OUT at the
     end), so a long collection shows progress and loses little if stopped.
     """
     from ._agent import AgentConfig
     from ._agent import collect as collect_rollouts
+    from ._oracle import collect_oracle
     from .envs import parse_tasks
 
     interactive = sys.stderr.isatty() and not log_json
@@ -525,30 +556,27 @@ def collect(
 
     fail = functools.partial(_fail, err)
 
+    if policy == "oracle" and module_path is not None:
+        raise click.UsageError("--module is for --policy llm: the oracle acts without a module")
     try:
         tasks = parse_tasks(task_spec, params)
         module = load_module(module_path) if module_path else Module()
     except (ValueError, InputError) as e:
         fail(EXIT_BAD_INPUT, "error", e)
     _check_outputs(err, out)
-    _check_endpoint(base_url)
+    if policy == "llm":
+        _check_endpoint(base_url)
     partial = out.with_name(out.name + ".partial")
+    on_stop = f"episodes so far are in {partial}"
     counts = {"episodes": 0, "successes": 0}
 
-    async def play(gw_config: GatewayConfig, local_ctx: int | None) -> None:
+    async def record(
+        produce: Callable[[trio.MemorySendChannel[Trajectory]], Awaitable[None]],
+    ) -> None:
+        """Run ``produce(send)`` and write what it sends as it comes, with a progress bar."""
         send, receive = trio.open_memory_channel[Trajectory](0)
-        async with LLMGateway(gw_config) as gateway, trio.open_nursery() as nursery:
-            nursery.start_soon(
-                functools.partial(
-                    collect_rollouts,
-                    tasks,
-                    module,
-                    gateway,
-                    send,
-                    workers=workers or default_workers(local_ctx),
-                    config=AgentConfig(max_steps=max_steps),
-                )
-            )
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(produce, send)
             with Progress(
                 TextColumn("episodes"),
                 BarColumn(),
@@ -570,16 +598,55 @@ def collect(
                             rate = f"{counts['successes']}/{counts['episodes']} solved"
                             bar.update(task, advance=1, rate=rate)
 
-    _run_agent_command(
-        err,
-        play,
-        base_url=base_url,
-        model=model,
-        api_key_env=api_key_env,
-        max_concurrency=max_concurrency,
-        workers=workers,
-        on_stop=f"episodes so far are in {partial}",
-    )
+    async def play(gw_config: GatewayConfig, local_ctx: int | None) -> None:
+        async with LLMGateway(gw_config) as gateway:
+            await record(
+                functools.partial(
+                    collect_rollouts,
+                    tasks,
+                    module,
+                    gateway,
+                    workers=workers or default_workers(local_ctx),
+                    config=AgentConfig(max_steps=max_steps),
+                )
+            )
+
+    async def play_oracle() -> ValueError | None:
+        # Returned, not raised: trio.run would hand it over in an ExceptionGroup.
+        problems: list[ValueError] = []
+        try:
+            await record(
+                functools.partial(
+                    collect_oracle,
+                    tasks,
+                    epsilon=epsilon,
+                    seed=seed,
+                    workers=workers or 1,
+                    max_steps=max_steps,
+                )
+            )
+        except* ValueError as group:  # an environment the oracle cannot play
+            problems.extend(leaf_exceptions(group))
+        return problems[0] if problems else None
+
+    if policy == "oracle":
+        try:
+            problem = trio.run(play_oracle)
+        except KeyboardInterrupt:
+            fail(EXIT_INTERRUPTED, "interrupted", on_stop)
+        if problem is not None:
+            fail(EXIT_BAD_INPUT, "error", f"{problem}; {on_stop}")
+    else:
+        _run_agent_command(
+            err,
+            play,
+            base_url=base_url,
+            model=model,
+            api_key_env=api_key_env,
+            max_concurrency=max_concurrency,
+            workers=workers,
+            on_stop=on_stop,
+        )
     os.replace(partial, out)
     n, k = counts["episodes"], counts["successes"]
     click.echo(f"trajectories: {out} ({n} episodes, {k} solved, {k / max(n, 1):.0%})")
@@ -825,18 +892,36 @@ def _optimize_online(
 @click.option(
     "--train",
     "train_spec",
-    default="twc:train:0-7",
-    show_default=True,
-    help="Tasks the base agent plays to make the training trajectories (ENV:FOLD:SEEDS).",
+    help="Tasks the training policy plays to make the training trajectories "
+    "(ENV:FOLD:SEEDS) [default: twc:train:0-99; with --small: twc:train:0-7].",
 )
 @click.option(
     "--test",
     "test_spec",
-    default="twc:test:0-9",
-    show_default=True,
-    help="Held-out tasks every module is evaluated on.",
+    help="Held-out tasks every module is evaluated on "
+    "[default: twc:test:0-39; with --small: twc:test:0-9].",
 )
 @click.option("--params", default="", help="Environment generation parameters.")
+@click.option(
+    "--policy",
+    type=click.Choice(["llm", "oracle"]),
+    help="Who plays the training episodes: the reference agent with the base module "
+    "(llm), or the gold path with random valid actions mixed in (oracle, no LLM) "
+    "[default: oracle; with --small: llm].",
+)
+@click.option(
+    "--epsilon",
+    type=float,
+    default=0.3,
+    show_default=True,
+    help="Oracle policy: each episode's share of random actions is drawn from [0, EPSILON].",
+)
+@click.option(
+    "--small",
+    is_flag=True,
+    help="The quick bench: --train twc:train:0-7 --test twc:test:0-9 --policy llm "
+    "(each of them, when given, still wins).",
+)
 @click.option(
     "--base",
     "base_path",
@@ -855,7 +940,7 @@ def _optimize_online(
     default=8,
     show_default=True,
     callback=_positive,
-    help="Agent turns per episode.",
+    help="Agent turns per episode (and the oracle's steps).",
 )
 @click.option("--workers", type=int, default=1, show_default=True, callback=_positive)
 @click.option("--context-tokens", type=int, callback=_positive, help="Optimizer LLM context.")
@@ -866,13 +951,22 @@ def _optimize_online(
     type=click.Path(file_okay=False, path_type=Path),
     default=Path("bench-out"),
     show_default=True,
-    help="Where bench.json, bench.md, bench.png, the modules and the episodes go.",
+    help="Where bench.json, bench.md, bench.png, the modules, the episodes and the "
+    "cached work go; the same command run again continues from there.",
+)
+@click.option(
+    "--fresh",
+    is_flag=True,
+    help="Remove the bench cached in --out-dir (episodes, modules, LLM replies) and start over.",
 )
 @_agent_endpoint_options
 def bench_command(
-    train_spec: str,
+    train_spec: str | None,
     params: str,
-    test_spec: str,
+    test_spec: str | None,
+    policy: str | None,
+    epsilon: float,
+    small: bool,
     base_path: Path | None,
     strategies: str,
     max_steps: int,
@@ -881,6 +975,7 @@ def bench_command(
     subset_tokens: int | None,
     seed: int,
     out_dir: Path,
+    fresh: bool,
     base_url: str | None,
     model: str,
     api_key_env: str,
@@ -889,16 +984,23 @@ def bench_command(
 ) -> None:
     """Compare the base module with all-at-once, batch and FGO on held-out tasks.
 
-    The base agent plays --train; each strategy optimizes the base module from
-    those trajectories; then every module plays --test. Reports success with
-    95% intervals, McNemar's test against the base, optimization tokens, LLM
-    calls and wall time, as JSON, a Markdown table and a PNG plot.
+    The training policy plays --train; each strategy optimizes the base module
+    from those trajectories; then every module plays --test. Reports success
+    with 95% intervals, McNemar's test against the base, optimization tokens,
+    LLM calls, wall time and module sizes, as JSON, a Markdown table and a PNG
+    plot.
+
+    Everything is kept in --out-dir as it is made (episodes, modules, run
+    reports, LLM replies), so the same command run again, after an interrupt
+    or a failure, continues where it stopped. Other settings on a cached
+    bench are refused; --fresh starts over.
     """
     from ._agent import AgentConfig
     from ._bench import (
         BenchConfig,
         BenchProgress,
         BenchResult,
+        BenchStateError,
         bench,
         format_eta,
         markdown_table,
@@ -910,18 +1012,32 @@ def bench_command(
     configure_logging(json=not interactive, level="warning" if interactive else "info")
     err = Console(stderr=True, soft_wrap=True)
     fail = functools.partial(_fail, err)
+    default_train, default_test, default_policy = (
+        ("twc:train:0-7", "twc:test:0-9", "llm")
+        if small
+        else ("twc:train:0-99", "twc:test:0-39", "oracle")
+    )
     try:
-        train = parse_tasks(train_spec, params)
-        test = parse_tasks(test_spec, params)
+        train = parse_tasks(train_spec or default_train, params)
+        test = parse_tasks(test_spec or default_test, params)
         base = load_module(base_path) if base_path else Module()
         names = tuple(x.strip() for x in strategies.split(",") if x.strip())
-        template = BenchConfig(train=train, test=test, base=base, strategies=names)  # type: ignore[arg-type]
+        template = BenchConfig(
+            train=train,
+            test=test,
+            base=base,
+            strategies=names,  # type: ignore[arg-type]
+            policy=policy or default_policy,  # type: ignore[arg-type]
+            epsilon=epsilon,
+        )
     except (ValueError, InputError) as e:
         fail(EXIT_BAD_INPUT, "error", e)
     _check_outputs(err, out_dir / "bench.json")
     _check_endpoint(base_url)
 
-    async def play(gw_config: GatewayConfig, local_ctx: int | None) -> BenchResult:
+    async def play(
+        gw_config: GatewayConfig, local_ctx: int | None
+    ) -> BenchResult | BenchStateError:
         ctx = context_tokens or local_ctx or DEFAULT_CONTEXT_TOKENS
         if subset_tokens is not None and subset_tokens > ctx:
             raise ValueError(f"--subset-tokens ({subset_tokens}) exceeds the context ({ctx})")
@@ -952,6 +1068,11 @@ def bench_command(
                 f"episodes {p.episodes_done}/{p.episodes_total} · "
                 f"optimizations {p.optimizations_done}/{p.optimizations_total}"
             )
+            if p.episodes_cached or p.optimizations_cached:
+                counts += (
+                    f" ({p.episodes_cached} episodes, {p.optimizations_cached} "
+                    "optimizations from earlier runs)"
+                )
             bar.update(
                 row,
                 description=p.phase,
@@ -966,8 +1087,10 @@ def bench_command(
                     phase=p.phase,
                     episodes_done=p.episodes_done,
                     episodes_total=p.episodes_total,
+                    episodes_cached=p.episodes_cached,
                     optimizations_done=p.optimizations_done,
                     optimizations_total=p.optimizations_total,
+                    optimizations_cached=p.optimizations_cached,
                     elapsed_s=round(p.elapsed, 1),
                     eta_s=None if eta is None else round(eta, 1),
                 )
@@ -980,7 +1103,10 @@ def bench_command(
         )
         with bar:
             async with LLMGateway(gw_config) as gateway:
-                return await bench(config, gateway, progress, out_dir=out_dir)
+                try:
+                    return await bench(config, gateway, progress, out_dir=out_dir, fresh=fresh)
+                except BenchStateError as e:  # reported as it is, without the on_stop note
+                    return e
 
     result = _run_agent_command(
         err,
@@ -990,8 +1116,10 @@ def bench_command(
         api_key_env=api_key_env,
         max_concurrency=max_concurrency,
         workers=workers,
-        on_stop=f"the training episodes and finished modules, if any, are in {out_dir}",
+        on_stop=f"what is done is kept in {out_dir}: run the same command again to continue",
     )
+    if isinstance(result, BenchStateError):
+        fail(EXIT_BAD_INPUT, "error", result)
     paths = write_outputs(result, out_dir)
     click.echo(markdown_table(result), nl=False)
     click.echo(f"wrote {paths['json']}, {paths['markdown']} and {paths['plot']}")

@@ -1,15 +1,17 @@
 """Pure functions that apply LLM replies to modules.
 
-Optimizer replies are lists of edit actions; merge replies are whole modules
-with lineage. Both are checked against the current module(s): an action that
-names an unknown rule id or function name is an error to report back to the
-LLM, never a silent no-op. Nothing here does I/O.
+Optimizer replies are lists of edit actions, checked against the current
+module: an action that names an unknown rule id or function name is an error
+to report back to the LLM, never a silent no-op. Merge replies are decisions
+over the children's rule ids, applied by code so that nothing the reply does
+not mention is lost (see ``apply_merge``). Nothing here does I/O.
 """
 
 from __future__ import annotations
 
+import ast
 import re
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
 import attrs
@@ -184,106 +186,446 @@ def apply_actions(
     return EditResult(module=new, errors=tuple(errors), applied=applied)
 
 
+# -- merges: decisions applied by code ------------------------------------------------
+#
+# A merge reply is a list of decisions over the children's rule ids (combine
+# these ids into this text; drop this id because ...). Code applies them, so a
+# rule the reply does not mention is kept, lineage comes from the decisions,
+# and the module cap is enforced here, for the LLM's result and the fallback
+# alike. Every child rule ends up in the result (by id or in a ``from``) or in
+# a recorded drop.
+
+_WORD = re.compile(r"[a-z0-9]{3,}")
+_STOP = frozenset(
+    {
+        *("the", "and", "for", "with", "that", "this", "then", "than", "when", "from"),
+        *("into", "onto", "are", "was", "were", "you", "your", "its", "has", "have"),
+        *("not", "but", "all", "any", "can", "use", "one"),
+    }
+)
+
+
+def _words(text: str) -> frozenset[str]:
+    return frozenset(w for w in _WORD.findall(text.lower()) if w not in _STOP)
+
+
+@attrs.frozen
+class MergeChild:
+    """One child of a merge: its node id, module and how many successes back it."""
+
+    id: str
+    module: Module
+    successes: int = 0
+
+
+@attrs.frozen
+class FunctionConflict:
+    """Children hold different code under one function name."""
+
+    name: str
+    versions: tuple[tuple[str, FunctionSpec], ...]  # (child node id, version)
+
+
+@attrs.frozen
+class MergeInput:
+    """What a merge decides over: the children's rules with unique ids (exact
+    duplicates already collapsed), the functions they agree on, the ones in
+    conflict, and their distinct instructions. ``covers`` maps each candidate
+    rule id to the child rule ids behind it."""
+
+    rules: tuple[Rule, ...]
+    covers: Mapping[str, tuple[str, ...]]
+    functions: tuple[FunctionSpec, ...]
+    conflicts: tuple[FunctionConflict, ...]
+    instructions: tuple[str, ...]
+    child_rule_ids: tuple[str, ...]
+
+
+@attrs.frozen
+class Drop:
+    """A rule left out of a merge result, the child rules it carried, and why."""
+
+    id: str
+    covers: tuple[str, ...]
+    reason: str
+    text: str = ""
+
+    def to_json(self) -> dict[str, Any]:
+        return {"id": self.id, "from": list(self.covers), "reason": self.reason}
+
+
 @attrs.frozen
 class MergeResult:
     module: Module
-    errors: tuple[str, ...]
-    dropped_rules: tuple[str, ...]
+    errors: tuple[str, ...]  # worth a re-ask: the reply's function code fails its checks
+    notes: tuple[str, ...]  # what was fixed deterministically (unknown ids, inferred lineage)
+    dropped: tuple[Drop, ...]
+    dropped_functions: tuple[Drop, ...] = ()
+
+    @property
+    def dropped_rules(self) -> tuple[str, ...]:
+        """The child rule ids that no longer appear in the result, by any route."""
+        return _union(*(d.covers for d in self.dropped))
+
+
+def merge_input(children: Sequence[MergeChild], *, node_id: str) -> MergeInput:
+    """Collect the children's rules and functions for a merge (pure).
+
+    Rules with the same normalised text become one candidate with a new id
+    (``<node_id>.r<n>``), their provenance unioned and the sources in its
+    ``from``. A rule id that two children hold with different texts (both
+    revised a rule of the initial module) keeps its id for the first text and
+    a new id for each other one. Functions are merged by name: the same code
+    is one function, versions that differ only in their data tables are
+    united (``merge_function_data``), and any other difference is a conflict
+    for the LLM.
+    """
+    all_rules = [r for c in children for r in c.module.rules]
+    ids = _next_ids(Module(rules=tuple(all_rules)), node_id)
+    by_text: dict[str, list[Rule]] = {}
+    for r in all_rules:
+        by_text.setdefault(_norm(r.text), []).append(r)
+    rules: list[Rule] = []
+    covers: dict[str, tuple[str, ...]] = {}
+    taken: set[str] = set()
+    for group in by_text.values():
+        sources = _union(r.id for r in group)
+        first = group[0]
+        merged = attrs.evolve(
+            first,
+            subsets=_union(*(r.subsets for r in group)),
+            trajectories=_union(*(r.trajectories for r in group)),
+        )
+        if len(sources) > 1 or first.id in taken:
+            merged = attrs.evolve(merged, id=next(ids), merged_from=sources)
+        taken.add(merged.id)
+        rules.append(merged)
+        covers[merged.id] = sources
+    functions: dict[str, list[tuple[str, FunctionSpec]]] = {}
+    for c in children:
+        for f in c.module.functions:
+            versions = functions.setdefault(f.name, [])
+            if all(v.code != f.code for _, v in versions):
+                versions.append((c.id, f))
+    agreed: list[FunctionSpec] = []
+    conflicts: list[FunctionConflict] = []
+    for name, vs in functions.items():
+        merged_fn = vs[0][1] if len(vs) == 1 else merge_function_data([f for _, f in vs])
+        if merged_fn is not None:
+            agreed.append(merged_fn)
+        else:
+            conflicts.append(FunctionConflict(name, tuple(vs)))
+    instructions = tuple(
+        dict.fromkeys(
+            c.module.instructions.strip() for c in children if c.module.instructions.strip()
+        )
+    )
+    return MergeInput(
+        rules=tuple(rules),
+        covers=covers,
+        functions=tuple(agreed),
+        conflicts=tuple(conflicts),
+        instructions=instructions,
+        child_rule_ids=_union(r.id for r in all_rules),
+    )
+
+
+_Literal = ast.Dict | ast.List | ast.Tuple
+
+
+def _data_assignments(tree: ast.Module) -> tuple[dict[str, _Literal], list[ast.stmt]]:
+    """Top-level ``NAME = <literal dict/list/tuple of constants>`` (the
+    function's knowledge as data), and every other statement."""
+    data: dict[str, _Literal] = {}
+    other: list[ast.stmt] = []
+    for stmt in tree.body:
+        if (
+            isinstance(stmt, ast.Assign)
+            and len(stmt.targets) == 1
+            and isinstance(stmt.targets[0], ast.Name)
+            and isinstance(stmt.value, _Literal)
+            and stmt.targets[0].id not in data
+        ):
+            try:
+                ast.literal_eval(stmt.value)
+            except ValueError:
+                other.append(stmt)
+                continue
+            data[stmt.targets[0].id] = stmt.value
+        else:
+            other.append(stmt)
+    return data, other
+
+
+def _union_literal(values: Sequence[Any]) -> Any:
+    first = values[0]
+    if isinstance(first, dict):
+        out: dict[Any, Any] = {}
+        for v in values:
+            for key, item in v.items():
+                out.setdefault(key, item)  # the first version wins a disputed key
+        return out
+    items = list(dict.fromkeys(x for v in values for x in v))
+    return type(first)(items) if not isinstance(first, list) else items
+
+
+def merge_function_data(versions: Sequence[FunctionSpec]) -> FunctionSpec | None:
+    """One function from versions that differ only in their data (pure).
+
+    When every version has the same code apart from top-level literal
+    assignments (``PLACES = {...}``), the result is the first version with each
+    literal replaced by the union of all versions' (dict keys the first
+    version has keep its value). Otherwise None: a real conflict, for the LLM.
+    Comments do not survive (the code is regenerated with ``ast.unparse``).
+    """
+    try:
+        trees = [ast.parse(v.code) for v in versions]
+    except (SyntaxError, ValueError):
+        return None
+    parts = [_data_assignments(t) for t in trees]
+    shape = [ast.dump(stmt) for stmt in parts[0][1]]
+    names = list(parts[0][0])
+    for data, other in parts[1:]:
+        if [ast.dump(stmt) for stmt in other] != shape or list(data) != names:
+            return None
+    if not names:
+        return None
+    merged = {
+        name: _union_literal([ast.literal_eval(data[name]) for data, _ in parts]) for name in names
+    }
+    for data, _ in parts:
+        for name, node in data.items():
+            if type(ast.literal_eval(node)) is not type(merged[name]):
+                return None
+    tree = trees[0]
+    for stmt in tree.body:
+        if isinstance(stmt, ast.Assign) and isinstance(stmt.targets[0], ast.Name):
+            name = stmt.targets[0].id
+            if name in merged and stmt.value is parts[0][0].get(name):
+                stmt.value = ast.parse(repr(merged[name]), mode="eval").body
+    return attrs.evolve(versions[0], code=ast.unparse(tree) + "\n")
+
+
+def infer_lineage(text: str, candidates: Sequence[Rule]) -> tuple[str, ...]:
+    """The candidate rules ``text`` most likely consolidates: those at least half
+    of whose content words it shares; else the one sharing the most words."""
+    words = _words(text)
+    if not words:
+        return ()
+    scored = []
+    for r in candidates:
+        own = _words(r.text)
+        if own:
+            scored.append((len(own & words) / len(own), r.id))
+    strong = tuple(rid for share, rid in scored if share >= 0.5)
+    if strong:
+        return strong
+    best = max(scored, default=(0.0, ""))
+    return (best[1],) if best[0] > 0 else ()
 
 
 def apply_merge(
-    children: Sequence[Module], reply: Mapping[str, Any], *, node_id: str
+    inp: MergeInput,
+    reply: Mapping[str, Any],
+    *,
+    node_id: str,
+    size: Callable[[Module], int],
+    cap: int,
+    successes: Mapping[str, int] | None = None,
+    max_drop_share: float = 0.5,
 ) -> MergeResult:
-    """Build the merged module from a merge reply, carrying provenance along lineage.
+    """Apply a merge reply's decisions to ``inp``, then fit the result to ``cap``.
 
-    Each merged rule's provenance is the union of the provenance of the child
-    rules named in its ``from``. A ``from`` id that no child has is an error.
-    Child rules that no merged rule names are returned as ``dropped_rules``.
+    - ``combine`` replaces the named candidates with one new rule whose
+      provenance is the union of theirs and whose ``from`` is the child rules
+      behind them. Unknown or already-used ids are ignored (noted). With no
+      usable ids, the lineage is inferred from shared words and flagged.
+    - ``drop`` removes a candidate (or a function, by name) and records the
+      reason. At most
+      ``max_drop_share`` of the candidates may be dropped by one reply; the
+      rest of its drops are ignored (noted), so a reply cannot erase a merge.
+    - ``functions`` in the reply resolve conflicts by name; a conflict left
+      unresolved keeps the version of the child with most ``successes``.
+      Other names are ignored: merges do not invent functions.
+    - ``instructions`` is used only when the children's instructions differ.
+
+    ``size`` measures a module as the LLM sees it; ``cap`` holds for the
+    result (see ``fit_to_cap``). Pure: the caller checks resolved function
+    code (``MergeResult.module.functions`` named in conflicts).
     """
-    by_id: dict[str, list[Rule]] = {}
-    for child in children:
-        for r in child.rules:
-            by_id.setdefault(r.id, []).append(r)
+    notes: list[str] = []
+    pool: dict[str, Rule] = {r.id: r for r in inp.rules}
+    covers: dict[str, tuple[str, ...]] = dict(inp.covers)
+    out: list[Rule] = []
+    dropped: list[Drop] = []
+    used: set[str] = set()
+    ids = _next_ids(Module(rules=tuple(inp.rules)), node_id)
+    # Numbering continues past any child id of this node's form too.
+    taken = set(inp.child_rule_ids) | set(pool)
+    max_drops = int(len(inp.rules) * max_drop_share)
+    fn_names = {f.name for f in inp.functions} | {c.name for c in inp.conflicts}
+    dropped_fns: dict[str, Drop] = {}
+    for i, d in enumerate(reply.get("decisions", [])):
+        op = d.get("op")
+        if op == "combine":
+            text = str(d.get("text", "")).strip()
+            if not text:
+                notes.append(f"decisions[{i}]: combine with empty text, ignored")
+                continue
+            named = [str(x) for x in d.get("ids") or []]
+            unknown = [x for x in named if x not in pool]
+            if unknown:
+                notes.append(f"decisions[{i}]: unknown or reused ids {unknown} ignored")
+            sources = [x for x in dict.fromkeys(named) if x in pool and x not in used]
+            inferred = False
+            if not sources:
+                free = [r for r in inp.rules if r.id not in used]
+                sources = list(infer_lineage(text, free))
+                inferred = True
+                notes.append(f"decisions[{i}]: lineage inferred as {sources}")
+            src = [pool[x] for x in sources]
+            if len(src) == 1 and _norm(src[0].text) == _norm(text):
+                continue  # "combining" one rule into itself is a keep
+            used.update(sources)
+            rid = next(ids)
+            while rid in taken:
+                rid = next(ids)
+            taken.add(rid)
+            covered = _union(*(covers[x] for x in sources))
+            covers[rid] = covered
+            out.append(
+                Rule(
+                    id=rid,
+                    text=text,
+                    subsets=_union(*(r.subsets for r in src)),
+                    trajectories=_union(*(r.trajectories for r in src)),
+                    merged_from=covered,
+                    lineage_inferred=inferred,
+                )
+            )
+        elif op == "drop" and str(d.get("id", "")) in fn_names and d.get("id") not in pool:
+            name = str(d["id"])
+            reason = str(d.get("reason", "")).strip() or "dropped by the merge (no reason given)"
+            if name not in dropped_fns:
+                dropped_fns[name] = Drop(name, (), f"merge: {reason}")
+        elif op == "drop":
+            rid = str(d.get("id", ""))
+            if rid not in pool or rid in used:
+                notes.append(f"decisions[{i}]: drop of unknown or reused id {rid!r} ignored")
+                continue
+            if len(dropped) >= max_drops:
+                notes.append(f"decisions[{i}]: drop of {rid!r} ignored: at most {max_drops} drops")
+                continue
+            used.add(rid)
+            reason = str(d.get("reason", "")).strip() or "dropped by the merge (no reason given)"
+            dropped.append(Drop(rid, covers[rid], f"merge: {reason}", pool[rid].text))
+        else:
+            notes.append(f"decisions[{i}]: unknown op {op!r} ignored")
+    kept = [r for r in inp.rules if r.id not in used]
+    rules = kept + out
+
     errors: list[str] = []
-    rules: list[Rule] = []
-    referenced: set[str] = set()
-    # Merged ids never collide with a child's (an initial module may hold an
-    # earlier run's m1.r1): numbering continues past any such id.
-    ids = _next_ids(Module(rules=tuple(r for rs in by_id.values() for r in rs)), node_id)
-    for i, item in enumerate(reply["rules"]):
-        sources = [str(s) for s in item.get("from", [])]
-        if not sources:
-            errors.append(f"rules[{i}].from is empty: name the child rule ids this rule comes from")
-            continue
-        unknown = [s for s in sources if s not in by_id]
-        if unknown:
-            errors.append(
-                f"rules[{i}].from names unknown rule ids {unknown}; "
-                f"the children's rule ids are: {sorted(by_id)}"
-            )
-            continue
-        text = str(item["text"]).strip()
-        if not text:
-            errors.append(f"rules[{i}].text is empty")
-            continue
-        referenced.update(sources)
-        src_rules = [r for s in sources for r in by_id[s]]
-        rules.append(
-            Rule(
-                id=next(ids),
-                text=text,
-                subsets=_union(*(r.subsets for r in src_rules)),
-                trajectories=_union(*(r.trajectories for r in src_rules)),
-                merged_from=tuple(dict.fromkeys(sources)),
-            )
-        )
-    functions: dict[str, FunctionSpec] = {}
-    for i, f in enumerate(reply["functions"]):
+    functions: dict[str, FunctionSpec] = {f.name: f for f in inp.functions}
+    conflicts = {c.name: c for c in inp.conflicts}
+    for i, f in enumerate(reply.get("functions", []) or []):
         fn = FunctionSpec.from_json(f)
+        if fn.name not in conflicts:
+            notes.append(f"functions[{i}]: {fn.name!r} is not in conflict, ignored")
+            continue
         if fn.name in functions:
-            errors.append(f"functions[{i}]: duplicate function name {fn.name!r}")
+            errors.append(f"functions[{i}]: {fn.name!r} given twice")
             continue
         functions[fn.name] = fn
+    for name in dropped_fns:
+        functions.pop(name, None)
+    wins = successes or {}
+    for name, c in conflicts.items():
+        if name not in functions and name not in dropped_fns:
+            child, version = max(c.versions, key=lambda v: wins.get(v[0], 0))
+            functions[name] = version
+            notes.append(f"function {name!r}: conflict unresolved, kept {child}'s version")
+
+    if len(inp.instructions) <= 1:
+        instructions = inp.instructions[0] if inp.instructions else ""
+    else:
+        given = str(reply.get("instructions") or "").strip()
+        instructions = given or "\n\n".join(inp.instructions)
     module = Module(
-        instructions=str(reply["instructions"]),
-        rules=tuple(rules),
-        functions=tuple(functions.values()),
+        instructions=instructions, rules=tuple(rules), functions=tuple(functions.values())
     )
-    dropped = tuple(rid for rid in by_id if rid not in referenced)
-    return MergeResult(module=module, errors=tuple(errors), dropped_rules=dropped)
+    fitted, cap_drops, fn_drops = fit_to_cap(module, size=size, cap=cap, covers=covers)
+    return MergeResult(
+        module=fitted,
+        errors=tuple(errors),
+        notes=tuple(notes),
+        dropped=(*dropped, *cap_drops),
+        dropped_functions=(*dropped_fns.values(), *fn_drops),
+    )
 
 
-def union_merge(children: Sequence[Module], *, node_id: str) -> Module:
-    """Merge without an LLM: keep every distinct rule and function.
+def union_merge(
+    inp: MergeInput,
+    *,
+    node_id: str,
+    size: Callable[[Module], int],
+    cap: int,
+    successes: Mapping[str, int] | None = None,
+) -> MergeResult:
+    """Merge without an LLM (a failed call, an exhausted budget): keep every
+    candidate, then fit the cap by evidence like any other merge."""
+    return apply_merge(
+        inp, {"decisions": []}, node_id=node_id, size=size, cap=cap, successes=successes
+    )
 
-    Used when a merge call fails or the token budget has run out, so that no
-    learned rule is lost. Rules with the same normalised text collapse into
-    one, with the union of their provenance.
+
+def fit_to_cap(
+    module: Module,
+    *,
+    size: Callable[[Module], int],
+    cap: int,
+    covers: Mapping[str, tuple[str, ...]] | None = None,
+) -> tuple[Module, tuple[Drop, ...], tuple[Drop, ...]]:
+    """``module`` cut down to ``size(module) <= cap``; the rules and functions cut.
+
+    Rules go first, weakest evidence first (fewest subsets, then fewest
+    trajectories; among equals the later rule). If the rules are gone and it
+    still does not fit, functions go, largest first, and last the
+    instructions are shortened. Each cut is recorded with its reason.
     """
-    merged: dict[str, list[Rule]] = {}
-    for child in children:
-        for r in child.rules:
-            merged.setdefault(_norm(r.text), []).append(r)
-    ids = _next_ids(Module(rules=tuple(r for c in children for r in c.rules)), node_id)
-    rules = tuple(
-        Rule(
-            id=next(ids),
-            text=group[0].text,
-            subsets=_union(*(r.subsets for r in group)),
-            trajectories=_union(*(r.trajectories for r in group)),
-            merged_from=_union(r.id for r in group),
+    total = size(module)
+    if total <= cap:
+        return module, (), ()
+    covers = covers or {}
+    order = sorted(range(len(module.rules)), key=lambda i: (*module.rules[i].evidence, -i))
+    keep = set(range(len(module.rules)))
+    drops: list[Drop] = []
+    current = module
+    for i in order:
+        if total <= cap:
+            break
+        r = module.rules[i]
+        keep.discard(i)
+        current = attrs.evolve(module, rules=tuple(module.rules[j] for j in sorted(keep)))
+        total = size(current)
+        subsets, trajectories = r.evidence
+        drops.append(
+            Drop(
+                r.id,
+                covers.get(r.id, (r.id,)),
+                f"module cap: {cap} tokens; weakest evidence "
+                f"({subsets} subsets, {trajectories} trajectories)",
+                r.text,
+            )
         )
-        for group in merged.values()
-    )
-    instructions = list(
-        dict.fromkeys(c.instructions.strip() for c in children if c.instructions.strip())
-    )
-    functions: dict[str, FunctionSpec] = {}
-    for child in children:
-        for f in child.functions:
-            functions.setdefault(f.name, f)
-    return Module(
-        instructions="\n\n".join(instructions),
-        rules=rules,
-        functions=tuple(functions.values()),
-    )
+    fn_drops: list[Drop] = []
+    functions = sorted(current.functions, key=lambda f: -len(f.code))
+    while total > cap and functions:
+        f = functions.pop(0)
+        current = attrs.evolve(current, functions=tuple(g for g in current.functions if g != f))
+        total = size(current)
+        fn_drops.append(Drop(f.name, (), f"module cap: {cap} tokens; largest function"))
+    while total > cap and current.instructions:
+        keep_chars = max(0, len(current.instructions) * cap // max(total, 1) - 16)
+        current = attrs.evolve(current, instructions=current.instructions[:keep_chars].rstrip())
+        total = size(current)
+    return current, tuple(drops), tuple(fn_drops)

@@ -152,9 +152,17 @@ class Rule:
     subsets: tuple[str, ...] = ()
     trajectories: tuple[str, ...] = ()
     merged_from: tuple[str, ...] = ()
+    # True when a merge reply gave no lineage and ``merged_from`` was inferred
+    # from the words this rule shares with the child rules.
+    lineage_inferred: bool = False
+
+    @property
+    def evidence(self) -> tuple[int, int]:
+        """How strongly the logs support this rule: (subsets, trajectories)."""
+        return (len(self.subsets), len(self.trajectories))
 
     def to_json(self) -> JSON:
-        return {
+        out: JSON = {
             "id": self.id,
             "text": self.text,
             "provenance": {
@@ -163,6 +171,9 @@ class Rule:
             },
             "from": list(self.merged_from),
         }
+        if self.lineage_inferred:
+            out["from_inferred"] = True
+        return out
 
     @classmethod
     def from_json(cls, obj: Mapping[str, Any]) -> Rule:
@@ -173,6 +184,7 @@ class Rule:
             subsets=tuple(prov.get("subsets", ())),
             trajectories=tuple(prov.get("trajectories", ())),
             merged_from=tuple(obj.get("from", ())),
+            lineage_inferred=bool(obj.get("from_inferred", False)),
         )
 
 
@@ -271,8 +283,57 @@ class Module:
 
 
 @attrs.frozen
+class Turn:
+    """One recorded agent turn in numbered-options mode, as a module function sees it.
+
+    Recorded by the reference agent and the oracle policy in the steps' extra
+    fields: a ``user`` step carries ``valid_actions`` (the options the
+    environment offered) and the ``assistant`` step after it carries
+    ``played`` (the environment actions that turn played, several for a
+    macro) and ``score`` (the task score after them). Function checks replay
+    a proposed function on these turns.
+    """
+
+    observation: str
+    valid_actions: tuple[str, ...]
+    played: tuple[str, ...]
+    score: float | None = None
+
+
+def turns_of(traj: Trajectory) -> tuple[Turn, ...]:
+    """The recorded turns of ``traj``: each user step with ``valid_actions``
+    followed by an assistant step with ``played``. Other steps are skipped;
+    a trajectory logged by another runtime simply has no turns."""
+    turns: list[Turn] = []
+    steps = traj.steps
+    for i, step in enumerate(steps[:-1]):
+        valid = step.extra.get("valid_actions")
+        if step.role != "user" or not isinstance(valid, list):
+            continue
+        reply = steps[i + 1]
+        played = reply.extra.get("played")
+        if reply.role != "assistant" or not isinstance(played, list):
+            continue
+        score = reply.extra.get("score")
+        turns.append(
+            Turn(
+                observation=step.content or "",
+                valid_actions=tuple(str(a) for a in valid),
+                played=tuple(str(a) for a in played),
+                score=float(score) if isinstance(score, int | float) else None,
+            )
+        )
+    return tuple(turns)
+
+
+@attrs.frozen
 class RenderedTrajectory:
-    """A trajectory as it appears in a prompt, measured once."""
+    """A trajectory as it appears in a prompt, measured once.
+
+    ``task`` and ``turns`` are kept (not compared) so that functions an
+    optimizer proposes can be replayed on the subset's own recorded turns.
+    ``score`` is the outcome's score, for the Partitioner's stratification.
+    """
 
     id: str
     text: str
@@ -280,6 +341,9 @@ class RenderedTrajectory:
     success: bool
     group: str
     truncated: bool = False
+    task: str = attrs.field(default="", eq=False)
+    turns: tuple[Turn, ...] = attrs.field(default=(), eq=False)
+    score: float | None = None
 
 
 @attrs.frozen
@@ -340,7 +404,8 @@ class MergeNode:
             "finished_at": round(self.finished_at, 6),
         }
         if self.kind == "merge":
-            out["dropped_rules"] = list(self.stats.get("dropped_rules", []))
+            for key in ("dropped_rules", "dropped_functions", "lineage_inferred"):
+                out[key] = list(self.stats.get(key, []))
         return out
 
 

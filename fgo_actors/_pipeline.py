@@ -16,6 +16,7 @@ import attrs
 import structlog
 import trio
 
+from ._edits import merge_input
 from ._errors import LLMUnavailableError, leaf_exceptions
 from ._forest import MergeForest
 from ._gateway import GatewayStatistics, LLMGateway
@@ -127,7 +128,9 @@ def _item_budget(gateway: LLMGateway, config: RunConfig, initial: Module) -> tup
             f"({completion}) exceed --context-tokens ({config.context_tokens})"
         )
     if config.strategy == "fgo":
-        empty = merge_messages([], module_tokens=module_tokens)
+        empty = merge_messages(
+            merge_input([], node_id="m"), [], module_tokens=module_tokens, module_size=0
+        )
         merge_prompt = counter.count_messages(empty) + config.fan_in * (module_tokens + 64)
         if merge_prompt + completion > config.context_tokens:
             raise ValueError(

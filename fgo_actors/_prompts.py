@@ -10,9 +10,12 @@ import json
 from collections.abc import Sequence
 from typing import Any
 
+import attrs
+
+from ._edits import MergeInput
 from ._errors import ReplyRejectedError
-from ._model import Module, RenderedTrajectory, Trajectory
-from ._tokens import TokenCounter
+from ._model import Module, RenderedTrajectory, Trajectory, turns_of
+from ._tokens import TokenCounter, default_counter
 
 OPTIMIZE_SYSTEM = """\
 You improve an LLM agent from its execution logs. The agent is steered by a \
@@ -34,29 +37,32 @@ Each action is one of:
 "parameters": {<JSON Schema>}, "code": "<python source>"}}
   {"op": "revise_function", "function": {...same shape, existing name...}}
   {"op": "remove_function", "name": "<existing function name>"}
-Functions are Python source, run in a sandbox. The reference agent calls each \
-one every turn as name(task, observation, valid_actions, history) and offers \
-every list of actions it returns as one shortcut, e.g. \
-[["open fridge", "put milk in fridge"]]; history is the [action, observation] \
-pairs so far. Refer only to rule ids and function names that exist in the module. \
+Refer only to rule ids and function names that exist in the module. \
 "evidence" is optional and names trajectories shown below. \
-An empty "actions" list means: no change is needed."""
+An empty "actions" list means: no change is needed.
+
+Functions (Python, sandboxed) run each turn as name(task, observation, \
+valid_actions, history) (history: [action, observation] pairs) and return action \
+lists, each offered as one shortcut. Put knowledge in a dict and keep the logic \
+generic over valid_actions, not sequences behind task == tests. Example:
+THEN = {"key": ["use key"]}  # a word in an action -> what followed it in successes
+def follow(task, observation, valid_actions, history):
+    return [[a] + THEN[w] for a in valid_actions for w in THEN if w in a]"""
 
 MERGE_SYSTEM = """\
-You merge several versions of an LLM agent's MODULE into one. Each version was \
-optimized on a different set of the agent's execution logs; together they \
-hold everything learned. Produce ONE module that keeps every useful lesson: \
-deduplicate rules that say the same thing, generalise near-duplicates into one \
-rule, resolve conflicts in favour of the version with the stronger evidence \
-(more successful trajectories), and keep instructions coherent.
-
-Reply with one JSON object: {"analysis": "<brief reasoning>", "instructions": "...", \
-"rules": [{"text": "...", "from": ["<child rule id>", ...]}], \
-"functions": [{"name": "...", "description": "...", "parameters": {...}, "code": "..."}]}.
-Every merged rule lists in "from" the ids of the child rules it came from. \
-Use only rule ids shown below. "instructions" are the agent's own instructions \
-(not these instructions to you): merge the versions' instructions, or reply \
-with an empty string if they are all empty."""
+You consolidate what an LLM agent learned from different sets of its execution \
+logs. You get its RULES, each with an id and its evidence (how many log subsets \
+and trajectories support it). Rules you do not mention are KEPT unchanged, so \
+only name the rules you want to change:
+  {"op": "combine", "ids": ["<id>", "<id>", ...], "text": "<one general rule>"} \
+replaces rules that say the same thing, or special cases of one lesson, with one \
+short imperative rule;
+  {"op": "drop", "id": "<id>", "reason": "..."} removes a rule (or a function, \
+by name) that is wrong, contradicted by one with more evidence, or too narrow \
+to help.
+Reply with one JSON object: {"analysis": "<brief>", "decisions": [...]}. \
+Only when asked, also give "instructions" (the agent's merged instructions) or \
+"functions" (one merged version of each conflicting function, same JSON shape)."""
 
 
 def module_for_prompt(module: Module) -> dict[str, Any]:
@@ -87,7 +93,20 @@ def accept_edits(
     return module
 
 
-def _step_text(step: Any) -> str:
+def _step_score(step: Any) -> float | None:
+    """The task score an assistant step records after its actions (its
+    ``score`` extra field, as the reference agent and the oracle write it), or None."""
+    if step.role != "assistant":
+        return None
+    score = step.extra.get("score")
+    if isinstance(score, bool) or not isinstance(score, int | float):
+        return None
+    return float(score)
+
+
+def _step_text(step: Any, score_before: float | None = None) -> str:
+    """One step as a line; an assistant step that recorded a score different
+    from ``score_before`` ends with the change, e.g. ``[score +0.25 -> 0.5]``."""
     head = f"[{step.role}" + (f":{step.name}" if step.name else "") + "]"
     parts = [head]
     if step.content:
@@ -101,7 +120,35 @@ def _step_text(step: Any) -> str:
             parts.append(f"-> call {fn.get('name', '?')}({args})")
         else:
             parts.append(f"-> call {json.dumps(call, ensure_ascii=False)}")
+    score = _step_score(step)
+    if score is not None and score_before is not None and abs(score - score_before) > 1e-9:
+        parts.append(f"[score {score - score_before:+g} -> {score:g}]")
     return " ".join(parts)
+
+
+# Repeated step texts longer than this are shown as a reference to the first.
+REPEAT_MIN_CHARS = 80
+
+
+def _steps_text(steps: Sequence[Any]) -> str:
+    """The steps, one per line, with the score changes the optimizer should see:
+    which actions earned (or lost) points. An episode starts at score 0; steps
+    that record no score leave it as it was."""
+    lines: list[str] = []
+    score = 0.0
+    seen: dict[tuple[str, str], int] = {}
+    for n, step in enumerate(steps, start=1):
+        content = step.content or ""
+        first = seen.setdefault((step.role, content), n)
+        if first != n and len(content) > REPEAT_MIN_CHARS and not step.tool_calls:
+            # A long text seen before in this episode (a room described again)
+            # is named, not repeated: tokens are paid in every prompt.
+            step = attrs.evolve(step, content=f"(same text as step {first})")
+        lines.append(_step_text(step, score))
+        recorded = _step_score(step)
+        if recorded is not None:
+            score = recorded
+    return "\n".join(lines)
 
 
 def _outcome_text(traj: Trajectory) -> str:
@@ -137,7 +184,7 @@ def render_trajectory(
     header = f"### Trajectory {traj.id}\nTask: {traj.task}"
     if traj.task_type:
         header += f"\nTask type: {traj.task_type}"
-    body = "\n".join(_step_text(s) for s in traj.steps)
+    body = _steps_text(traj.steps)
     outcome = _outcome_text(traj)
     text = f"{header}\nSteps:\n{body}\n{outcome}"
     tokens = counter.count(text)
@@ -168,7 +215,42 @@ def render_trajectory(
         success=traj.outcome.success,
         group=group_key_of(traj, group_key),
         truncated=truncated,
+        task=traj.task,
+        turns=turns_of(traj),
+        score=traj.outcome.score,
     )
+
+
+# Cap on the line that lists the actions which earned score (reserved in
+# ``optimize_overhead_tokens``), and on one action in it, in characters.
+SCORING_TOKENS = 32
+_SCORING_ACTION_CHARS = 60
+
+
+def scoring_actions(items: Sequence[RenderedTrajectory]) -> list[str]:
+    """The actions played on recorded turns where the score rose, deduplicated,
+    in first-seen order (all the actions of a macro turn)."""
+    seen: dict[str, None] = {}
+    for item in items:
+        before = 0.0
+        for turn in item.turns:
+            if turn.score is None:
+                continue
+            if turn.score > before:
+                seen.update(dict.fromkeys(a[:_SCORING_ACTION_CHARS] for a in turn.played))
+            before = turn.score
+    return list(seen)
+
+
+def scoring_line(items: Sequence[RenderedTrajectory], counter: TokenCounter) -> str | None:
+    """One line listing ``scoring_actions``, as many as fit SCORING_TOKENS; None if none."""
+    head = "Actions that raised the score in these runs: "
+    shown: list[str] = []
+    for action in scoring_actions(items):
+        if counter.count(head + json.dumps([*shown, action], ensure_ascii=False)) > SCORING_TOKENS:
+            break
+        shown.append(action)
+    return head + json.dumps(shown, ensure_ascii=False) if shown else None
 
 
 def optimize_messages(
@@ -176,7 +258,11 @@ def optimize_messages(
     items: Sequence[RenderedTrajectory],
     *,
     module_tokens: int,
+    counter: TokenCounter | None = None,
 ) -> list[dict[str, str]]:
+    """The optimize prompt: the module, the trajectories and, when their turns
+    were recorded, the actions that earned score (measured with ``counter``,
+    by default ``default_counter()``)."""
     successes = sum(1 for i in items if i.success)
     parts = [
         "Current module:\n<module>\n" + render_module(module) + "\n</module>",
@@ -184,6 +270,9 @@ def optimize_messages(
         f"Trajectories ({len(items)}: {successes} succeeded, {len(items) - successes} failed):",
         *(i.text for i in items),
     ]
+    scoring = scoring_line(items, counter or default_counter())
+    if scoring is not None:
+        parts.append(scoring)
     parts.append("Reply with the JSON object now.")
     return [
         {"role": "system", "content": OPTIMIZE_SYSTEM},
@@ -192,19 +281,53 @@ def optimize_messages(
 
 
 def merge_messages(
-    children: Sequence[tuple[str, Module, dict[str, Any]]], *, module_tokens: int
+    inp: MergeInput,
+    children: Sequence[tuple[str, dict[str, Any]]],
+    *,
+    module_tokens: int,
+    module_size: int,
 ) -> list[dict[str, str]]:
-    """``children`` are (node id, module, statistics of the subsets behind it)."""
-    parts = [f"There are {len(children)} module versions to merge."]
-    for node_id, module, stats in children:
+    """The merge prompt: candidate rules with evidence, and only what conflicts.
+
+    ``children`` are (node id, statistics of the subsets behind it);
+    ``module_size`` is the size of the module if every rule were kept.
+    """
+    parts = [
+        "\n".join(f"Version {cid}: {json.dumps(stats, sort_keys=True)}" for cid, stats in children)
+    ]
+    lines = [
+        f"- [{r.id}] ({len(r.subsets)} subsets, {len(r.trajectories)} runs) {r.text}"
+        for r in inp.rules
+    ]
+    parts.append("Rules:\n" + ("\n".join(lines) if lines else "(none)"))
+    if inp.functions:
         parts.append(
-            f'<module version="{node_id}" stats="{json.dumps(stats, sort_keys=True)}">\n'
-            + render_module(module)
-            + "\n</module>"
+            "Functions (kept unless dropped):\n"
+            + "\n".join(f"- {f.name}: {f.description}" for f in inp.functions)
         )
-    parts.append(
-        f"Keep the merged module under {module_tokens} tokens. Reply with the JSON object now."
-    )
+    if len(inp.instructions) > 1:
+        parts.append(
+            'The versions\' instructions differ; give merged "instructions":\n'
+            + "\n".join(f"<instructions>\n{t}\n</instructions>" for t in inp.instructions)
+        )
+    for c in inp.conflicts:
+        versions = "\n".join(
+            f'<function name="{c.name}" version="{cid}">\n'
+            + json.dumps(f.to_json(), ensure_ascii=False)
+            + "\n</function>"
+            for cid, f in c.versions
+        )
+        parts.append(
+            f"Function {c.name!r} has {len(c.versions)} versions; give one merged version "
+            f'in "functions":\n{versions}'
+        )
+    if module_size > module_tokens:
+        parts.append(
+            f"Kept as they are, these make a module of {module_size} tokens, over its limit "
+            f"of {module_tokens}: combine or drop rules to save about "
+            f"{module_size - module_tokens} tokens, or the rules with least evidence are cut."
+        )
+    parts.append("Reply with the JSON object now.")
     return [
         {"role": "system", "content": MERGE_SYSTEM},
         {"role": "user", "content": "\n\n".join(parts)},
@@ -230,4 +353,4 @@ def optimize_overhead_tokens(counter: TokenCounter, module_tokens: int) -> int:
     including the room reserved for a re-ask note."""
     empty = optimize_messages(Module(), (), module_tokens=module_tokens)
     base = counter.count_messages(empty) - counter.count(render_module(Module()))
-    return base + module_tokens + REASK_TOKENS + 16
+    return base + module_tokens + REASK_TOKENS + SCORING_TOKENS + 16

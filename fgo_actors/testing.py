@@ -7,8 +7,8 @@ client, the real JSON and the real retries. Under trio's MockClock its
 latencies and the client's backoff both run in virtual time.
 
 Replies are deterministic: an optimize request gets one new rule naming the
-trajectories it saw; a merge request gets the union of the children's rules,
-with lineage. Latency and faults are injectable per request.
+trajectories it saw; a merge request keeps the children's rules, or combines
+them with lineage once there are many. Latency and faults are injectable per request.
 
 ``synthetic_trajectory`` makes the deterministic trajectories the tests and
 benchmarks feed it.
@@ -66,7 +66,11 @@ Latency = Callable[[dict[str, Any]], float]
 
 _TRAJ = re.compile(r"^### Trajectory (\S+)$", re.MULTILINE)
 _CURRENT = re.compile(r"<module>\n(.*?)\n</module>", re.DOTALL)
-_CHILD = re.compile(r'<module version="([^"]+)"[^>]*>\n(.*?)\n</module>', re.DOTALL)
+_MERGE_VERSION = re.compile(r"^Version (\S+): ", re.MULTILINE)
+_MERGE_RULE = re.compile(r"^- \[([^\]]+)\] \([^)]*\) (.*)$", re.MULTILINE)
+_MERGE_FUNCTION = re.compile(
+    r'<function name="([^"]+)" version="[^"]+">\n(.*?)\n</function>', re.DOTALL
+)
 
 
 @attrs.define
@@ -157,36 +161,7 @@ def scripted_reply(body: dict[str, Any]) -> str:
             return "done"  # tool-call mode: end each request at once
     prompt = _first_user(body)
     if name == "fgo_merge":
-        rules: dict[str, list[str]] = {}
-        instructions = ""
-        functions: dict[str, Any] = {}
-        for _version, text in _CHILD.findall(prompt):
-            child = json.loads(text)
-            instructions = instructions or child.get("instructions", "")
-            for r in child.get("rules", []):
-                rules.setdefault(r["text"], []).append(r["id"])
-            for f in child.get("functions", []):
-                functions.setdefault(f["name"], f)
-        merged = [{"text": t, "from": ids} for t, ids in rules.items()]
-        if len(merged) > MAX_SCRIPTED_RULES:
-            groups: list[list[str]] = [[] for _ in range(MAX_SCRIPTED_RULES)]
-            for i, rule in enumerate(merged):
-                groups[i % MAX_SCRIPTED_RULES].extend(rule["from"])
-            merged = [
-                {
-                    "text": f"Consolidated lesson {k + 1}: verify preconditions before acting.",
-                    "from": ids,
-                }
-                for k, ids in enumerate(groups)
-            ]
-        return json.dumps(
-            {
-                "analysis": f"merged {len(rules)} distinct rules into {len(merged)}",
-                "instructions": instructions,
-                "rules": merged,
-                "functions": list(functions.values()),
-            }
-        )
+        return json.dumps(scripted_merge(prompt))
     ids = _TRAJ.findall(prompt)
     current = _CURRENT.search(prompt)
     existing = json.loads(current.group(1)).get("rules", []) if current else []
@@ -207,6 +182,59 @@ def scripted_reply(body: dict[str, Any]) -> str:
             "evidence": ids[:3],
         }
     return json.dumps({"analysis": f"saw {len(ids)} trajectories", "actions": [action]})
+
+
+def merge_prompt_versions(prompt: str) -> list[str]:
+    """The child node ids a merge prompt merges, in order."""
+    return _MERGE_VERSION.findall(prompt)
+
+
+def merge_prompt_rules(prompt: str) -> list[tuple[str, str]]:
+    """The (id, text) of each rule a merge prompt lists."""
+    return [(m.group(1), m.group(2)) for m in _MERGE_RULE.finditer(prompt)]
+
+
+def scripted_merge(prompt: str) -> dict[str, Any]:
+    """The default merge reply: keep every rule (no decisions) while there are at
+    most MAX_SCRIPTED_RULES; past that, combine them into that many rules whose
+    ids name every source. A conflicting function gets its first version."""
+    rules = merge_prompt_rules(prompt)
+    decisions: list[dict[str, Any]] = []
+    if len(rules) > MAX_SCRIPTED_RULES:
+        groups: list[list[str]] = [[] for _ in range(MAX_SCRIPTED_RULES)]
+        for i, (rid, _text) in enumerate(rules):
+            groups[i % MAX_SCRIPTED_RULES].append(rid)
+        decisions = [
+            {
+                "op": "combine",
+                "ids": ids,
+                "text": f"Consolidated lesson {k + 1}: verify preconditions before acting.",
+            }
+            for k, ids in enumerate(groups)
+        ]
+    functions: dict[str, Any] = {}
+    for fname, text in _MERGE_FUNCTION.findall(prompt):
+        functions.setdefault(fname, json.loads(text))
+    return {
+        "analysis": f"{len(rules)} rules, {len(decisions)} combined",
+        "decisions": decisions,
+        "functions": list(functions.values()),
+    }
+
+
+def consolidating_merge_policy(body: dict[str, Any]) -> str:
+    """A policy whose merges do what real models often do: consolidate all the
+    children's rules into one general rule, naming no ids in its lineage.
+    Optimize calls get ``scripted_reply``."""
+    if schema_name_of(body) != "fgo_merge":
+        return scripted_reply(body)
+    rules = merge_prompt_rules(_first_user(body))
+    decisions = (
+        [{"op": "combine", "text": "Verify the preconditions before acting."}]
+        if len(rules) > 1
+        else []
+    )
+    return json.dumps({"analysis": f"{len(rules)} rules into one", "decisions": decisions})
 
 
 class FakeLLMServer:

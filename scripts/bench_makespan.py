@@ -79,7 +79,13 @@ from fgo_actors import (
     Trajectory,
     run,
 )
-from fgo_actors.testing import FakeLLMServer, RecordedRequest, schema_name_of
+from fgo_actors.testing import (
+    FakeLLMServer,
+    RecordedRequest,
+    merge_prompt_rules,
+    merge_prompt_versions,
+    schema_name_of,
+)
 
 TASK_TYPES = ("put_away", "clean_and_place", "heat_and_place", "examine", "find_two")
 _VOCABULARY = (
@@ -90,7 +96,6 @@ _VOCABULARY = (
     "cannot need must because next step plan check verify location state goal left"
 )
 _WORDS = tuple(_VOCABULARY.split())
-_CHILD_MODULE = re.compile(r'<module version="([^"]+)"[^>]*>\n(.*?)\n</module>', re.DOTALL)
 _TRAJECTORY = re.compile(r"^### Trajectory (\S+)$", re.MULTILINE)
 
 
@@ -136,14 +141,7 @@ def _first_user(body: Mapping[str, Any]) -> str:
 
 
 def _merged_rule_texts(prompt: str) -> list[str]:
-    texts: list[str] = []
-    for _version, text in _CHILD_MODULE.findall(prompt):
-        try:
-            module = json.loads(text)
-        except ValueError:
-            continue
-        texts.extend(str(r.get("text", "")) for r in module.get("rules", []))
-    return sorted(texts)
+    return sorted(text for _id, text in merge_prompt_rules(prompt))
 
 
 @attrs.define
@@ -208,7 +206,7 @@ def server_durations(
     for r in requests:
         prompt = _first_user(r.body)
         if r.schema_name == "fgo_merge":
-            children = tuple(v for v, _ in _CHILD_MODULE.findall(prompt))
+            children = tuple(merge_prompt_versions(prompt))
             by_children[children] = by_children.get(children, 0.0) + _server_seconds(r)
         else:
             ids = _TRAJECTORY.findall(prompt)

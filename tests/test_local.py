@@ -22,7 +22,9 @@ import pytest
 from fgo_actors import (
     GatewayConfig,
     LLMGateway,
+    Module,
     Outcome,
+    Rule,
     RunConfig,
     Step,
     Trajectory,
@@ -277,6 +279,14 @@ async def test_real_local_model_optimizes_and_merges() -> None:
                     context_tokens=server.context_tokens,
                     subset_tokens=subset_tokens,
                     module_tokens=module_tokens,
+                ),
+                # Two rules to start from, so the merge has something to decide
+                # (a merge of at most one rule makes no call).
+                initial=Module(
+                    rules=(
+                        Rule(id="i.r1", text="Open a closed container before putting into it."),
+                        Rule(id="i.r2", text="Read the task and act on its objects."),
+                    )
                 ),
             )
     report = result.report

@@ -418,48 +418,35 @@ def test_optimize_response_rejects(reply: object, why: str) -> None:
 def test_merge_response_accepts_documented_shape() -> None:
     reply: JSONDict = {
         "analysis": "merged two modules",
-        "instructions": "Be careful.",
-        "rules": [
-            {"text": "Check the door.", "from": ["s001.r1", "s002.r3"]},
-            {"text": "A brand new rule.", "from": []},
+        "decisions": [
+            {"op": "combine", "ids": ["s001.r1", "s002.r3"], "text": "Check the door."},
+            {"op": "combine", "text": "A consolidated rule whose lineage is inferred."},
+            {"op": "drop", "id": "s001.r2", "reason": "contradicted"},
+            {"op": "drop", "id": "s001.r4"},
         ],
+        "instructions": "Be careful.",
         "functions": [FUNC],
     }
     assert errors_of(MERGE_V, reply) == []
     assert schema_error("merge_response", reply) is None
-    minimal = {"instructions": "", "rules": [], "functions": []}
+    minimal: JSONDict = {"decisions": []}
     assert errors_of(MERGE_V, minimal) == []
 
 
 @pytest.mark.parametrize(
     ("reply", "why"),
     [
-        ({"instructions": "", "rules": [{"from": ["a"]}], "functions": []}, "rule without text"),
-        ({"instructions": "", "rules": [{"text": "x"}], "functions": []}, "rule without from"),
+        ({"decisions": [{"op": "combine", "ids": ["a"]}]}, "combine without text"),
+        ({"decisions": [{"op": "drop"}]}, "drop without id"),
+        ({"decisions": [{"op": "combine", "ids": "a", "text": "x"}]}, "ids not a list"),
+        ({"decisions": [{"op": "combine", "ids": [1], "text": "x"}]}, "ids hold a non-string"),
+        ({"decisions": [{"op": "rewrite", "text": "x"}]}, "unknown op"),
         (
-            {"instructions": "", "rules": [{"text": "", "from": []}], "functions": []},
-            "empty text",
-        ),
-        (
-            {"instructions": "", "rules": [{"text": "x", "from": "a"}], "functions": []},
-            "from not a list",
-        ),
-        (
-            {"instructions": "", "rules": [{"text": "x", "from": [1]}], "functions": []},
-            "from holds a non-string",
-        ),
-        (
-            {
-                "instructions": "",
-                "rules": [],
-                "functions": [{k: v for k, v in FUNC.items() if k != "code"}],
-            },
+            {"decisions": [], "functions": [{k: v for k, v in FUNC.items() if k != "code"}]},
             "function without code",
         ),
-        ({"rules": [], "functions": []}, "no instructions"),
-        ({"instructions": "", "functions": []}, "no rules"),
-        ({"instructions": "", "rules": []}, "no functions"),
-        ({"instructions": "", "rules": {}, "functions": []}, "rules not a list"),
+        ({"instructions": "", "rules": [], "functions": []}, "the old whole-module shape"),
+        ({"decisions": {}}, "decisions not a list"),
         ({"actions": []}, "an optimize reply"),
     ],
 )

@@ -73,7 +73,7 @@ def optimizer_that_learns_then_forgets(merge_keeps_functions: bool) -> Any:
             return json.dumps({"analysis": "-", "actions": [action]})
         if name == "fgo_merge" and not merge_keeps_functions:
             merged = json.loads(scripted_reply(body))
-            merged["functions"] = []
+            merged["decisions"].append({"op": "drop", "id": "tidy", "reason": "unhelpful"})
             return json.dumps(merged)
         return scripted_reply(body)
 

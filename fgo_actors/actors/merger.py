@@ -8,12 +8,13 @@ from typing import Any
 import structlog
 import trio
 
-from .._edits import apply_merge, union_merge
-from .._errors import BudgetExhaustedError, UnitFailedError
+from .._edits import MergeChild, MergeResult, apply_merge, merge_input, union_merge
+from .._errors import BudgetExhaustedError, ReplyRejectedError, UnitFailedError
+from .._fncheck import static_problems
 from .._forest import MergeForest, MergeJob
 from .._gateway import LLMGateway
 from .._model import MergeNode, Module
-from .._prompts import accept_edits, merge_messages
+from .._prompts import merge_messages, render_module
 from .._state import RunState
 
 
@@ -24,6 +25,15 @@ def _combined_stats(children: Sequence[MergeNode]) -> dict[str, Any]:
     return out
 
 
+def _children(children: Sequence[MergeNode]) -> list[MergeChild]:
+    """The children in id order: the order they finished in varies from run to
+    run, and the merge prompt (a cache key) must not."""
+    return [
+        MergeChild(c.id, c.module, int(c.stats.get("successes", 0)))
+        for c in sorted(children, key=lambda c: c.id)
+    ]
+
+
 async def merge_modules(
     gateway: LLMGateway,
     job: MergeJob,
@@ -32,50 +42,79 @@ async def merge_modules(
     module_tokens: int,
     state: RunState,
 ) -> MergeNode:
-    """Merge ``children`` with the LLM; fall back to a lossless union merge if that fails."""
+    """Merge ``children``: the LLM decides over their rule ids, code applies the
+    decisions and the module cap. If the call fails, every candidate is kept
+    and the cap cut by evidence (``union_merge``); nothing is lost unrecorded."""
     started = state.now()
     log = structlog.get_logger()
-    messages = merge_messages(
-        [(c.id, c.module, c.stats) for c in children], module_tokens=module_tokens
-    )
-    child_modules = [c.module for c in children]
-    dropped: tuple[str, ...] = ()
+    inp = merge_input(_children(children), node_id=job.id)
+    successes = {c.id: int(c.stats.get("successes", 0)) for c in children}
 
-    def check(reply: dict[str, Any]) -> Module:
-        nonlocal dropped
-        result = apply_merge(child_modules, reply, node_id=job.id)
-        module = accept_edits(
-            gateway.counter,
-            result.module,
-            result.errors,
-            module_tokens,
-            "deduplicate and generalise rules to make it shorter",
+    def size(module: Module) -> int:
+        return gateway.counter.count(render_module(module))
+
+    def apply(reply: dict[str, Any]) -> MergeResult:
+        return apply_merge(
+            inp, reply, node_id=job.id, size=size, cap=module_tokens, successes=successes
         )
-        dropped = result.dropped_rules
-        return module
+
+    def check(reply: dict[str, Any]) -> MergeResult:
+        result = apply(reply)
+        conflicted = {c.name for c in inp.conflicts}
+        problems = [
+            p for f in result.module.functions if f.name in conflicted for p in static_problems(f)
+        ]
+        if result.errors or problems:
+            raise ReplyRejectedError("; ".join([*result.errors, *problems]))
+        return result
 
     method: Any = "llm"
-    try:
-        module = await gateway.structured("merge", messages, "fgo_merge", check)
-    except (UnitFailedError, BudgetExhaustedError) as e:
-        kind = "budget" if isinstance(e, BudgetExhaustedError) else "merge"
-        if kind == "budget":
-            state.budget_exhausted = True
-        state.fail(job.id, kind, f"{e}; fell back to a union merge")
-        module = union_merge(child_modules, node_id=job.id)
+    decide = len(inp.rules) > 1 or inp.functions or inp.conflicts or len(inp.instructions) > 1
+    if not decide:
+        result = union_merge(inp, node_id=job.id, size=size, cap=module_tokens, successes=successes)
         method = "union"
-    if dropped:
-        log.info("merge_dropped_rules", node=job.id, dropped=list(dropped))
+    else:
+        messages = merge_messages(
+            inp,
+            [(c.id, c.stats) for c in sorted(children, key=lambda c: c.id)],
+            module_tokens=module_tokens,
+            module_size=size(union_merge(inp, node_id=job.id, size=size, cap=10**9).module),
+        )
+        try:
+            result = await gateway.structured("merge", messages, "fgo_merge", check)
+        except (UnitFailedError, BudgetExhaustedError) as e:
+            kind = "budget" if isinstance(e, BudgetExhaustedError) else "merge"
+            if kind == "budget":
+                state.budget_exhausted = True
+            state.fail(job.id, kind, f"{e}; fell back to a union merge")
+            result = union_merge(
+                inp, node_id=job.id, size=size, cap=module_tokens, successes=successes
+            )
+            method = "union"
+    if result.dropped or result.dropped_functions:
+        log.info(
+            "merge_dropped",
+            node=job.id,
+            rules=[d.to_json() for d in result.dropped],
+            functions=[d.to_json() for d in result.dropped_functions],
+        )
+    inferred = [r.id for r in result.module.rules if r.lineage_inferred]
     return MergeNode(
         id=job.id,
         kind="merge",
-        module=module,
+        module=result.module,
         children=job.children,
         subsets=tuple(s for c in children for s in c.subsets),
         started_at=started,
         finished_at=state.now(),
         method=method,
-        stats={**_combined_stats(children), "dropped_rules": list(dropped)},
+        stats={
+            **_combined_stats(children),
+            "dropped_rules": [d.to_json() for d in result.dropped],
+            "dropped_functions": [d.to_json() for d in result.dropped_functions],
+            "lineage_inferred": inferred,
+            "notes": list(result.notes),
+        },
     )
 
 
