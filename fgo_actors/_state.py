@@ -9,7 +9,7 @@ import structlog
 import trio
 
 from ._forest import expected_merges
-from ._model import Failure, MergeNode, Strategy
+from ._model import Failure, MergeNode, RenderedTrajectory, Strategy
 
 
 @attrs.frozen
@@ -96,6 +96,10 @@ class RunState:
     failures: list[Failure] = attrs.field(factory=list)
     budget_exhausted: bool = False
     successful_units: int = 0
+    # Each optimized subset's rendered trajectories (with their recorded turns):
+    # a merge replays a child's functions on the turns of subsets they were
+    # not written from.
+    subset_items: dict[str, tuple[RenderedTrajectory, ...]] = attrs.field(factory=dict)
 
     def now(self) -> float:
         return trio.current_time() - self.started_at

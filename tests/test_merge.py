@@ -9,7 +9,18 @@ from typing import Any
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from fgo_actors import FunctionSpec, Module, Rule
+from fgo_actors import (
+    FunctionSpec,
+    GatewayConfig,
+    LLMGateway,
+    Module,
+    Outcome,
+    Rule,
+    RunConfig,
+    Step,
+    Trajectory,
+    run,
+)
 from fgo_actors._edits import (
     MergeChild,
     apply_merge,
@@ -18,6 +29,9 @@ from fgo_actors._edits import (
     merge_input,
     union_merge,
 )
+from fgo_actors.testing import schema_name_of, scripted_reply
+
+from .conftest import StartLLM
 
 SETTINGS = settings(max_examples=200, deadline=None)
 
@@ -352,3 +366,70 @@ def test_functions_that_differ_only_in_data_merge_by_union() -> None:
         node_id="m1",
     )
     assert [x.name for x in inp.conflicts] == ["route"]
+
+
+# -- end to end: a function is judged on turns it was not written from ---------------
+
+NARROW = (
+    "def narrow(task, observation, valid_actions, history):\n"
+    "    if 'alpha' not in observation:\n"
+    "        raise KeyError('only ever saw alpha rooms')\n"
+    "    return [[valid_actions[0]]]\n"
+)
+
+
+def _episode(i: int, word: str) -> Trajectory:
+    steps: list[Step] = []
+    for k in range(3):
+        actions = [f"act {k}", "wait"]
+        steps += [
+            Step(role="user", content=f"{word} room {i}.{k}", extra={"valid_actions": actions}),
+            Step(
+                role="assistant", content=actions[0], extra={"played": [actions[0]], "score": k / 2}
+            ),
+        ]
+    return Trajectory(
+        id=f"{word}{i}",
+        task="do the thing",
+        steps=tuple(steps),
+        outcome=Outcome(success=True, score=1.0),
+        metadata={"task_type": word},
+    )
+
+
+async def test_a_function_that_fails_on_a_sibling_subsets_turns_is_cut_on_record(
+    start_llm: StartLLM,
+) -> None:
+    def policy(body: dict[str, Any]) -> str:
+        if schema_name_of(body) == "fgo_optimize" and "alpha room" in str(
+            body["messages"][1]["content"]
+        ):
+            function = {
+                "name": "narrow",
+                "description": "d",
+                "parameters": {"type": "object"},
+                "code": NARROW,
+            }
+            return json.dumps({"actions": [{"op": "add_function", "function": function}]})
+        return scripted_reply(body)
+
+    _server, url = await start_llm(policy=policy)
+    data = [_episode(i, "alpha") for i in range(3)] + [_episode(i, "beta") for i in range(3)]
+    gateway = LLMGateway(GatewayConfig(base_url=url, model="m", max_concurrency=2))
+    async with gateway:
+        result = await run(
+            data,
+            gateway,
+            RunConfig(
+                context_tokens=4096, subset_tokens=1300, module_tokens=300, group_key="task_type"
+            ),
+        )
+    nodes = {n.id: n for n in result.report.merge_tree}
+    leaves = [n for n in nodes.values() if n.kind == "leaf"]
+    assert any(n.module.function("narrow") for n in leaves)  # it passed its own subset's turns
+    assert result.module is not None
+    assert result.module.function("narrow") is None
+    cuts = [d for n in nodes.values() for d in n.stats.get("dropped_functions", [])]
+    assert [d["id"] for d in cuts] == ["narrow"]
+    assert "not written from" in cuts[0]["reason"]
+    assert "only ever saw alpha rooms" in cuts[0]["reason"]

@@ -5,15 +5,16 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
+import attrs
 import structlog
 import trio
 
-from .._edits import MergeChild, MergeResult, apply_merge, merge_input, union_merge
+from .._edits import Drop, MergeChild, MergeResult, apply_merge, merge_input, union_merge
 from .._errors import BudgetExhaustedError, ReplyRejectedError, UnitFailedError
-from .._fncheck import static_problems
+from .._fncheck import replay_problems, static_problems
 from .._forest import MergeForest, MergeJob
 from .._gateway import LLMGateway
-from .._model import MergeNode, Module
+from .._model import FunctionSpec, MergeNode, Module
 from .._prompts import merge_messages, render_module
 from .._state import RunState
 
@@ -32,6 +33,38 @@ def _children(children: Sequence[MergeNode]) -> list[MergeChild]:
         MergeChild(c.id, c.module, int(c.stats.get("successes", 0)))
         for c in sorted(children, key=lambda c: c.id)
     ]
+
+
+async def _judge_functions_held_out(
+    result: MergeResult, children: Sequence[MergeNode], state: RunState
+) -> MergeResult:
+    """Replay each merged function on the recorded turns of the subsets it was
+    not written from (the children that lack it), as far as the run kept them;
+    one that fails there is cut, on record. Not covering new cases is no fault:
+    only failures and unusable return values count here."""
+    keep: list[FunctionSpec] = []
+    cut: list[Drop] = []
+    for fn in result.module.functions:
+        items = [
+            item
+            for c in children
+            if c.module.function(fn.name) is None
+            for s in c.subsets
+            for item in state.subset_items.get(s, ())
+        ]
+        problems = await replay_problems(fn, items, require_match=False) if items else []
+        if problems:
+            reason = f"fails on turns of subsets it was not written from: {problems[0]}"
+            cut.append(Drop(fn.name, (), reason))
+        else:
+            keep.append(fn)
+    if not cut:
+        return result
+    return attrs.evolve(
+        result,
+        module=attrs.evolve(result.module, functions=tuple(keep)),
+        dropped_functions=(*result.dropped_functions, *cut),
+    )
 
 
 async def merge_modules(
@@ -91,6 +124,7 @@ async def merge_modules(
                 inp, node_id=job.id, size=size, cap=module_tokens, successes=successes
             )
             method = "union"
+    result = await _judge_functions_held_out(result, children, state)
     if result.dropped or result.dropped_functions:
         log.info(
             "merge_dropped",

@@ -110,6 +110,7 @@ async def optimizer(
     log = structlog.get_logger()
     with inp, out:
         async for subset in inp:
+            state.subset_items[subset.id] = subset.items
             started = state.now()
             module = initial
             done_epochs = 0
