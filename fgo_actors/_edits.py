@@ -195,7 +195,7 @@ def apply_actions(
 # alike. Every child rule ends up in the result (by id or in a ``from``) or in
 # a recorded drop.
 
-_WORD = re.compile(r"[a-z0-9]{3,}")
+_WORD = re.compile(r"[a-z][a-z0-9]{2,}")
 _STOP = frozenset(
     {
         *("the", "and", "for", "with", "that", "this", "then", "than", "when", "from"),
