@@ -42,6 +42,20 @@ def _next_ids(module: Module, prefix: str) -> Iterator[str]:
         n += 1
 
 
+_OPS = ("set_instructions", "add_rule", "revise_rule", "remove_rule", "add_function")
+
+
+def _echoes_the_editor(text: str, rules: Mapping[str, Rule]) -> str | None:
+    """An edit op or a rule id that ``text`` names: a small model sometimes
+    copies the re-ask note (``revise_rule names unknown rule id ...``) into a
+    rule. Such a text is about this editing, never about the agent's task."""
+    lowered = text.lower()
+    for word in (*_OPS, *rules):
+        if re.search(rf"(?<![\w.]){re.escape(word.lower())}(?![\w])", lowered):
+            return word
+    return None
+
+
 @attrs.frozen
 class EditResult:
     module: Module
@@ -96,6 +110,13 @@ def apply_actions(
             if not text:
                 errors.append(f"actions[{i}]: add_rule text is empty")
                 continue
+            echo = _echoes_the_editor(text, rules)
+            if echo is not None:
+                errors.append(
+                    f"actions[{i}]: add_rule text names {echo!r}, a word of these edit "
+                    "instructions, not of the task: write a lesson about the task"
+                )
+                continue
             dup = next((r.id for r in rules.values() if _norm(r.text) == _norm(text)), None)
             if dup is not None:
                 errors.append(
@@ -120,6 +141,13 @@ def apply_actions(
             text = str(action["text"]).strip()
             if not text:
                 errors.append(f"actions[{i}]: revise_rule text is empty; use remove_rule")
+                continue
+            echo = _echoes_the_editor(text, rules)
+            if echo is not None:
+                errors.append(
+                    f"actions[{i}]: revise_rule text names {echo!r}, a word of these edit "
+                    "instructions, not of the task: write a lesson about the task"
+                )
                 continue
             dup = next(
                 (r.id for r in rules.values() if r.id != rid and _norm(r.text) == _norm(text)),

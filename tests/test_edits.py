@@ -314,3 +314,25 @@ def test_records_are_frozen() -> None:
     with pytest.raises(attrs.exceptions.FrozenInstanceError):
         BASE.rules[0].text = "x"  # type: ignore[misc]
     assert BASE.to_json() == BASE_JSON
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "revise_rule names unknown rule id '15'; existing ids: ['s001.r3']",
+        "Use add_rule for lessons.",
+        "Follow rule r1 always.",
+    ],
+)
+def test_a_rule_that_echoes_the_edit_instructions_is_refused(text: str) -> None:
+    module, errors, applied = apply([{"op": "add_rule", "text": text}])
+    assert applied == 0
+    assert module == BASE
+    assert len(errors) == 1
+    assert "not of the task" in errors[0]
+
+
+def test_a_rule_may_use_words_that_merely_contain_an_id() -> None:
+    # "r1" inside another word, or an id-like token that is no rule's, is fine.
+    _module, errors, applied = apply([{"op": "add_rule", "text": "Check r12 and the car1 engine."}])
+    assert (errors, applied) == ((), 1)
