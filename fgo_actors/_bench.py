@@ -46,6 +46,7 @@ from ._agent import AgentConfig, collect
 from ._diskcache import Journal, JournalError, PhaseCache, Spent, remove_files
 from ._errors import InputError, leaf_exceptions
 from ._eval import EvalSummary
+from ._eval import summarise as eval_summary
 from ._gateway import LLMGateway
 from ._io import (
     atomic_write_bytes,
@@ -59,7 +60,7 @@ from ._pipeline import RunFailedError, _item_budget, run
 from ._prompts import render_module
 from ._schemas import schema_error
 from ._state import RunConfig
-from ._stats import PairedComparison, mean_interval, paired, wilson_interval
+from ._stats import PairedComparison, paired
 from ._store import StoreError
 from .envs import Environment, Task
 
@@ -924,30 +925,13 @@ def summarise(
     label: str, trajectories: Sequence[Trajectory], spent: Spent, seconds: float
 ) -> EvalSummary:
     """An EvalSummary of episodes played over one or more runs, with what they cost."""
-    outcomes = {t.id: t.outcome.success for t in sorted(trajectories, key=lambda t: t.id)}
-    successes = sum(outcomes.values())
-    n = len(outcomes)
-    mean, lo, hi = mean_interval([t.outcome.score or 0.0 for t in trajectories])
-
-    def total(key: str) -> int:
-        return sum(int((t.metadata or {}).get(key, 0)) for t in trajectories)
-
-    return EvalSummary(
-        label=label,
-        episodes=n,
-        successes=successes,
-        success_rate=successes / n if n else 0.0,
-        success_ci=wilson_interval(successes, n),
-        score_mean=mean,
-        score_ci=(lo, hi),
+    return eval_summary(
+        label,
+        trajectories,
         llm_calls=sum(spent.calls.values()),
         prompt_tokens=spent.prompt_tokens,
         completion_tokens=spent.completion_tokens,
         wall_seconds=seconds,
-        outcomes=outcomes,
-        turns=total("steps"),
-        macro_turns=total("macros_played"),
-        invalid_replies=total("invalid_replies"),
     )
 
 

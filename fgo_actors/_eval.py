@@ -85,12 +85,32 @@ async def evaluate(
                 if on_episode is not None:
                     on_episode(traj)
     used = gateway.statistics().since(before)
-    outcomes = {t.id: t.outcome.success for t in trajectories}
+    summary = summarise(
+        label,
+        trajectories,
+        llm_calls=sum(used.calls.values()),
+        prompt_tokens=sum(used.prompt_tokens.values()),
+        completion_tokens=sum(used.completion_tokens.values()),
+        wall_seconds=trio.current_time() - started,
+    )
+    return summary, sorted(trajectories, key=lambda t: t.id)
+
+
+def summarise(
+    label: str,
+    trajectories: Sequence[Trajectory],
+    *,
+    llm_calls: int,
+    prompt_tokens: int,
+    completion_tokens: int,
+    wall_seconds: float,
+) -> EvalSummary:
+    """Successes, scores and turn counts of ``trajectories``, with what they cost."""
+    outcomes = {t.id: t.outcome.success for t in sorted(trajectories, key=lambda t: t.id)}
     successes = sum(outcomes.values())
-    scores = [t.outcome.score or 0.0 for t in trajectories]
-    mean, lo, hi = mean_interval(scores)
-    n = len(trajectories)
-    summary = EvalSummary(
+    n = len(outcomes)
+    mean, lo, hi = mean_interval([t.outcome.score or 0.0 for t in trajectories])
+    return EvalSummary(
         label=label,
         episodes=n,
         successes=successes,
@@ -98,16 +118,15 @@ async def evaluate(
         success_ci=wilson_interval(successes, n),
         score_mean=mean,
         score_ci=(lo, hi),
-        llm_calls=sum(used.calls.values()),
-        prompt_tokens=sum(used.prompt_tokens.values()),
-        completion_tokens=sum(used.completion_tokens.values()),
-        wall_seconds=trio.current_time() - started,
+        llm_calls=llm_calls,
+        prompt_tokens=prompt_tokens,
+        completion_tokens=completion_tokens,
+        wall_seconds=wall_seconds,
         outcomes=outcomes,
         turns=_total(trajectories, "steps"),
         macro_turns=_total(trajectories, "macros_played"),
         invalid_replies=_total(trajectories, "invalid_replies"),
     )
-    return summary, sorted(trajectories, key=lambda t: t.id)
 
 
 def _total(trajectories: Sequence[Trajectory], key: str) -> int:
