@@ -195,6 +195,13 @@ def _positive(ctx: click.Context, param: click.Parameter, value: int | None) -> 
     help="metadata key that groups similar trajectories into the same subsets.",
 )
 @click.option(
+    "--playbook/--no-playbook",
+    default=True,
+    show_default=True,
+    help="Also learn, without the LLM, the action sequences that raised the score in "
+    "each subset's recorded turns, as the module function 'playbook'.",
+)
+@click.option(
     "--token-budget",
     type=int,
     callback=_positive,
@@ -259,6 +266,7 @@ def optimize(
     epochs: int,
     seed: int,
     group_key: str,
+    playbook: bool,
     token_budget: int | None,
     max_completion_tokens: int | None,
     call_timeout: float,
@@ -358,6 +366,7 @@ def optimize(
             epochs=epochs,
             seed=seed,
             group_key=group_key,
+            playbook=playbook,
         )
         gw_config = GatewayConfig(
             base_url=url,

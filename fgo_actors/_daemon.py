@@ -43,6 +43,7 @@ from ._model import MergeNode, Module, RenderedTrajectory, Subset, Trajectory
 from ._online import module_key
 from ._partition import StreamPacker
 from ._pipeline import _item_budget
+from ._playbook import with_plays
 from ._prompts import PER_ITEM_SLACK, render_trajectory
 from ._state import RunConfig, RunState
 from ._store import AsyncStore, Store, StoreCache, Version
@@ -636,11 +637,14 @@ class StreamingOptimizer:
         items = await self.store.call(self.store.sync.subset_items, subset_id)
         subset = Subset(id=subset_id, items=items)
         started = self._state.now()
+        initial = self.config.initial
+        if self.config.run.playbook:  # a no-op for items stored without their turns
+            initial = with_plays(initial, (i.turns for i in items))
         while True:
             try:
                 module = await optimize_subset(
                     self.gateway,
-                    self.config.initial,
+                    initial,
                     items,
                     subset_id=subset_id,
                     module_tokens=self._module_tokens,

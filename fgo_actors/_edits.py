@@ -17,6 +17,8 @@ from typing import Any
 import attrs
 
 from ._model import FunctionSpec, Module, Rule
+from ._playbook import PLAYBOOK
+from ._playbook import merge_functions as merge_playbooks
 
 
 def _norm(text: str) -> str:
@@ -176,6 +178,14 @@ def apply_actions(
                     f"existing ids: {list(rules)}"
                 )
                 continue
+        elif op in ("add_function", "revise_function", "remove_function") and (
+            str((action.get("function") or {}).get("name", action.get("name", ""))) == PLAYBOOK
+        ):
+            errors.append(
+                f"actions[{i}]: {op}: {PLAYBOOK!r} is written from the logs' scores by the "
+                "optimizer's code; leave it out of the actions"
+            )
+            continue
         elif op in ("add_function", "revise_function"):
             fn = FunctionSpec.from_json(action["function"])
             exists = fn.name in functions
@@ -338,7 +348,12 @@ def merge_input(children: Sequence[MergeChild], *, node_id: str) -> MergeInput:
     agreed: list[FunctionSpec] = []
     conflicts: list[FunctionConflict] = []
     for name, vs in functions.items():
-        merged_fn = vs[0][1] if len(vs) == 1 else merge_function_data([f for _, f in vs])
+        if len(vs) == 1:
+            merged_fn: FunctionSpec | None = vs[0][1]
+        elif name == PLAYBOOK:
+            merged_fn = merge_playbooks([f for _, f in vs])
+        else:
+            merged_fn = merge_function_data([f for _, f in vs])
         if merged_fn is not None:
             agreed.append(merged_fn)
         else:
@@ -491,7 +506,8 @@ def apply_merge(
     # Numbering continues past any child id of this node's form too.
     taken = set(inp.child_rule_ids) | set(pool)
     max_drops = int(len(inp.rules) * max_drop_share)
-    fn_names = {f.name for f in inp.functions} | {c.name for c in inp.conflicts}
+    # The playbook is what the scores say, not an opinion: a merge cannot drop it.
+    fn_names = ({f.name for f in inp.functions} | {c.name for c in inp.conflicts}) - {PLAYBOOK}
     dropped_fns: dict[str, Drop] = {}
     for i, d in enumerate(reply.get("decisions", [])):
         op = d.get("op")

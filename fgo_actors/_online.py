@@ -63,6 +63,7 @@ class OnlineConfig:
     subsets_at_once: int = 1  # subsets improved concurrently (the local model: 1)
     agent: AgentConfig = attrs.field(factory=AgentConfig)
     workers: int = 1  # episodes played at once
+    playbook: bool = True  # add each round's scored plays to the playbook (``_playbook``)
 
     def __attrs_post_init__(self) -> None:
         for name in ("tasks_per_subset", "rounds", "patience", "subsets_at_once", "workers"):
@@ -286,6 +287,7 @@ async def optimize_online(
                 epoch=round_,
                 module_tokens=config.module_tokens,
                 state=state,
+                playbook=config.playbook,  # each round's episodes are new
             )
             after: Value | None = None
             played: list[Trajectory] = []

@@ -182,6 +182,7 @@ async def _run_fgo(
                     epochs=config.epochs,
                     module_tokens=module_tokens,
                     state=state,
+                    playbook=config.playbook,
                 )
                 nursery.start_soon(worker, name=f"optimizer-{i + 1}")
         nursery.start_soon(
@@ -230,6 +231,7 @@ async def _run_batch(
                 epoch=epoch,
                 module_tokens=module_tokens,
                 state=state,
+                playbook=config.playbook and epoch == 0,
             )
             if edited is not None:
                 module = edited
@@ -290,6 +292,7 @@ async def _run_all_at_once(
             epoch=epoch,
             module_tokens=module_tokens,
             state=state,
+            playbook=config.playbook and epoch == 0,
         )
         if edited is not None:
             module = edited

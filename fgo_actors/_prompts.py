@@ -15,6 +15,7 @@ import attrs
 from ._edits import MergeInput
 from ._errors import ReplyRejectedError
 from ._model import Module, RenderedTrajectory, Trajectory, turns_of
+from ._playbook import is_playbook
 from ._tokens import TokenCounter, default_counter
 
 OPTIMIZE_SYSTEM = """\
@@ -66,11 +67,16 @@ Only when asked, also give "instructions" (the agent's merged instructions) or \
 
 
 def module_for_prompt(module: Module) -> dict[str, Any]:
-    """The module as the LLM sees it: ids and texts, no provenance."""
+    """The module as the LLM sees it: ids and texts, no provenance. The
+    playbook, which code writes from the scores, shows only its name and
+    description: the LLM may not edit it, and its table would fill the prompt."""
     return {
         "instructions": module.instructions,
         "rules": [{"id": r.id, "text": r.text} for r in module.rules],
-        "functions": [f.to_json() for f in module.functions],
+        "functions": [
+            {"name": f.name, "description": f.description} if is_playbook(f) else f.to_json()
+            for f in module.functions
+        ],
     }
 
 
@@ -300,10 +306,11 @@ def merge_messages(
         for r in inp.rules
     ]
     parts.append("Rules:\n" + ("\n".join(lines) if lines else "(none)"))
-    if inp.functions:
+    editable = [f for f in inp.functions if not is_playbook(f)]
+    if editable:
         parts.append(
             "Functions (kept unless dropped):\n"
-            + "\n".join(f"- {f.name}: {f.description}" for f in inp.functions)
+            + "\n".join(f"- {f.name}: {f.description}" for f in editable)
         )
     if len(inp.instructions) > 1:
         parts.append(

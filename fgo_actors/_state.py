@@ -26,6 +26,7 @@ class RunConfig:
     group_key: str = "task_type"
     eager_merge: bool = True
     optimizers: int | None = None  # default: the gateway's max_concurrency
+    playbook: bool = True  # mine the plays that earned score into a module function
 
     def __attrs_post_init__(self) -> None:
         if self.strategy not in ("fgo", "all-at-once", "batch"):
@@ -58,6 +59,7 @@ class RunConfig:
             "seed": self.seed,
             "group_key": self.group_key,
             "eager_merge": self.eager_merge,
+            "playbook": self.playbook,
         }
 
 

@@ -21,6 +21,7 @@ from fgo_actors._online import (
     split_tasks,
     step_verdict,
 )
+from fgo_actors._playbook import PLAYBOOK, plays_of
 from fgo_actors._schemas import schema_error
 from fgo_actors.envs import Task, TaskSet
 from fgo_actors.testing import schema_name_of, scripted_reply
@@ -81,6 +82,9 @@ def optimizer_that_learns_then_forgets(merge_keeps_functions: bool) -> Any:
 
 
 def online_config(**kwargs: Any) -> OnlineConfig:
+    # These tests follow the scripted optimizer's tidy function; the playbook
+    # (on by default) learns from tidy's episodes too, so they turn it off.
+    kwargs.setdefault("playbook", False)
     return OnlineConfig(
         tasks_per_subset=2,
         rounds=3,
@@ -148,6 +152,18 @@ async def test_a_merge_that_is_worse_than_a_child_is_not_kept(start_llm: StartLL
     report = result.report()
     assert schema_error("online_report", report) is None
     assert report["merge_gates"][0]["decision"] == f"kept child {gate.kept}"
+
+
+async def test_rounds_add_their_episodes_plays_to_the_playbook(start_llm: StartLLM) -> None:
+    _server, url = await start_llm(policy=optimizer_that_learns_then_forgets(True))
+    tasks = TaskSet.parse("twc:test:0-3", params=TWC).tasks()
+    async with LLMGateway(GatewayConfig(base_url=url, model="m")) as gw:
+        result = await optimize_online(tasks, gw, online_config(playbook=True))
+    playbook = result.module.function(PLAYBOOK)
+    assert playbook is not None
+    plays = plays_of(playbook)
+    assert plays  # the tidy episodes' scored puts, as plays with an {x}
+    assert all("{x}" in steps[-1] for steps in plays)
 
 
 async def test_without_the_gate_the_merge_is_always_kept(start_llm: StartLLM) -> None:

@@ -15,6 +15,7 @@ from .._fncheck import replay_problems, static_problems
 from .._forest import MergeForest, MergeJob
 from .._gateway import LLMGateway
 from .._model import FunctionSpec, MergeNode, Module
+from .._playbook import is_playbook
 from .._prompts import merge_messages, render_module
 from .._state import RunState
 
@@ -102,7 +103,8 @@ async def merge_modules(
         return result
 
     method: Any = "llm"
-    decide = len(inp.rules) > 1 or inp.functions or inp.conflicts or len(inp.instructions) > 1
+    editable = [f for f in inp.functions if not is_playbook(f)]
+    decide = len(inp.rules) > 1 or editable or inp.conflicts or len(inp.instructions) > 1
     if not decide:
         result = union_merge(inp, node_id=job.id, size=size, cap=module_tokens, successes=successes)
         method = "union"

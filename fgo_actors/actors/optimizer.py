@@ -12,6 +12,7 @@ from .._errors import BudgetExhaustedError, ReplyRejectedError, UnitFailedError
 from .._fncheck import changed_functions, function_problems, static_problems
 from .._gateway import LLMGateway
 from .._model import MergeNode, Module, RenderedTrajectory, Subset
+from .._playbook import with_plays
 from .._prompts import accept_edits, optimize_messages
 from .._sandbox import SandboxLimits
 from .._state import RunState
@@ -71,25 +72,34 @@ async def optimize_unit(
     epoch: int,
     module_tokens: int,
     state: RunState,
+    playbook: bool = True,
 ) -> Module | None:
     """One optimize unit, its outcome recorded in ``state``.
 
-    Returns the edited module, or None when the unit failed cleanly (bad
-    replies after re-asks, a refused request, or an exhausted budget, which
-    also sets ``state.budget_exhausted``). Only LLMUnavailableError escapes.
+    With ``playbook``, the plays that earned score in ``items`` are first
+    added to the module's playbook function (``_playbook``; no LLM). Callers
+    ask for it once per set of items: a second epoch over the same items
+    would count their plays twice.
+    Returns the edited module, or, when the unit failed cleanly (bad replies
+    after re-asks, a refused request, or an exhausted budget, which also sets
+    ``state.budget_exhausted``), the module with only the plays added, or None
+    if there were none. Only LLMUnavailableError escapes.
     """
     unit = f"{subset_id}/epoch{epoch + 1}"
+    given = module
+    if playbook:
+        module = with_plays(module, (i.turns for i in items))
     try:
         edited = await optimize_subset(
             gateway, module, items, subset_id=subset_id, module_tokens=module_tokens
         )
     except UnitFailedError as e:
         state.fail(unit, "optimize", e)
-        return None
+        return module if module is not given else None
     except BudgetExhaustedError as e:
         state.budget_exhausted = True
         state.fail(unit, "budget", e)
-        return None
+        return module if module is not given else None
     state.successful_units += 1
     return edited
 
@@ -104,6 +114,7 @@ async def optimizer(
     epochs: int,
     module_tokens: int,
     state: RunState,
+    playbook: bool = True,
 ) -> None:
     """Optimize each subset received for ``epochs`` passes; send the result as a leaf."""
     structlog.contextvars.bind_contextvars(actor=name)
@@ -123,6 +134,7 @@ async def optimizer(
                     epoch=epoch,
                     module_tokens=module_tokens,
                     state=state,
+                    playbook=playbook and epoch == 0,
                 )
                 if edited is None:
                     break
