@@ -103,17 +103,17 @@ def candidate_plays(rewarded: str, earlier: Sequence[str]) -> list[tuple[tuple[s
         names = _slot_pattern(slot)
         tail = _words(" ".join(names.sub(" ", rewarded).split()[1:]))
         last = max(i for i, a in enumerate(earlier) if names.search(a))
-        # The last action naming the object, then those since that share at
-        # more than half of their words (past the command word) with the rewarded
-        # one's: "take x", "open laundry basket", "put x in laundry basket".
+        if earlier[last].split()[0] == words[0]:
+            continue  # the same command on a look-alike ("take red x", "take blue x")
+        # The last action naming the object, then those since that share more
+        # than half of their words (past the command word) with the rest of the
+        # rewarded one: "take x", "open laundry basket", "put x in laundry basket".
         fixed: list[str] = []
         for action in earlier[last + 1 :]:
             own = _words(" ".join(action.split()[1:]))
             if action not in fixed and own and len(own & tail) * 2 > len(own):
                 fixed.append(action)
-        if earlier[last].split()[0] == words[0]:
-            continue  # the same command on a look-alike ("take red x", "take blue x")
-        lead = [earlier[last], *fixed[len(fixed) - (MAX_LEADUP - 1) :]]
+        lead = [earlier[last], *fixed[-(MAX_LEADUP - 1) :]]
         steps = tuple(names.sub("{x}", a) for a in (*lead, rewarded))
         # A play must say more than "do it again to x": its rewarded step keeps
         # a word of its own past the command, and no step repeats.

@@ -23,7 +23,7 @@ import re
 
 PLAYS: dict[tuple[str, ...], dict[str, int]] = {}
 MAX_MACROS = 4  # the agent takes at most 4 options from one function
-MIN_CHANCE = 0.0  # a wrong guess costs a turn; the next turn offers the next best
+MIN_CHANCE = 0.0  # a guess beats no shortcut: a small agent without one mostly idles
 
 _WORD = re.compile(r"[a-z0-9]+")
 
@@ -55,11 +55,15 @@ def _chances(words: frozenset[str], groups: dict[str, dict[str, int]]) -> dict[s
     logs: dict[str, float] = {}
     for end, objects in groups.items():
         n = sum(objects.values())
+        if n <= 0:
+            continue
         log = math.log(n / total)
         for word in known:
             k = sum(times for obj, times in objects.items() if word in _words(obj))
             log += math.log((k + 0.1) / (n + 0.2))
         logs[end] = log
+    if not logs:
+        return {}
     top = max(logs.values())
     weights = {end: math.exp(log - top) for end, log in logs.items()}
     norm = sum(weights.values())
