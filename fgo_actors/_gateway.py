@@ -33,6 +33,7 @@ from ._errors import (
 )
 from ._prompts import reask_message
 from ._schemas import load_schema, schema_error
+from ._strict import from_strict, strict_variant
 from ._tokens import TokenCounter, default_counter
 
 T = TypeVar("T")
@@ -329,6 +330,8 @@ class LLMGateway:
             try:
                 content = await self.chat(role, send, schema_name, reask=error is not None)
                 obj = parse_json_reply(content)
+                if self.config.strict and await self.structured_mode() == "json_schema":
+                    obj = from_strict(obj, strict_variant(_wire_schema(schema_name))[1])
                 problem = schema_error(SCHEMA_FILES[schema_name], obj)
                 if problem is not None:
                     field, message = problem
@@ -372,6 +375,8 @@ class LLMGateway:
         if schema_name is not None and mode != "none":
             schema = _wire_schema(schema_name)
             if mode == "json_schema":
+                if self.config.strict:
+                    schema = strict_variant(schema)[0]
                 body["response_format"] = {
                     "type": "json_schema",
                     "json_schema": {

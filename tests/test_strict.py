@@ -1,0 +1,129 @@
+"""Strict-mode wire schemas: what is sent passes strict mode's rules, and replies
+written under them come back in the protocol's shape."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import jsonschema
+import pytest
+
+from fgo_actors import GatewayConfig, LLMGateway, RunConfig, run
+from fgo_actors._errors import ReplyRejectedError
+from fgo_actors._gateway import _wire_schema
+from fgo_actors._schemas import schema_error
+from fgo_actors._strict import from_strict, strict_problems, strict_variant
+from fgo_actors.testing import Fault, scripted_reply
+
+from .conftest import StartLLM, expert_tidy, make_trajectories
+
+NAMES = ("fgo_optimize", "fgo_merge")
+PROTOCOL = {"fgo_optimize": "optimize_response", "fgo_merge": "merge_response"}
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_the_protocol_schemas_break_strict_mode_and_their_wire_variants_do_not(name: str) -> None:
+    assert strict_problems(_wire_schema(name))  # optional fields, open objects
+    wire, text_fields = strict_variant(_wire_schema(name))
+    assert strict_problems(wire) == []
+    assert text_fields == {"parameters"}
+    jsonschema.Draft202012Validator.check_schema(wire)
+
+
+def _strict_shape(value: Any, node: dict[str, Any], root: dict[str, Any]) -> Any:
+    """``value`` as a server bound by the wire schema ``node`` writes it: every
+    property present (null when absent), JSON-text fields as strings."""
+    if "$ref" in node:
+        return _strict_shape(value, _resolve(node, root), root)
+    if "anyOf" in node:
+        branches = node["anyOf"]
+        if value is None and any(b.get("type") == "null" for b in branches):
+            return None
+        for branch in branches:
+            if branch.get("type") == "null":
+                continue
+            op = branch.get("properties", {}).get("op", {}).get("enum", [None])[0]
+            if op is None or (isinstance(value, dict) and value.get("op") == op):
+                return _strict_shape(value, branch, root)
+        raise AssertionError(f"no branch for {value!r}")
+    if node.get("type") == "string" and isinstance(value, dict):
+        return json.dumps(value)
+    if node.get("type") == "object":
+        return {k: _strict_shape(value.get(k), sub, root) for k, sub in node["properties"].items()}
+    if node.get("type") == "array":
+        return [_strict_shape(v, node["items"], root) for v in value]
+    return value
+
+
+def _resolve(node: dict[str, Any], root: dict[str, Any]) -> dict[str, Any]:
+    target: Any = root
+    for part in node["$ref"].removeprefix("#/").split("/"):
+        target = target[part]
+    return dict(target)
+
+
+def _strict_server_reply(canonical: dict[str, Any], wire: dict[str, Any]) -> dict[str, Any]:
+    reply = _strict_shape(canonical, wire, wire)
+    jsonschema.validate(reply, wire)  # what a strict server guarantees
+    return dict(reply)
+
+
+@pytest.mark.parametrize(
+    ("name", "canonical"),
+    [
+        ("fgo_optimize", {"analysis": "", "actions": [{"op": "add_rule", "text": "Open it."}]}),
+        (
+            "fgo_optimize",
+            {"analysis": "a macro", "actions": [{"op": "add_function", "function": expert_tidy()}]},
+        ),
+        ("fgo_merge", {"analysis": "", "decisions": [{"op": "drop", "id": "r1"}], "functions": []}),
+    ],
+)
+def test_a_strict_reply_maps_back_to_the_protocols_shape(
+    name: str, canonical: dict[str, Any]
+) -> None:
+    wire, text_fields = strict_variant(_wire_schema(name))
+    sent = _strict_server_reply(canonical, wire)
+    assert sent != canonical
+    back = from_strict(sent, text_fields)
+    assert back == canonical
+    assert schema_error(PROTOCOL[name], back) is None
+
+
+def test_a_text_field_that_is_not_json_is_a_reask() -> None:
+    with pytest.raises(ReplyRejectedError, match="parameters"):
+        from_strict({"function": {"parameters": "{not json"}}, frozenset({"parameters"}))
+
+
+def _refuse_unless_strict(body: dict[str, Any]) -> Fault | None:
+    """A server that enforces strict mode's schema rules, as OpenAI documents them."""
+    rf = body.get("response_format") or {}
+    if rf.get("type") != "json_schema":
+        return None
+    spec = rf["json_schema"]
+    if spec.get("strict") is not True or strict_problems(spec["schema"]):
+        return Fault(status=400)
+    return None
+
+
+def _strict_policy(body: dict[str, Any]) -> str:
+    canonical = json.loads(scripted_reply(body))
+    canonical.setdefault("analysis", "scripted")  # required on the wire
+    wire = body["response_format"]["json_schema"]["schema"]
+    return json.dumps(_strict_server_reply(canonical, wire))
+
+
+async def test_a_run_against_a_strict_mode_server_succeeds_with_the_defaults(
+    start_llm: StartLLM,
+) -> None:
+    server, url = await start_llm(policy=_strict_policy, fault_for=_refuse_unless_strict)
+    config = RunConfig(context_tokens=4096, subset_tokens=1600, module_tokens=700)
+    async with LLMGateway(GatewayConfig(base_url=url, model="m")) as gateway:
+        result = await run(make_trajectories(12), gateway, config)
+    assert result.report.status == "ok"
+    assert result.report.failures == ()
+    assert result.module is not None
+    assert result.module.rules
+    assert all(r.fault is None for r in server.requests)
+    assert any(r.schema_name == "fgo_merge" for r in server.requests)
