@@ -47,14 +47,24 @@ def _next_ids(module: Module, prefix: str) -> Iterator[str]:
 _OPS = ("set_instructions", "add_rule", "revise_rule", "remove_rule", "add_function")
 
 
-def _echoes_the_editor(text: str, rules: Mapping[str, Rule]) -> str | None:
-    """An edit op or a rule id that ``text`` names: a small model sometimes
+_BARE_NAME = re.compile(r"^[A-Za-z_]\w*(\(.*\))?(\s*->.*)?$", re.DOTALL)
+
+
+def _not_a_lesson(text: str, rules: Mapping[str, Rule]) -> str | None:
+    """Why ``text`` is no rule for the agent, or None. A small model sometimes
     copies the re-ask note (``revise_rule names unknown rule id ...``) into a
-    rule. Such a text is about this editing, never about the agent's task."""
+    rule; such a text is about this editing, never a lesson about the task.
+    So is a bare name or signature (the 1.5B model wrote rules such as
+    ``playbook`` and ``pick_up_object(task, observation) -> action_list``)."""
     lowered = text.lower()
     for word in (*_OPS, *rules):
         if re.search(rf"(?<![\w.]){re.escape(word.lower())}(?![\w])", lowered):
-            return word
+            return (
+                f"names {word!r}, a word of these edit instructions, not of the task: "
+                "write a lesson about the task"
+            )
+    if _BARE_NAME.match(text):
+        return "is a name, not a lesson: write the rule as a short sentence about the task"
     return None
 
 
@@ -112,12 +122,9 @@ def apply_actions(
             if not text:
                 errors.append(f"actions[{i}]: add_rule text is empty")
                 continue
-            echo = _echoes_the_editor(text, rules)
-            if echo is not None:
-                errors.append(
-                    f"actions[{i}]: add_rule text names {echo!r}, a word of these edit "
-                    "instructions, not of the task: write a lesson about the task"
-                )
+            problem = _not_a_lesson(text, rules)
+            if problem is not None:
+                errors.append(f"actions[{i}]: add_rule text {problem}")
                 continue
             dup = next((r.id for r in rules.values() if _norm(r.text) == _norm(text)), None)
             if dup is not None:
@@ -144,12 +151,9 @@ def apply_actions(
             if not text:
                 errors.append(f"actions[{i}]: revise_rule text is empty; use remove_rule")
                 continue
-            echo = _echoes_the_editor(text, rules)
-            if echo is not None:
-                errors.append(
-                    f"actions[{i}]: revise_rule text names {echo!r}, a word of these edit "
-                    "instructions, not of the task: write a lesson about the task"
-                )
+            problem = _not_a_lesson(text, rules)
+            if problem is not None:
+                errors.append(f"actions[{i}]: revise_rule text {problem}")
                 continue
             dup = next(
                 (r.id for r in rules.values() if r.id != rid and _norm(r.text) == _norm(text)),

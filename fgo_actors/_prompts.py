@@ -67,16 +67,13 @@ Only when asked, also give "instructions" (the agent's merged instructions) or \
 
 
 def module_for_prompt(module: Module) -> dict[str, Any]:
-    """The module as the LLM sees it: ids and texts, no provenance. The
-    playbook, which code writes from the scores, shows only its name and
-    description: the LLM may not edit it, and its table would fill the prompt."""
+    """The module as the LLM sees it: ids and texts, no provenance, and no
+    playbook: code writes it from the scores and the LLM may not edit it.
+    (Shown by name and description, the 1.5B model copied both into rules.)"""
     return {
         "instructions": module.instructions,
         "rules": [{"id": r.id, "text": r.text} for r in module.rules],
-        "functions": [
-            {"name": f.name, "description": f.description} if is_playbook(f) else f.to_json()
-            for f in module.functions
-        ],
+        "functions": [f.to_json() for f in module.functions if not is_playbook(f)],
     }
 
 

@@ -188,7 +188,7 @@ def test_function_ops() -> None:
         ({"op": "add_function", "function": fn_json("lookup", "other")}, "'lookup'"),
         ({"op": "add_rule", "text": "check THE input   first."}, "'r1'"),
         ({"op": "add_rule", "text": "New.", "evidence": ["t1", "t99"]}, "t99"),
-        ({"op": "revise_rule", "id": "r1", "text": "x", "evidence": ["t99"]}, "t99"),
+        ({"op": "revise_rule", "id": "r1", "text": "Be careful.", "evidence": ["t99"]}, "t99"),
         ({"op": "frobnicate"}, "'frobnicate'"),
     ],
 )
@@ -330,6 +330,22 @@ def test_a_rule_that_echoes_the_edit_instructions_is_refused(text: str) -> None:
     assert module == BASE
     assert len(errors) == 1
     assert "not of the task" in errors[0]
+
+
+@pytest.mark.parametrize(
+    "text",
+    ["playbook", "pick_up_object(object)", "place_object(task, history) -> action_list"],
+)
+def test_a_rule_that_is_a_bare_name_is_refused(text: str) -> None:
+    for action in (
+        {"op": "add_rule", "text": text},
+        {"op": "revise_rule", "id": BASE.rules[0].id, "text": text},
+    ):
+        module, errors, applied = apply([action])
+        assert applied == 0
+        assert module == BASE
+        assert len(errors) == 1
+        assert "not a lesson" in errors[0]
 
 
 def test_a_rule_may_use_words_that_merely_contain_an_id() -> None:

@@ -200,11 +200,10 @@ def test_with_plays_adds_to_an_existing_playbook_and_leaves_a_users_function_alo
     assert with_plays(user, [_episode(["red vial"])]) == user
 
 
-def test_the_llm_sees_only_the_playbooks_name_and_may_not_edit_it() -> None:
+def test_the_llm_does_not_see_the_playbook_and_may_not_edit_it() -> None:
     module = with_plays(Module(rules=(Rule(id="r1", text="Be tidy."),)), [_episode(["red vial"])])
-    shown = module_for_prompt(module)["functions"]
-    assert shown == [{"name": PLAYBOOK, "description": module.functions[0].description}]
-    assert "PLAYS" not in render_module(module)
+    assert module_for_prompt(module)["functions"] == []
+    assert PLAYBOOK not in render_module(module)
     for action in (
         {"op": "remove_function", "name": PLAYBOOK},
         {"op": "revise_function", "function": {**module.functions[0].to_json()}},
