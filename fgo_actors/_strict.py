@@ -97,11 +97,12 @@ def from_strict(reply: Any, text_fields: frozenset[str]) -> Any:
             continue
         if key in text_fields and isinstance(value, str):
             try:
-                value = json.loads(value)
+                out[key] = json.loads(value)  # the object as written, nulls and all
             except ValueError as e:
                 raise ReplyRejectedError(
                     f"field {key}: must be a JSON object written as a string ({e})"
                 ) from e
+            continue
         out[key] = from_strict(value, text_fields)
     return out
 

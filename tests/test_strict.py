@@ -91,6 +91,12 @@ def test_a_strict_reply_maps_back_to_the_protocols_shape(
     assert schema_error(PROTOCOL[name], back) is None
 
 
+def test_a_text_fields_own_nulls_are_kept() -> None:
+    sent = {"function": {"parameters": '{"type": "object", "default": null}', "x": None}}
+    back = from_strict(sent, frozenset({"parameters"}))
+    assert back == {"function": {"parameters": {"type": "object", "default": None}}}
+
+
 def test_a_text_field_that_is_not_json_is_a_reask() -> None:
     with pytest.raises(ReplyRejectedError, match="parameters"):
         from_strict({"function": {"parameters": "{not json"}}, frozenset({"parameters"}))
