@@ -10,6 +10,7 @@ the error shown to the LLM.
 from __future__ import annotations
 
 import email.utils
+import functools
 import hashlib
 import inspect
 import json
@@ -213,6 +214,12 @@ def _wire_schema(name: str) -> dict[str, Any]:
     return schema
 
 
+@functools.cache
+def _strict_wire_schema(name: str) -> tuple[dict[str, Any], frozenset[str]]:
+    """``_wire_schema(name)`` in its strict-mode variant (``_strict``), made once."""
+    return strict_variant(_wire_schema(name))
+
+
 class LLMGateway:
     """Use as ``async with LLMGateway(cfg) as gw:``; share one instance across actors."""
 
@@ -331,7 +338,7 @@ class LLMGateway:
                 content = await self.chat(role, send, schema_name, reask=error is not None)
                 obj = parse_json_reply(content)
                 if self.config.strict and await self.structured_mode() == "json_schema":
-                    obj = from_strict(obj, strict_variant(_wire_schema(schema_name))[1])
+                    obj = from_strict(obj, _strict_wire_schema(schema_name)[1])
                 problem = schema_error(SCHEMA_FILES[schema_name], obj)
                 if problem is not None:
                     field, message = problem
@@ -376,7 +383,7 @@ class LLMGateway:
             schema = _wire_schema(schema_name)
             if mode == "json_schema":
                 if self.config.strict:
-                    schema = strict_variant(schema)[0]
+                    schema = _strict_wire_schema(schema_name)[0]
                 body["response_format"] = {
                     "type": "json_schema",
                     "json_schema": {

@@ -31,6 +31,7 @@ neither edit nor drop it: it is what the scores say, not an opinion.
 from __future__ import annotations
 
 import ast
+import functools
 import pprint
 import re
 from collections.abc import Iterable, Iterator, Mapping, Sequence
@@ -190,9 +191,9 @@ def _source() -> str:
     return text
 
 
-def to_function(plays: Mapping[tuple[str, ...], Mapping[str, int]]) -> FunctionSpec:
-    """The ``playbook`` module function holding ``plays``."""
-    table = merge_plays([plays])
+def to_function(table: Plays) -> FunctionSpec:
+    """The ``playbook`` module function holding ``table``, as ``merge_plays``
+    (or ``mine``) returns it: ordered and within the cap."""
     literal = pprint.pformat(table, width=100, sort_dicts=False)
     objects = sum(len(row) for row in table.values())
     return FunctionSpec(
@@ -208,11 +209,19 @@ def to_function(plays: Mapping[tuple[str, ...], Mapping[str, int]]) -> FunctionS
 
 
 def plays_of(fn: FunctionSpec) -> Plays | None:
-    """The table of a ``playbook`` function, or None when ``fn`` is not one."""
+    """The table of a ``playbook`` function (a copy), or None when ``fn`` is not one."""
     if fn.name != PLAYBOOK:
         return None
+    table = _parse_table(fn.code)
+    return None if table is None else {steps: dict(row) for steps, row in table.items()}
+
+
+@functools.lru_cache(maxsize=64)
+def _parse_table(code: str) -> Plays | None:
+    """The literal ``PLAYS = {...}`` in ``code``, checked; parsed once per code
+    (prompts and cap checks ask about the same playbook again and again)."""
     try:
-        tree = ast.parse(fn.code)
+        tree = ast.parse(code)
     except (SyntaxError, ValueError):
         return None
     for stmt in tree.body:
@@ -243,7 +252,7 @@ def plays_of(fn: FunctionSpec) -> Plays | None:
 
 
 def is_playbook(fn: FunctionSpec) -> bool:
-    return plays_of(fn) is not None
+    return fn.name == PLAYBOOK and _parse_table(fn.code) is not None
 
 
 def merge_functions(versions: Sequence[FunctionSpec]) -> FunctionSpec | None:

@@ -110,7 +110,12 @@ def from_strict(reply: Any, text_fields: frozenset[str]) -> Any:
 def strict_problems(schema: dict[str, Any]) -> list[str]:
     """Where ``schema`` breaks strict mode's rules, each named by its path."""
     problems: list[str] = []
-    for path, node in _objects(schema, "#"):
+    for path, node in _nodes(schema, "#"):
+        problems += [
+            f"{path}: unsupported keyword {k!r}" for k in (*_DROPPED, "const") if k in node
+        ]
+        if node.get("type") != "object":
+            continue
         props = node.get("properties")
         if node.get("additionalProperties") is not False:
             problems.append(f"{path}: additionalProperties must be false")
@@ -120,36 +125,19 @@ def strict_problems(schema: dict[str, Any]) -> list[str]:
         missing = [name for name in props if name not in node.get("required", [])]
         if missing:
             problems.append(f"{path}: properties not in required: {', '.join(missing)}")
-    for path, key in _keywords(schema, "#"):
-        problems.append(f"{path}: unsupported keyword {key!r}")
     return problems
 
 
-def _objects(node: Any, path: str) -> Iterator[tuple[str, dict[str, Any]]]:
+def _nodes(node: Any, path: str) -> Iterator[tuple[str, dict[str, Any]]]:
+    """Every subschema of ``node`` with its path (property names are not schemas)."""
     if isinstance(node, list):
         for i, item in enumerate(node):
-            yield from _objects(item, f"{path}/{i}")
+            yield from _nodes(item, f"{path}/{i}")
     elif isinstance(node, dict):
-        if node.get("type") == "object":
-            yield path, node
+        yield path, node
         for key, value in node.items():
             if key == "properties" and isinstance(value, dict):
                 for name, sub in value.items():
-                    yield from _objects(sub, f"{path}/properties/{name}")
+                    yield from _nodes(sub, f"{path}/properties/{name}")
             else:
-                yield from _objects(value, f"{path}/{key}")
-
-
-def _keywords(node: Any, path: str) -> Iterator[tuple[str, str]]:
-    if isinstance(node, list):
-        for i, item in enumerate(node):
-            yield from _keywords(item, f"{path}/{i}")
-    elif isinstance(node, dict):
-        for key, value in node.items():
-            if key in (*_DROPPED, "const"):
-                yield path, key
-            if key == "properties" and isinstance(value, dict):
-                for name, sub in value.items():
-                    yield from _keywords(sub, f"{path}/properties/{name}")
-            else:
-                yield from _keywords(value, f"{path}/{key}")
+                yield from _nodes(value, f"{path}/{key}")

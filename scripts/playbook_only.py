@@ -22,7 +22,7 @@ import sys
 
 from fgo_actors._io import atomic_write_json, load_module, load_trajectories
 from fgo_actors._model import Module, turns_of
-from fgo_actors._playbook import PLAYBOOK, merge_plays, mine, plays_of, to_function
+from fgo_actors._playbook import PLAYBOOK, merge_plays, mine, to_function
 
 
 def main() -> int:
@@ -49,19 +49,16 @@ def main() -> int:
         instructions=base.instructions, rules=base.rules, functions=(*others, to_function(plays))
     )
     atomic_write_json(args.out, module.to_json())
-    fn = module.function(PLAYBOOK)
-    table = plays_of(fn) if fn is not None else None
-    assert table is not None
     print(
         json.dumps(
             {
                 "trajectories": len(trajectories),
                 "chunks": len(tables),
-                "plays": len(table),
-                "objects": sum(len(row) for row in table.values()),
+                "plays": len(plays),
+                "objects": sum(len(row) for row in plays.values()),
                 "most_seen": [
                     {"steps": list(steps), "objects": sum(row.values())}
-                    for steps, row in list(table.items())[:5]
+                    for steps, row in list(plays.items())[:5]
                 ],
                 "out": args.out,
             }
