@@ -53,6 +53,7 @@ from .envs import Task
 
 # Trajectories the feeder reads from the store at once, and the packer's inbox size.
 FEED_BATCH = 256
+MAX_RETRY_PAUSE = 3600.0  # seconds: the longest wait before a failed subset is tried again
 
 
 @attrs.frozen
@@ -90,6 +91,11 @@ class DaemonConfig:
     # Seconds to wait before retrying work that failed because the LLM endpoint
     # was unreachable (the daemon keeps running through outages).
     retry_pause: float = 30.0
+    # A subset whose optimize reply stays invalid after the gateway's re-asks
+    # is tried again this many times, after retry_pause, then twice that, and
+    # so on (at most an hour apart); one still failed is tried again at the
+    # next start. Its trajectories are never dropped.
+    subset_retries: int = 3
     # Least seconds between two publications: each folds the forest's trees
     # (about log2 of the subsets so far) with LLM merges.
     publish_interval: float = 30.0
@@ -104,6 +110,8 @@ class DaemonConfig:
     def __attrs_post_init__(self) -> None:
         if self.max_wait < 0:
             raise ValueError("max_wait must not be negative")
+        if self.subset_retries < 0:
+            raise ValueError("subset_retries must not be negative")
         if self.max_pending_subsets < 1 or self.max_queued < 1 or self.provenance_cap < 1:
             raise ValueError("max_pending_subsets, max_queued and provenance_cap must be positive")
 
@@ -280,6 +288,8 @@ class StreamingOptimizer:
         self._subsets_send, self._subsets_recv = trio.open_memory_channel[str](
             config.max_pending_subsets
         )
+        # Failed subsets come back this way for their retries.
+        self._retry_send = self._subsets_send.clone()
         self._leaves_send, self._leaves_recv = trio.open_memory_channel[tuple[str, int]](
             config.max_pending_subsets
         )
@@ -296,6 +306,7 @@ class StreamingOptimizer:
         self._published_trees: frozenset[str] = frozenset()
         # subsets_done, subsets_failed, versions_published, versions_rejected
         self._count: Counter[str] = Counter()
+        self._failures: Counter[str] = Counter()  # subset id -> failed attempts this run
         self._trajectories = 0
         self._closed = False
         self._stopping = False
@@ -651,9 +662,21 @@ class StreamingOptimizer:
                 )
                 break
             except (UnitFailedError, BudgetExhaustedError) as e:
+                # Marked failed in the store (a restart tries it again); an
+                # invalid reply is also tried again in this run, after a pause.
                 await self.store.call(self.store.sync.fail_subset, subset_id, str(e))
-                self._count["subsets_failed"] += 1
-                self.events.emit("optimize_failed", subset=subset_id, error=str(e)[:500])
+                self._failures[subset_id] += 1
+                tries = self._failures[subset_id]
+                retry_in: float | None = None
+                if isinstance(e, UnitFailedError) and tries <= self.config.subset_retries:
+                    retry_in = min(self.config.retry_pause * 2 ** (tries - 1), MAX_RETRY_PAUSE)
+                    self._pending += 1  # waiting for its retry is work still to do
+                    self._nursery.start_soon(self._retry_later, subset_id, retry_in)
+                else:
+                    self._count["subsets_failed"] += 1
+                self.events.emit(
+                    "optimize_failed", subset=subset_id, error=str(e)[:500], retry_in=retry_in
+                )
                 return None
             except LLMUnavailableError as e:
                 self._log.warning(
@@ -678,6 +701,15 @@ class StreamingOptimizer:
         self._count["subsets_done"] += 1
         self.events.emit("optimize", subset=subset_id, rules=len(module.rules))
         return node
+
+    async def _retry_later(self, subset_id: str, delay: float) -> None:
+        """Offer a failed subset to the optimizers again after ``delay`` seconds."""
+        self._log.info("subset_retry_scheduled", subset=subset_id, retry_in=delay)
+        await trio.sleep(delay)
+        if self._stopping:
+            self._pending -= 1
+            return  # still failed in the store: the next start tries it
+        await self._retry_send.send(subset_id)
 
     async def _merger(self, inp: trio.MemoryReceiveChannel[tuple[str, int]]) -> None:
         structlog.contextvars.bind_contextvars(actor="merger")

@@ -134,6 +134,10 @@ class ResponseCache(Protocol):
 
     async def put(self, key: str, role: str, response: dict[str, Any]) -> None: ...
 
+    async def forget(self, key: str) -> None:
+        """Drop the reply kept under ``key``: it was refused, so it is no answer."""
+        ...
+
 
 def request_key(body: dict[str, Any]) -> str:
     """A stable key for a request body: SHA-256 of its canonical JSON."""
@@ -334,8 +338,11 @@ class LLMGateway:
             send = list(messages)
             if error is not None:
                 send.append(reask_message(self.counter, error))
+            key: str | None = None
             try:
-                content = await self.chat(role, send, schema_name, reask=error is not None)
+                content, key = await self._chat(
+                    role, send, schema_name, reask=error is not None, max_tokens=None
+                )
                 obj = parse_json_reply(content)
                 if self.config.strict and await self.structured_mode() == "json_schema":
                     obj = from_strict(obj, _strict_wire_schema(schema_name)[1])
@@ -349,6 +356,10 @@ class LLMGateway:
                     return await result
                 return result
             except ReplyRejectedError as e:
+                # A refused reply is never kept as an answer: the re-ask (or a
+                # rerun after a restart) must reach the LLM, even when its
+                # request is byte-identical to one already refused.
+                await self._forget(key)
                 error = str(e)
                 self._log.warning(
                     "llm_reply_rejected", role=role, attempt=attempt + 1, error=error[:500]
@@ -372,6 +383,27 @@ class LLMGateway:
         ``max_tokens`` overrides the reply cap for this call; a reply cut off at
         the cap is rejected unless ``accept_cut``.
         """
+        content, _ = await self._chat(
+            role, messages, schema_name, reask=reask, max_tokens=max_tokens, accept_cut=accept_cut
+        )
+        return content
+
+    async def _forget(self, key: str | None) -> None:
+        if self.cache is not None and key is not None:
+            await self.cache.forget(key)
+
+    async def _chat(
+        self,
+        role: str,
+        messages: Sequence[dict[str, str]],
+        schema_name: str | None,
+        *,
+        reask: bool,
+        max_tokens: int | None,
+        accept_cut: bool = False,
+    ) -> tuple[str, str | None]:
+        """``chat``, also returning the reply's cache key (None without a cache).
+        A reply refused here (empty, or cut off) is dropped from the cache."""
         body: dict[str, Any] = {
             "model": self.config.model,
             "messages": list(messages),
@@ -395,7 +427,8 @@ class LLMGateway:
             else:
                 body["response_format"] = {"type": "json_object", "schema": schema}
         if self.cache is None:
-            return await self._send(role, body, messages, max_tokens, accept_cut, reask, None)
+            data = await self._send(role, body, messages, max_tokens, reask, None)
+            return self._reply_content(data, max_tokens, accept_cut), None
         key = request_key(body)
         # The same request already on its way (two tasks asking the same merge)
         # is sent once: wait for it, then take its reply from the cache.
@@ -409,8 +442,14 @@ class LLMGateway:
                 # replayed, not booked as spent again.
                 self._cached[role] = self._cached.get(role, 0) + 1
                 self._log.info("llm_call_cached", role=role)
-                return self._reply_content(hit, max_tokens, accept_cut)
-            return await self._send(role, body, messages, max_tokens, accept_cut, reask, key)
+                data = hit
+            else:
+                data = await self._send(role, body, messages, max_tokens, reask, key)
+            try:
+                return self._reply_content(data, max_tokens, accept_cut), key
+            except ReplyRejectedError:
+                await self.cache.forget(key)
+                raise
         finally:
             self._sending.pop(key).set()
 
@@ -420,11 +459,11 @@ class LLMGateway:
         body: dict[str, Any],
         messages: Sequence[dict[str, str]],
         max_tokens: int | None,
-        accept_cut: bool,
         reask: bool,
         key: str | None,
-    ) -> str:
-        """Send ``body`` (with retries), book its usage, cache it under ``key``."""
+    ) -> dict[str, Any]:
+        """Send ``body`` (with retries), book its usage, cache it under ``key``;
+        return the server's response."""
         # Counting a long prompt costs about 0.25 ms per 1k tokens, so it is done
         # only when needed: to reserve budget, or when the server reports no usage.
         prompt_estimate: int | None = None
@@ -476,7 +515,7 @@ class LLMGateway:
             seconds=round(trio.current_time() - started, 3),
             finish_reason=finish,
         )
-        return self._reply_content(data, max_tokens, accept_cut)
+        return data
 
     def _reply_content(self, data: dict[str, Any], max_tokens: int | None, accept_cut: bool) -> str:
         content, finish = _content_of(data)

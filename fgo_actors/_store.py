@@ -244,7 +244,11 @@ class Store:
                 )
 
     def pending_subsets(self) -> list[str]:
-        rows = self._db.execute("SELECT id FROM subsets WHERE state = 'pending' ORDER BY seq")
+        """Subsets still to optimize: those sealed and not yet done, and those
+        that failed (tried again at each start: their trajectories are kept)."""
+        rows = self._db.execute(
+            "SELECT id FROM subsets WHERE state IN ('pending', 'failed') ORDER BY seq"
+        )
         return [r[0] for r in rows]
 
     def subset_items(self, subset_id: str) -> tuple[RenderedTrajectory, ...]:
@@ -390,6 +394,11 @@ class Store:
         row = self._db.execute("SELECT response FROM llm_cache WHERE key = ?", (key,)).fetchone()
         return None if row is None else dict(json.loads(row[0]))
 
+    def forget_response(self, key: str) -> None:
+        """Drop a cached response (a refused reply is no answer to replay)."""
+        with self._tx():
+            self._db.execute("DELETE FROM llm_cache WHERE key = ?", (key,))
+
     def log_call(
         self,
         role: str,
@@ -514,3 +523,6 @@ class StoreCache:
             key=key,
             response=response,
         )
+
+    async def forget(self, key: str) -> None:
+        await self.store.call(self.store.sync.forget_response, key)

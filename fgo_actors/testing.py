@@ -78,14 +78,16 @@ class Fault:
     """What to do instead of a normal reply.
 
     ``status`` with an error body (and ``retry_after``), or ``content``: a 200
-    reply whose message text is this string (for bad-JSON tests), or ``drop``:
-    close the connection without answering.
+    reply whose message text is this string (for bad-JSON tests), with
+    ``finish_reason`` (``"length"``: a reply cut off at the token cap), or
+    ``drop``: close the connection without answering.
     """
 
     status: int = 500
     retry_after: float | str | None = None
     content: str | None = None
     drop: bool = False
+    finish_reason: str = "stop"
 
 
 @attrs.define
@@ -392,7 +394,7 @@ class FakeLLMServer:
                     {
                         "index": 0,
                         "message": {"role": "assistant", "content": content},
-                        "finish_reason": "stop",
+                        "finish_reason": fault.finish_reason if fault is not None else "stop",
                     }
                 ],
                 "usage": {

@@ -18,7 +18,7 @@ from fgo_actors._daemon import open_optimizer, parse_body
 from fgo_actors._forest import expected_merges
 from fgo_actors._partition import StreamPacker
 from fgo_actors._store import Store, StoreError
-from fgo_actors.testing import RecordedRequest
+from fgo_actors.testing import Fault, RecordedRequest, schema_name_of
 
 from .conftest import StartLLM, daemon_config, make_trajectories
 
@@ -400,3 +400,74 @@ async def test_provenance_stays_bounded_however_long_the_stream(
     assert version.lineage["trajectories"] == 40
     assert max(len(r.subsets) for r in version.module.rules) == 1
     assert max(len(r.trajectories) for r in version.module.rules) == 1
+
+
+TRUNCATED = '{"analysis": "x", "actions": [{"op": "add_rule", "text": "R'
+
+
+def _truncate_optimizes(first: int | None) -> Any:
+    """A fault_for that answers the first ``first`` optimize requests (all when
+    None) with a reply cut off mid-JSON, as a bad day's endpoint would."""
+    seen = 0
+
+    def fault_for(body: dict[str, Any]) -> Fault | None:
+        nonlocal seen
+        if schema_name_of(body) != "fgo_optimize":
+            return None
+        seen += 1
+        return Fault(content=TRUNCATED) if first is None or seen <= first else None
+
+    return fault_for
+
+
+async def test_a_subset_whose_replies_stay_invalid_is_retried_until_it_succeeds(
+    start_llm: StartLLM, tmp_path: Path
+) -> None:
+    # Two subsets; the first six optimize replies are cut off, so at least one
+    # subset uses up its three attempts. Its retry (after a pause) succeeds.
+    server, url = await start_llm(fault_for=_truncate_optimizes(6))
+    config = daemon_config(tmp_path / "fgo.db", url, max_wait=0.2, retry_pause=0.05)
+    async with open_optimizer(config) as opt:
+        await opt.submit_many(make_trajectories(12))
+        await opt.wait_idle()
+        version = opt.latest_version()
+        stats = opt.statistics()
+    assert version is not None
+    assert version.lineage["trajectories"] == 12
+    assert stats.subsets_failed == 0
+    optimizes = [r for r in server.requests if r.schema_name == "fgo_optimize"]
+    assert len(optimizes) > 6  # the refused replies were not replayed from the cache
+    store = Store(config.store)
+    try:
+        assert store.counts().subsets_failed == 0
+    finally:
+        store.close()
+
+
+async def test_a_failed_subset_is_tried_again_at_the_next_start(
+    start_llm: StartLLM, tmp_path: Path
+) -> None:
+    server, url = await start_llm(fault_for=_truncate_optimizes(None))
+    config = daemon_config(tmp_path / "fgo.db", url, max_wait=0.2, subset_retries=0)
+    data = make_trajectories(12)
+    async with open_optimizer(config) as opt:
+        await opt.submit_many(data)
+        await opt.wait_idle()
+        assert opt.statistics().subsets_failed >= 1
+        assert opt.latest_version() is None
+    first_run = len(server.requests)
+    # The same requests, now against a healthy endpoint: each reaches it
+    # (nothing refused was kept as an answer), and every trajectory is in.
+    server.fault_for = None
+    async with open_optimizer(config) as opt:
+        await opt.wait_idle()
+        version = opt.latest_version()
+    assert version is not None
+    assert version.lineage["trajectories"] == 12
+    assert len([r for r in server.requests[first_run:] if r.schema_name == "fgo_optimize"]) >= 1
+    store = Store(config.store)
+    try:
+        counts = store.counts()
+        assert (counts.subsets_failed, counts.subsets_pending) == (0, 0)
+    finally:
+        store.close()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import socket
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -19,6 +20,7 @@ from fgo_actors import (
     UnitFailedError,
     default_counter,
 )
+from fgo_actors._store import AsyncStore, Store, StoreCache
 from fgo_actors.testing import Fault
 
 from .conftest import StartLLM
@@ -305,3 +307,49 @@ def test_the_wire_schema_asks_for_the_analysis_first(name: str) -> None:
     assert wire["required"][0] == "analysis"
     # The protocol itself still accepts a reply without an analysis.
     assert "analysis" not in load_schema(SCHEMA_FILES[name]).get("required", [])
+
+
+async def test_a_refused_reply_is_never_replayed_from_the_cache(
+    start_llm: StartLLM, tmp_path: Path
+) -> None:
+    # The same truncated reply every time: the re-asks are byte-identical
+    # (same prompt, same error), and each must still reach the LLM.
+    truncated = '{"analysis": "x", "actions": [{"op": "add_rule", "text": "R'
+    server, url = await start_llm(policy=_reply(truncated))
+    store = AsyncStore(Store(tmp_path / "cache.sqlite"))
+    try:
+        async with LLMGateway(_config(url, max_reasks=2), cache=StoreCache(store)) as gw:
+            with pytest.raises(UnitFailedError):
+                await gw.structured("optimize", MESSAGES, "fgo_optimize", _identity)
+            assert len(server.requests) == 3
+            assert server.requests[1].body == server.requests[2].body
+            assert gw.statistics().cached == {}
+            # A rerun against a healthy endpoint is answered by it, not by the
+            # cache, and its good reply is the one kept.
+            server.policy = _reply(GOOD_OPTIMIZE)
+            reply = await gw.structured("optimize", MESSAGES, "fgo_optimize", _identity)
+            assert reply == json.loads(GOOD_OPTIMIZE)
+            assert len(server.requests) == 4
+            again = await gw.structured("optimize", MESSAGES, "fgo_optimize", _identity)
+            assert again == reply
+            assert len(server.requests) == 4
+            assert gw.statistics().cached == {"optimize": 1}
+    finally:
+        store.sync.close()
+
+
+async def test_a_reply_cut_off_at_the_cap_is_refused_and_not_kept(
+    start_llm: StartLLM, tmp_path: Path
+) -> None:
+    cut = Fault(content="a reply that ran out of", finish_reason="length")
+    server, url = await start_llm(faults=[cut], policy=_reply(GOOD_OPTIMIZE))
+    store = AsyncStore(Store(tmp_path / "cache.sqlite"))
+    try:
+        async with LLMGateway(_config(url), cache=StoreCache(store)) as gw:
+            with pytest.raises(ReplyRejectedError, match="cut off at"):
+                await gw.chat("agent", MESSAGES, max_tokens=7)
+            # Nothing was kept to replay: the same request is sent again.
+            assert await gw.chat("agent", MESSAGES, max_tokens=7) == GOOD_OPTIMIZE
+        assert len(server.requests) == 2
+    finally:
+        store.sync.close()
