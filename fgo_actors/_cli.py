@@ -36,12 +36,14 @@ from ._model import Module, Trajectory
 from ._pipeline import RunFailedError, RunResult, run
 from ._progress import log_progress, show_progress
 from ._state import RunConfig, RunState
-from ._store import StoreError
+from ._store import AsyncStore, Store, StoreCache, StoreError
 
 EXIT_BAD_INPUT = 2
 EXIT_LLM = 3
 EXIT_BUDGET = 4
 EXIT_INTERRUPTED = 130
+# The response cache of `fgo optimize`, in its --cache folder.
+CACHE_FILE = "responses.sqlite"
 DEFAULT_CONTEXT_TOKENS = 8192
 
 
@@ -241,6 +243,15 @@ def _positive(ctx: click.Context, param: click.Parameter, value: int | None) -> 
     show_default=True,
     help="Send strict: true with json_schema.",
 )
+@click.option(
+    "--cache",
+    "cache_dir",
+    type=click.Path(file_okay=False, path_type=Path),
+    help="Folder of the response cache: every answered LLM call is kept there, so "
+    "rerunning the same command after a crash, Ctrl-C or an endpoint failure pays only "
+    "for the calls not yet answered [default: .fgo-cache next to --out].",
+)
+@click.option("--no-cache", is_flag=True, help="Keep no response cache.")
 @click.option("--log-json", is_flag=True, help="JSON logs on stderr even on a terminal.")
 def optimize(
     trajectories: Path | None,
@@ -273,6 +284,8 @@ def optimize(
     retries: int,
     structured_output: str,
     strict: bool,
+    cache_dir: Path | None,
+    no_cache: bool,
     log_json: bool,
 ) -> None:
     """Optimize a module from TRAJECTORIES (JSONL) and write it to --out; or, with
@@ -280,8 +293,12 @@ def optimize(
     worse step is rolled back), then merge, each merge gated on the union of
     its children's tasks.
 
-    Exit codes: 0 success; 2 bad input; 3 LLM endpoint unreachable or failing;
-    4 token budget exhausted (the partial result is written).
+    Answered LLM calls are kept in a response cache (--cache), so the same
+    command run again after a failure or an interrupt replays them for free.
+
+    Exit codes: 0 success; 2 bad input; 3 LLM endpoint unreachable or failing
+    (what was finished is written, marked partial); 4 token budget exhausted
+    (the partial result is written); 130 interrupted.
     """
     interactive = sys.stderr.isatty() and not log_json
     configure_logging(json=not interactive, level="warning" if interactive else "info")
@@ -298,6 +315,8 @@ def optimize(
             "--subset-tokens": subset_tokens is not None,
             "--group-key": group_key != "task_type",
         }
+        offline_only["--cache"] = cache_dir is not None
+        offline_only["--no-cache"] = no_cache
         given = [flag for flag, set_ in offline_only.items() if set_]
         if given:
             raise click.UsageError(
@@ -344,6 +363,14 @@ def optimize(
     except InputError as e:
         fail(EXIT_BAD_INPUT, "error", e)
     _check_module_and_report(err, out, report_path)
+    if no_cache and cache_dir is not None:
+        raise click.UsageError("give at most one of --cache and --no-cache")
+    cache_path = None if no_cache else (cache_dir or out.parent / ".fgo-cache") / CACHE_FILE
+    resume_hint = (
+        f"answered calls are kept in {cache_path.parent}: run the same command again to carry on"
+        if cache_path is not None
+        else "run without --no-cache to keep answered calls for a rerun"
+    )
 
     _check_endpoint(base_url)
 
@@ -388,19 +415,37 @@ def optimize(
         # Expected failures are returned, not raised: raised inside the nursery
         # they would reach trio.run wrapped in an ExceptionGroup.
         state = RunState()
-        async with LLMGateway(gw_config) as gateway, trio.open_nursery() as nursery:
+        cache = None if store is None else StoreCache(AsyncStore(store))
+        async with (
+            LLMGateway(gw_config, cache=cache) as gateway,
+            trio.open_nursery() as nursery,
+        ):
             if interactive:
                 nursery.start_soon(show_progress, state, gateway, err)
             else:
                 nursery.start_soon(log_progress, state, gateway)
             try:
-                return await run(data, gateway, run_config, initial=initial, state=state)
+                return await run(
+                    data,
+                    gateway,
+                    run_config,
+                    initial=initial,
+                    state=state,
+                    resume_dir=None if cache_path is None else cache_path.parent,
+                )
             except (RunFailedError, ValueError) as e:
                 return e
             finally:
                 nursery.cancel_scope.cancel()
 
+    store: Store | None = None
     try:
+        if cache_path is not None:
+            try:
+                cache_path.parent.mkdir(parents=True, exist_ok=True)
+                store = Store(cache_path)
+            except (OSError, StoreError) as e:
+                fail(EXIT_BAD_INPUT, "response cache", f"{cache_path}: {e}")
         with _endpoint(base_url, model, err) as (url, served_model, local_ctx):
             run_config, gw_config = configs(url, served_model, local_ctx)
             outcome = trio.run(go, run_config, gw_config)
@@ -409,12 +454,19 @@ def optimize(
     except local.LocalLLMError as e:
         fail(EXIT_LLM, "local model", e)
     except KeyboardInterrupt:
-        fail(EXIT_INTERRUPTED, "interrupted", "nothing was written")
+        fail(EXIT_INTERRUPTED, "interrupted", f"nothing was written; {resume_hint}")
+    finally:
+        if store is not None:
+            store.close()
 
     if isinstance(outcome, RunFailedError):
+        partial = outcome.result.module
+        if partial is not None:
+            atomic_write_json(out, partial.to_json())
         atomic_write_json(report_path, outcome.result.report.to_json())
-        err.print(f"report: {report_path} (no module written)", highlight=False)
-        fail(EXIT_LLM, "LLM failure", outcome)
+        written = f"partial module: {out}" if partial is not None else "no module written"
+        err.print(f"report: {report_path} ({written})", highlight=False)
+        fail(EXIT_LLM, "LLM failure", f"{outcome}; {resume_hint}")
     if isinstance(outcome, ValueError):  # budgets that leave no room, and the like
         fail(EXIT_BAD_INPUT, "error", outcome)
 

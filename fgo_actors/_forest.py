@@ -218,3 +218,59 @@ def fold_plan(trees: Sequence[tuple[str, int]], fan_in: int = 2) -> list[MergeJo
         jobs.append(job)
         acc = job.id
     return jobs
+
+
+class Sequencer:
+    r"""Puts events back in the order a run recorded them in.
+
+    A pure scheduler such as :class:`MergeForest` schedules the same merges
+    from the same events in the same order, so a rerun that applies its
+    events in the recorded order rebuilds the same merge tree, with the same
+    merge prompts: a response cache then answers every call the first run
+    paid for, however differently the rerun's calls are timed.
+
+    An event that arrives is held until every recorded event before it has
+    been released. Once the recording is used up, or :meth:`abandon`\ ed (a
+    recorded event that will not come again), events are released in the
+    order they arrive. Events are unique names.
+    """
+
+    def __init__(self, recorded: Sequence[str] = ()) -> None:
+        self._recorded = list(recorded)
+        self._next = 0
+        self._held: dict[str, None] = {}  # arrival order
+        self._seen: set[str] = set()
+
+    @property
+    def replaying(self) -> bool:
+        """Whether recorded events are still to be released."""
+        return self._next < len(self._recorded)
+
+    @property
+    def held(self) -> list[str]:
+        return list(self._held)
+
+    def arrive(self, event: str) -> list[str]:
+        """``event`` happened; returns the events to apply now, in order."""
+        if event in self._seen:
+            raise ValueError(f"event {event!r} arrived twice")
+        self._seen.add(event)
+        self._held[event] = None
+        return self._drain()
+
+    def abandon(self) -> list[str]:
+        """Give up the rest of the recording; returns the events held, in arrival order."""
+        self._next = len(self._recorded)
+        return self._drain()
+
+    def _drain(self) -> list[str]:
+        out: list[str] = []
+        while self.replaying and self._recorded[self._next] in self._held:
+            event = self._recorded[self._next]
+            del self._held[event]
+            out.append(event)
+            self._next += 1
+        if not self.replaying:
+            out.extend(self._held)
+            self._held.clear()
+        return out

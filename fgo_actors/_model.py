@@ -409,7 +409,7 @@ class MergeNode:
         return out
 
 
-Status = Literal["ok", "budget_exhausted", "failed"]
+Status = Literal["ok", "budget_exhausted", "partial", "failed"]
 Strategy = Literal["fgo", "all-at-once", "batch"]
 
 

@@ -11,12 +11,13 @@ from __future__ import annotations
 import functools
 import random
 from collections.abc import Sequence
+from pathlib import Path
 
 import attrs
 import structlog
 import trio
 
-from ._edits import merge_input
+from ._edits import MergeChild, merge_input, union_merge
 from ._errors import LLMUnavailableError, leaf_exceptions
 from ._forest import MergeForest
 from ._gateway import GatewayStatistics, LLMGateway
@@ -51,8 +52,14 @@ async def run(
     *,
     initial: Module | None = None,
     state: RunState | None = None,
+    resume_dir: Path | None = None,
 ) -> RunResult:
     """Optimize ``initial`` (default: an empty module) from ``trajectories``.
+
+    With ``resume_dir`` (FGO), the order the merge forest's events happened
+    in is recorded there, so that a rerun on the same data schedules the
+    same merges: with the gateway's response cache, a rerun after a crash
+    pays only for the calls the first run had not been answered.
 
     Returns the result with status ``ok`` or ``budget_exhausted`` (a partial
     result). Raises RunFailedError (an LLMUnavailableError) when the endpoint
@@ -77,18 +84,21 @@ async def run(
     error: LLMUnavailableError | None = None
     try:
         if config.strategy == "fgo":
-            module, root = await _run_fgo(trajectories, gateway, config, initial, state)
+            module, root = await _run_fgo(trajectories, gateway, config, initial, state, resume_dir)
         elif config.strategy == "batch":
             module = await _run_batch(trajectories, gateway, config, initial, state)
         else:
             module = await _run_all_at_once(trajectories, gateway, config, initial, state)
     except* LLMUnavailableError as group:
         error = leaf_exceptions(group)[0]
+        module = partial_module(state, gateway, _module_cap(gateway, config, initial))
     if module is not None and initial.metadata:
         module = attrs.evolve(module, metadata=dict(initial.metadata))
     state.phase = "done"
-    report = _report(config, gateway, baseline, state, len(trajectories), root, error)
-    result = RunResult(module=module if error is None else None, report=report)
+    report = _report(
+        config, gateway, baseline, state, len(trajectories), root, error, partial=module is not None
+    )
+    result = RunResult(module=module, report=report)
     log.info(
         "run_finished",
         status=report.status,
@@ -106,6 +116,31 @@ async def run(
             RunResult(module=None, report=failed),
         )
     return result
+
+
+def partial_module(state: RunState, gateway: LLMGateway, cap: int) -> Module | None:
+    """What a run stopped by the endpoint has done, as one module within ``cap``:
+    FGO's finished trees (the nodes no merge has taken in yet) joined by a
+    union merge, which keeps every rule and function and cuts to the cap by
+    evidence, or the baselines' module so far. None if nothing was done."""
+    if not state.nodes:
+        return state.current
+    taken = {c for node in state.nodes.values() for c in node.children}
+    tops = sorted((n for n in state.nodes.values() if n.id not in taken), key=lambda n: n.id)
+    if len(tops) == 1:
+        return tops[0].module
+    children = [MergeChild(n.id, n.module, int(n.stats.get("successes", 0))) for n in tops]
+
+    def size(module: Module) -> int:
+        return gateway.counter.count(render_module(module))
+
+    return union_merge(
+        merge_input(children, node_id="partial"),
+        node_id="partial",
+        size=size,
+        cap=cap,
+        successes={n.id: int(n.stats.get("successes", 0)) for n in tops},
+    ).module
 
 
 def _module_cap(gateway: LLMGateway, config: RunConfig, initial: Module) -> int:
@@ -149,13 +184,14 @@ async def _run_fgo(
     config: RunConfig,
     initial: Module,
     state: RunState,
+    resume_dir: Path | None,
 ) -> tuple[Module, str | None]:
     module_tokens, budget = _item_budget(gateway, config, initial)
     forest = MergeForest(config.fan_in, eager=config.eager_merge)
     state.fan_in = config.fan_in
     workers = config.optimizers or gateway.config.max_concurrency
     subsets_send, subsets_recv = trio.open_memory_channel[Subset](0)
-    leaves_send, leaves_recv = trio.open_memory_channel[MergeNode](workers)
+    leaves_send, leaves_recv = trio.open_memory_channel[tuple[str, MergeNode | None]](workers)
     async with trio.open_nursery() as nursery:
         nursery.start_soon(
             functools.partial(
@@ -193,6 +229,7 @@ async def _run_fgo(
                 forest=forest,
                 module_tokens=module_tokens,
                 state=state,
+                resume_dir=resume_dir,
             ),
             name="merger",
         )
@@ -234,7 +271,7 @@ async def _run_batch(
                 playbook=config.playbook and epoch == 0,
             )
             if edited is not None:
-                module = edited
+                module = state.current = edited
             if state.budget_exhausted:
                 return module
             if epoch == config.epochs - 1:
@@ -295,7 +332,7 @@ async def _run_all_at_once(
             playbook=config.playbook and epoch == 0,
         )
         if edited is not None:
-            module = edited
+            module = state.current = edited
         if state.budget_exhausted:
             break
     state.subsets_done = 1
@@ -310,12 +347,16 @@ def _report(
     n_trajectories: int,
     root: str | None,
     error: LLMUnavailableError | None,
+    *,
+    partial: bool = False,
 ) -> RunReport:
     stats = gateway.statistics().since(baseline)
     roles = sorted(set(stats.prompt_tokens) | set(stats.completion_tokens))
-    status: Status = (
-        "failed" if error is not None else ("budget_exhausted" if state.budget_exhausted else "ok")
-    )
+    status: Status
+    if error is not None:
+        status = "partial" if partial else "failed"
+    else:
+        status = "budget_exhausted" if state.budget_exhausted else "ok"
     return RunReport(
         status=status,
         error=str(error) if error is not None else None,
@@ -329,6 +370,8 @@ def _report(
             "merge": stats.calls.get("merge", 0),
             "retries": stats.retries,
             "reasks": stats.reasks,
+            # Answered from the response cache, paid for by an earlier run.
+            "replayed": sum(stats.cached.values()),
         },
         prompt_tokens=sum(stats.prompt_tokens.values()),
         completion_tokens=sum(stats.completion_tokens.values()),

@@ -9,7 +9,7 @@ import structlog
 import trio
 
 from ._forest import expected_merges
-from ._model import Failure, MergeNode, RenderedTrajectory, Strategy
+from ._model import Failure, MergeNode, Module, RenderedTrajectory, Strategy
 
 
 @attrs.frozen
@@ -87,6 +87,8 @@ class RunState:
     started_at: float = 0.0
     phase: Phase = "starting"
     subsets_total: int | None = None
+    # Set by the partitioner: names the subsets made (see ``partition_digest``).
+    partition_digest: str | None = None
     subsets_done: int = 0
     merges_done: int = 0
     merges_expected: int | None = None
@@ -98,6 +100,9 @@ class RunState:
     failures: list[Failure] = attrs.field(factory=list)
     budget_exhausted: bool = False
     successful_units: int = 0
+    # The baselines' module so far (FGO's work so far is in ``nodes``): what a
+    # run that the endpoint stops still hands back.
+    current: Module | None = None
     # Each optimized subset's rendered trajectories (with their recorded turns):
     # a merge replays a child's functions on the turns of subsets they were
     # not written from.

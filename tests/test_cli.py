@@ -188,9 +188,10 @@ def test_default_report_path_and_json_logs(server_url: str, tmp_path: Path) -> N
     proc = fgo(EXAMPLES, "--out", out, "--base-url", server_url, "--log-json")
     assert proc.returncode == 0, explain(proc)
     report_path = tmp_path / "nested" / "result.module.report.json"
-    assert sorted(p.name for p in out.parent.iterdir()) == sorted([out.name, report_path.name]), (
-        "module, report and no temporary files"
-    )
+    assert sorted(p.name for p in out.parent.iterdir()) == sorted(
+        [out.name, report_path.name, ".fgo-cache"]
+    ), "module, report, the response cache and no temporary files"
+    assert (out.parent / ".fgo-cache" / "responses.sqlite").is_file()
     report = read_json(report_path)
     assert schema_errors(REPORT_V, report) == []
     assert f"report: {report_path}" in proc.stdout

@@ -18,7 +18,7 @@ from hypothesis.stateful import (
 )
 
 from fgo_actors import MergeForest, MergeJob
-from fgo_actors._forest import expected_merges, fold_plan
+from fgo_actors._forest import Sequencer, expected_merges, fold_plan
 
 
 def drain(forest: MergeForest, jobs: list[MergeJob], *, lifo: bool = False) -> list[MergeJob]:
@@ -420,3 +420,117 @@ def test_fold_plan_is_a_chain_whose_prefix_survives_a_new_small_tree(
         full = (len(trees) - 1) % (fan_in - 1) == 0
         kept = plan if full else plan[:-1]
         assert again[: len(kept)] == kept
+
+
+# ---------------------------------------------------------------- Sequencer
+
+
+@given(
+    n=st.integers(0, 30),
+    recorded_len=st.integers(0, 30),
+    data=st.data(),
+)
+def test_sequencer_releases_the_recording_first_then_arrival_order(
+    n: int, recorded_len: int, data: st.DataObject
+) -> None:
+    events = [f"e{i}" for i in range(n)]
+    recorded = data.draw(st.permutations(events))[: min(recorded_len, n)]
+    arrivals = data.draw(st.permutations(events))
+    seq = Sequencer(recorded)
+    released: list[str] = []
+    for event in arrivals:
+        out = seq.arrive(event)
+        # Nothing goes before the recorded events ahead of it.
+        released += out
+        assert released[: len(recorded)] == recorded[: len(released)]
+    rest = [e for e in arrivals if e not in recorded]
+    assert released == [*recorded, *rest]
+    assert not seq.replaying
+    assert seq.held == []
+
+
+def test_sequencer_abandon_releases_what_is_held() -> None:
+    seq = Sequencer(["a", "b", "c"])
+    assert seq.arrive("c") == []
+    assert seq.arrive("x") == []
+    assert seq.arrive("a") == ["a"]
+    assert seq.replaying
+    assert seq.abandon() == ["c", "x"]
+    assert seq.arrive("y") == ["y"]
+    with pytest.raises(ValueError, match="twice"):
+        seq.arrive("a")
+
+
+def _forest_run(
+    leaves: int, fan_in: int, order: st.DataObject, recorded: list[str]
+) -> tuple[list[tuple[str, tuple[str, ...]]], list[tuple[str, int]]]:
+    """Drive a MergeForest whose events (leaves in any order, merges finishing
+    in any order, then close) go through a Sequencer replaying ``recorded``.
+    Returns the merges in the order started, and each event as applied with
+    the number of merges started once it was."""
+    forest = MergeForest(fan_in)
+    seq = Sequencer(recorded)
+    jobs: dict[str, MergeJob] = {}
+    running: list[str] = []
+    started: list[tuple[str, tuple[str, ...]]] = []
+    applied: list[tuple[str, int]] = []
+    waiting = [f"leaf:l{i}" for i in range(leaves)]
+
+    def apply(events: list[str]) -> None:
+        for event in events:
+            kind, _, name = event.partition(":")
+            if kind == "leaf":
+                new = forest.add_leaf(name)
+            elif kind == "close":
+                new = forest.close()
+            else:
+                new = forest.complete(jobs[name], name)
+            for job in new:
+                jobs[job.id] = job
+                running.append(job.id)
+                started.append((job.id, job.children))
+            applied.append((event, len(started)))
+
+    closed = False
+    while waiting or running or seq.replaying:
+        choices = [*waiting, *(f"merge:{j}" for j in running)]
+        if not choices:  # only "close" can still come
+            assert not closed
+            closed = True
+            apply(seq.arrive("close"))
+            continue
+        event = choices[order.draw(st.integers(0, len(choices) - 1))]
+        if event in waiting:
+            waiting.remove(event)
+        else:
+            running.remove(event.partition(":")[2])
+        apply(seq.arrive(event))
+        if not waiting and not closed:
+            closed = True
+            apply(seq.arrive("close"))
+    assert forest.done
+    return started, applied
+
+
+@settings(max_examples=100, deadline=None)
+@given(
+    leaves=st.integers(1, 24),
+    fan_in=st.integers(2, 4),
+    cut=st.floats(0, 1),
+    data=st.data(),
+)
+def test_a_replayed_recording_schedules_the_same_merges(
+    leaves: int, fan_in: int, cut: float, data: st.DataObject
+) -> None:
+    """A run records its events; a rerun (other timing) replaying all of
+    them, or the part written before a kill, starts the same merges with the
+    same children, in the same order, as far as the recording goes."""
+    first, applied = _forest_run(leaves, fan_in, data, [])
+    events = [e for e, _ in applied]
+    k = round(cut * len(events))
+    prefix = events[:k]
+    again, _ = _forest_run(leaves, fan_in, data, prefix)
+    merges_in_prefix = applied[k - 1][1] if k else 0
+    assert again[:merges_in_prefix] == first[:merges_in_prefix]
+    full, _ = _forest_run(leaves, fan_in, data, events)
+    assert full == first

@@ -2,17 +2,20 @@
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 import attrs
 import structlog
 import trio
 
+from .._diskcache import Journal
 from .._edits import Drop, MergeChild, MergeResult, apply_merge, merge_input, union_merge
 from .._errors import BudgetExhaustedError, ReplyRejectedError, UnitFailedError
 from .._fncheck import replay_problems, static_problems
-from .._forest import MergeForest, MergeJob
+from .._forest import MergeForest, MergeJob, Sequencer
 from .._gateway import LLMGateway
 from .._model import FunctionSpec, MergeNode, Module
 from .._playbook import is_playbook
@@ -155,25 +158,92 @@ async def merge_modules(
 
 
 async def merger(
-    inp: trio.MemoryReceiveChannel[MergeNode],
+    inp: trio.MemoryReceiveChannel[tuple[str, MergeNode | None]],
     *,
     gateway: LLMGateway,
     forest: MergeForest,
     module_tokens: int,
     state: RunState,
+    resume_dir: Path | None = None,
 ) -> None:
-    """Receive leaves, start each merge the moment its children exist, fold at the end."""
+    """Receive each subset's leaf (None: nothing optimized), start each merge
+    the moment its children exist, fold at the end.
+
+    With ``resume_dir``, the forest's events (a leaf in, a merge done, input
+    closed) are recorded there, one journal per partition of the data, as
+    they are applied; a rerun on the same partition applies them in the
+    recorded order first (:class:`Sequencer`), so it schedules the same
+    merges as the run that recorded them, and a response cache answers them
+    all, however differently the rerun's calls are timed.
+    """
     structlog.contextvars.bind_contextvars(actor="merger")
     log = structlog.get_logger()
+    journal: Journal | None = None
+    recorded: list[str] = []
+    sequencer = Sequencer()
+    applied = 0
+    jobs: dict[str, MergeJob] = {}
+    running = 0
+    closed = False
+    lock = trio.Lock()
+
+    def open_journal() -> None:
+        # At the first event: by then the partitioner has made the subsets.
+        nonlocal journal, recorded, sequencer
+        assert resume_dir is not None
+        assert state.partition_digest is not None
+        key = f"{state.partition_digest}\n{forest.fan_in}\n{forest.eager}"
+        name = hashlib.sha256(key.encode()).hexdigest()[:16]
+        journal = Journal(resume_dir / f"merges-{name}.jsonl")
+        recorded = [str(row["event"]) for row in journal.read()]
+        sequencer = Sequencer(recorded)
+        if recorded:
+            log.info("merge_order_replayed", events=len(recorded), journal=str(journal.path))
 
     async with trio.open_nursery() as nursery:
 
-        def launch(jobs: list[MergeJob]) -> None:
-            for job in jobs:
+        def launch(new: list[MergeJob]) -> None:
+            nonlocal running
+            for job in new:
                 log.info("merge_started", node=job.id, children=list(job.children))
+                jobs[job.id] = job
+                running += 1
                 nursery.start_soon(run_merge, job, name=f"merge {job.id}")
 
+        async def happened(event: str) -> None:
+            nonlocal applied
+            async with lock:  # events are recorded and applied one at a time, in order
+                if resume_dir is not None and journal is None:
+                    await trio.to_thread.run_sync(open_journal)
+                ready = sequencer.arrive(event)
+                while ready:
+                    for event in ready:
+                        applied += 1
+                        if journal is not None and applied > len(recorded):
+                            # Written before it is applied: a kill between the two
+                            # leaves no scheduled merge out of the record.
+                            await journal.append_async({"event": event})
+                        apply(event)
+                    ready = []
+                    if closed and running == 0 and sequencer.replaying:
+                        # Nothing left could bring the next recorded event (the
+                        # data or the replies changed): go on in arrival order.
+                        log.warning("merge_order_abandoned", waiting=len(sequencer.held))
+                        ready = sequencer.abandon()
+
+        def apply(event: str) -> None:
+            kind, _, name = event.partition(":")
+            if kind == "leaf":
+                launch(forest.add_leaf(name))
+            elif kind == "merge":
+                launch(forest.complete(jobs[name], name))
+            elif kind == "close":
+                if state.subsets_total is not None and state.subsets_done >= state.subsets_total:
+                    state.phase = "merging"
+                launch(forest.close())
+
         async def run_merge(job: MergeJob) -> None:
+            nonlocal running
             structlog.contextvars.bind_contextvars(actor=f"merger/{job.id}")
             children = [state.nodes[c] for c in job.children]
             node = await merge_modules(
@@ -184,12 +254,15 @@ async def merger(
             log.info(
                 "merge_finished", node=node.id, method=node.method, rules=len(node.module.rules)
             )
-            launch(forest.complete(job, node.id))
+            running -= 1
+            await happened(f"merge:{job.id}")
 
         with inp:
-            async for leaf in inp:
-                state.add_node(leaf)
-                launch(forest.add_leaf(leaf.id))
-        if state.subsets_total is not None and state.subsets_done >= state.subsets_total:
-            state.phase = "merging"
-        launch(forest.close())
+            async for subset_id, leaf in inp:
+                if leaf is None:
+                    await happened(f"skip:{subset_id}")
+                else:
+                    state.add_node(leaf)
+                    await happened(f"leaf:{leaf.id}")
+        closed = True
+        await happened("close")

@@ -107,7 +107,7 @@ async def optimize_unit(
 async def optimizer(
     name: str,
     inp: trio.MemoryReceiveChannel[Subset],
-    out: trio.MemorySendChannel[MergeNode],
+    out: trio.MemorySendChannel[tuple[str, MergeNode | None]],
     *,
     gateway: LLMGateway,
     initial: Module,
@@ -116,7 +116,8 @@ async def optimizer(
     state: RunState,
     playbook: bool = True,
 ) -> None:
-    """Optimize each subset received for ``epochs`` passes; send the result as a leaf."""
+    """Optimize each subset received for ``epochs`` passes; send the result as a
+    leaf (None when nothing came of it: the merger leaves its place empty)."""
     structlog.contextvars.bind_contextvars(actor=name)
     log = structlog.get_logger()
     with inp, out:
@@ -144,6 +145,7 @@ async def optimizer(
             if done_epochs == 0:
                 state.subsets_skipped += 1
                 log.warning("subset_not_optimized", subset=subset.id)
+                await out.send((subset.id, None))
                 continue
             node = MergeNode(
                 id=subset.id,
@@ -157,4 +159,4 @@ async def optimizer(
                 stats={**subset.stats(), "subsets": 1, "epochs": done_epochs},
             )
             log.info("subset_optimized", subset=subset.id, rules=len(module.rules))
-            await out.send(node)
+            await out.send((subset.id, node))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Sequence
 
 import structlog
@@ -36,6 +37,12 @@ def make_subsets(
         Subset(id=f"s{i:0{width}d}", items=tuple(ordered[j] for j in run))
         for i, run in enumerate(runs, start=1)
     ]
+
+
+def partition_digest(subsets: Sequence[Subset]) -> str:
+    """Names the partition: the subsets' ids and the trajectories in each."""
+    text = "\n".join(f"{s.id}:" + ",".join(i.id for i in s.items) for s in subsets)
+    return hashlib.sha256(text.encode()).hexdigest()
 
 
 async def render_all(
@@ -75,6 +82,7 @@ async def partitioner(
         subsets = make_subsets(rendered, item_budget, seed)
         state.truncated = sum(1 for r in rendered if r.truncated)
         state.subsets_total = len(subsets)
+        state.partition_digest = partition_digest(subsets)
         log.info(
             "partitioned",
             trajectories=len(rendered),
@@ -84,4 +92,9 @@ async def partitioner(
         )
         state.phase = "optimizing"
         for subset in subsets:
-            await out.send(subset)
+            try:
+                await out.send(subset)
+            except trio.BrokenResourceError:
+                # Every optimizer has stopped (the endpoint failed them): their
+                # error says why, and the subsets not sent stay unoptimized.
+                return
