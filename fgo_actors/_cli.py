@@ -244,6 +244,14 @@ def _positive(ctx: click.Context, param: click.Parameter, value: int | None) -> 
     help="Send strict: true with json_schema.",
 )
 @click.option(
+    "--adaptive/--no-adaptive",
+    default=True,
+    show_default=True,
+    help="Adapt the calls in flight to the endpoint: a 429 or 503 cuts them, successes "
+    "raise them again up to --max-concurrency, and refusals of our own making spend "
+    "no retries.",
+)
+@click.option(
     "--cache",
     "cache_dir",
     type=click.Path(file_okay=False, path_type=Path),
@@ -284,6 +292,7 @@ def optimize(
     retries: int,
     structured_output: str,
     strict: bool,
+    adaptive: bool,
     cache_dir: Path | None,
     no_cache: bool,
     log_json: bool,
@@ -351,6 +360,7 @@ def optimize(
                 retry_attempts=retries + 1,
                 structured_output=structured_output,
                 strict=strict,
+                adaptive=adaptive,
             ),
             max_completion_tokens=max_completion_tokens,
         )
@@ -406,6 +416,7 @@ def optimize(
             retry_attempts=retries + 1,
             structured_output=structured_output,  # type: ignore[arg-type]
             strict=strict,
+            adaptive=adaptive,
         )
         return run_config, gw_config
 
@@ -1307,6 +1318,7 @@ def serve_command(config_path: Path | None, log_json: bool, **flags: Any) -> Non
                 retry_attempts=settings.retries + 1,
                 structured_output=settings.structured_output,  # type: ignore[arg-type]
                 strict=settings.strict,
+                adaptive=settings.adaptive,
             )
             config = _serve.daemon_config(settings, gateway, ctx)
             try:

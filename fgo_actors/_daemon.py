@@ -158,6 +158,8 @@ class DaemonStatistics:
     versions_rejected: int
     latest_version: int | None
     llm_in_flight: int
+    llm_window: int  # calls allowed in flight now (adaptive), or max_concurrency
+    llm_throttled: int  # calls sent again after a 429/503 of our own making
     tokens_by_role: dict[str, dict[str, int]]
     cached_calls: int
     events_dropped: int
@@ -495,6 +497,8 @@ class StreamingOptimizer:
             versions_rejected=count["versions_rejected"],
             latest_version=self._latest.n if self._latest else None,
             llm_in_flight=gw.in_flight,
+            llm_window=gw.window if gw.window is not None else self.gateway.config.max_concurrency,
+            llm_throttled=gw.throttled,
             tokens_by_role={
                 r: {
                     "prompt": gw.prompt_tokens.get(r, 0),

@@ -15,6 +15,7 @@ import hashlib
 import inspect
 import json
 import math
+import random
 import re
 import time
 from collections.abc import Awaitable, Callable, Sequence
@@ -26,6 +27,7 @@ import stamina
 import structlog
 import trio
 
+from ._aimd import Window
 from ._errors import (
     BudgetExhaustedError,
     LLMUnavailableError,
@@ -67,6 +69,10 @@ class GatewayConfig:
     temperature: float = 0.2
     structured_output: StructuredMode = "auto"
     strict: bool = True
+    # AIMD (``_aimd``): a 429 or 503 cuts the calls in flight by a quarter, successes
+    # raise them again up to max_concurrency; refusals while the window
+    # shrinks spend no retries.
+    adaptive: bool = True
 
     def __attrs_post_init__(self) -> None:
         if not self.base_url.startswith(("http://", "https://")):
@@ -104,6 +110,11 @@ class GatewayStatistics:
     token_budget: int | None
     budget_exhausted: bool
     cached: dict[str, int] = attrs.field(factory=dict)
+    # The adaptive concurrency window (None: fixed at max_concurrency), the
+    # times it was cut, and the calls sent again because of a cut.
+    window: int | None = None
+    window_cuts: int = 0
+    throttled: int = 0
 
     @property
     def total_tokens(self) -> int:
@@ -122,6 +133,8 @@ class GatewayStatistics:
             completion_tokens=diff(self.completion_tokens, earlier.completion_tokens),
             cached=diff(self.cached, earlier.cached),
             retries=self.retries - earlier.retries,
+            window_cuts=self.window_cuts - earlier.window_cuts,
+            throttled=self.throttled - earlier.throttled,
             reasks=self.reasks - earlier.reasks,
         )
 
@@ -154,6 +167,14 @@ class _RetryableStatusError(Exception):
 
 class _CallTimeoutError(Exception):
     pass
+
+
+class _ThrottledError(Exception):
+    """Refused because of our own concurrency: wait ``wait`` seconds and send again."""
+
+    def __init__(self, wait: float) -> None:
+        super().__init__(f"throttled; retry in {wait:.3g} s")
+        self.wait = wait
 
 
 class _BadBodyError(Exception):
@@ -249,6 +270,8 @@ class LLMGateway:
             headers=({"Authorization": f"Bearer {config.api_key}"} if config.api_key else None),
         )
         self._limiter = trio.CapacityLimiter(config.max_concurrency)
+        self._window = Window(config.max_concurrency) if config.adaptive else None
+        self._throttled = 0
         self._calls: dict[str, int] = {}
         self._prompt: dict[str, int] = {}
         self._completion: dict[str, int] = {}
@@ -290,6 +313,9 @@ class LLMGateway:
             token_budget=self.config.token_budget,
             budget_exhausted=self._exhausted,
             cached=dict(self._cached),
+            window=self._window.size if self._window is not None else None,
+            window_cuts=self._window.cuts if self._window is not None else 0,
+            throttled=self._throttled,
         )
 
     @property
@@ -469,21 +495,37 @@ class LLMGateway:
         prompt_estimate: int | None = None
         if self.config.token_budget is not None:
             prompt_estimate = self.counter.count_messages(messages)
-        async with self._limiter:
-            need = (prompt_estimate or 0) + (max_tokens or self.config.max_completion_tokens)
-            await self._reserve(need)
-            if reask:
-                self._reasks += 1
-            self._in_flight += 1
-            self._max_in_flight = max(self._max_in_flight, self._in_flight)
-            started = trio.current_time()
-            try:
-                data = await self._post(body)
-            finally:
-                self._in_flight -= 1
-                self._reserved -= need
-                self._budget_released.set()
-                self._budget_released = trio.Event()
+        if reask:
+            self._reasks += 1
+        while True:
+            wait: float | None = None
+            async with self._limiter:
+                need = (prompt_estimate or 0) + (max_tokens or self.config.max_completion_tokens)
+                await self._reserve(need)
+                self._in_flight += 1
+                self._max_in_flight = max(self._max_in_flight, self._in_flight)
+                started = trio.current_time()
+                try:
+                    data = await self._post(body)
+                except _ThrottledError as e:
+                    wait = e.wait
+                finally:
+                    self._in_flight -= 1
+                    self._reserved -= need
+                    self._budget_released.set()
+                    self._budget_released = trio.Event()
+            if wait is None:
+                break
+            # Our own concurrency was too high: the window is smaller now.
+            # Wait outside it, then send again; no retry is spent.
+            self._throttled += 1
+            self._log.info(
+                "llm_call_throttled",
+                role=role,
+                retry_in=round(wait, 3),
+                window=self._limiter.total_tokens,
+            )
+            await trio.sleep(wait)
         if self.cache is not None and key is not None:
             await self.cache.put(key, role, data)
         # Usage is booked before the reply is judged: a refused or empty reply
@@ -592,7 +634,7 @@ class LLMGateway:
         first_error: Exception | None = None
         attempts = 1
         try:
-            return await self._post_once(body)
+            return await self._post_once(body, self._sent())
         except _RETRYABLE as e:
             if self._retry_hook(e) is False:
                 raise LLMUnavailableError(f"LLM endpoint {self.url}: {e}") from e
@@ -611,7 +653,7 @@ class LLMGateway:
                         raise replay
                     self._retries += 1
                     attempts += 1
-                    return await self._post_once(body)
+                    return await self._post_once(body, self._sent())
         except _RETRYABLE as e:
             raise LLMUnavailableError(
                 f"LLM endpoint {self.url} failed after {attempts} "
@@ -619,11 +661,27 @@ class LLMGateway:
             ) from e
         raise AssertionError("unreachable")  # pragma: no cover
 
-    async def _post_once(self, body: dict[str, Any]) -> dict[str, Any]:
+    def _sent(self) -> int:
+        return self._window.sent() if self._window is not None else 0
+
+    def _resize(self) -> None:
+        if self._window is not None and self._limiter.total_tokens != self._window.size:
+            self._limiter.total_tokens = self._window.size
+
+    async def _post_once(self, body: dict[str, Any], token: int) -> dict[str, Any]:
         with trio.move_on_after(self.config.call_timeout) as scope:
             response = await self._client.post(self.url, json=body)
         if scope.cancelled_caught:
             raise _CallTimeoutError(f"no reply within {self.config.call_timeout:g} s")
+        refused = response.status_code in (429, 503)
+        if refused and self._window is not None and self._window.refused(token):
+            self._resize()
+            retry_after = _parse_retry_after(response.headers.get("retry-after"))
+            raise _ThrottledError(
+                min(retry_after, self.config.retry_after_max)
+                if retry_after is not None
+                else self.config.retry_wait_initial * (0.5 + random.random())
+            )
         if response.status_code == 429 or response.status_code >= 500:
             raise _RetryableStatusError(response)
         if response.status_code in (400, 413, 422):
@@ -647,6 +705,9 @@ class LLMGateway:
             raise _BadBodyError(f"HTTP body is not JSON: {response.text[:200]!r}") from e
         if not isinstance(data, dict):
             raise _BadBodyError("HTTP body is not a JSON object")
+        if self._window is not None:
+            self._window.succeeded()
+            self._resize()
         return data
 
 

@@ -214,6 +214,18 @@ def prometheus_text(optimizer: StreamingOptimizer) -> str:
     )
     metric("llm_in_flight", "gauge", "LLM calls in flight.", [("", s.llm_in_flight)])
     metric(
+        "llm_window",
+        "gauge",
+        "LLM calls allowed in flight now (the adaptive window).",
+        [("", s.llm_window)],
+    )
+    metric(
+        "llm_throttled_total",
+        "counter",
+        "Calls sent again after a 429 or 503 caused by our own concurrency.",
+        [("", s.llm_throttled)],
+    )
+    metric(
         "llm_tokens_total",
         "counter",
         "Tokens paid for since start, by role and kind.",

@@ -372,6 +372,8 @@ def _report(
             "reasks": stats.reasks,
             # Answered from the response cache, paid for by an earlier run.
             "replayed": sum(stats.cached.values()),
+            # Sent again after a 429/503 of our own making (the window shrank).
+            "throttled": stats.throttled,
         },
         prompt_tokens=sum(stats.prompt_tokens.values()),
         completion_tokens=sum(stats.completion_tokens.values()),
@@ -395,6 +397,8 @@ def _report(
             "model": gateway.config.model,
             "base_url": gateway.config.base_url,
             "max_concurrency": gateway.config.max_concurrency,
+            "adaptive": gateway.config.adaptive,
+            "final_window": stats.window,
             "structured_output": gateway.config.structured_output,
             "max_completion_tokens": gateway.config.max_completion_tokens,
             "token_encoding": gateway.counter.encoding_name,

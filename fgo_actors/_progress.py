@@ -19,8 +19,14 @@ def _summary(state: RunState, gateway: LLMGateway) -> str:
     completion = sum(g.completion_tokens.values())
     elapsed = max(state.now(), 1e-9)
     budget = f" / {g.token_budget}" if g.token_budget is not None else ""
+    window = (
+        f" (window {g.window}, {g.throttled} throttled)"
+        if g.window is not None and (g.window_cuts or g.throttled)
+        else ""
+    )
     return (
-        f"phase {state.phase} · in flight {g.in_flight} · calls {sum(g.calls.values())} · "
+        f"phase {state.phase} · in flight {g.in_flight}{window} · "
+        f"calls {sum(g.calls.values())} · "
         f"retries {g.retries} · re-asks {g.reasks} · tokens {prompt + completion}{budget} "
         f"(prompt {prompt}, completion {completion}, {completion / elapsed:.1f} gen tok/s)"
         + (f" · failures {len(state.failures)}" if state.failures else "")
@@ -73,6 +79,8 @@ async def log_progress(state: RunState, gateway: LLMGateway, *, interval: float 
             merges_done=s.merges_done,
             merges_expected=s.merges_expected,
             in_flight=g.in_flight,
+            window=g.window,
+            throttled=g.throttled,
             retries=g.retries,
             reasks=g.reasks,
             prompt_tokens=sum(g.prompt_tokens.values()),

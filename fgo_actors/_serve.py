@@ -71,6 +71,7 @@ class ServeSettings:
     retries: int = 5
     structured_output: str = "auto"
     strict: bool = True
+    adaptive: bool = True  # AIMD concurrency (see fgo optimize --adaptive)
     token_budget: int | None = None
 
     @classmethod

@@ -61,11 +61,12 @@ async def test_concurrency_never_exceeds_limit(
     assert gw.statistics().in_flight == 0
 
 
+@pytest.mark.parametrize("adaptive", [False, True])
 async def test_429_honours_retry_after(
-    start_llm: StartLLM, autojump_clock: trio.testing.MockClock
+    start_llm: StartLLM, autojump_clock: trio.testing.MockClock, adaptive: bool
 ) -> None:
     server, url = await start_llm(faults=[Fault(status=429, retry_after=30)], policy=_reply("ok"))
-    async with LLMGateway(_config(url)) as gw:
+    async with LLMGateway(_config(url, adaptive=adaptive)) as gw:
         assert await gw.chat("optimize", MESSAGES) == "ok"
     first, second = server.requests
     assert first.fault is not None
@@ -74,7 +75,11 @@ async def test_429_honours_retry_after(
     waited = second.started - first.finished
     # Exactly the server's Retry-After, not the 0.5 s exponential backoff.
     assert 30.0 <= waited < 30.5
-    assert gw.statistics().retries == 1
+    stats = gw.statistics()
+    if adaptive:  # our own concurrency: the window halves and no retry is spent
+        assert (stats.retries, stats.throttled, stats.window_cuts) == (0, 1, 1)
+    else:
+        assert (stats.retries, stats.throttled, stats.window) == (1, 0, None)
 
 
 async def test_5xx_and_dropped_connections_are_retried(
@@ -83,7 +88,7 @@ async def test_5xx_and_dropped_connections_are_retried(
     server, url = await start_llm(
         faults=[Fault(status=500), Fault(drop=True), Fault(status=503)], policy=_reply("fine")
     )
-    async with LLMGateway(_config(url)) as gw:
+    async with LLMGateway(_config(url, adaptive=False)) as gw:
         assert await gw.chat("merge", MESSAGES) == "fine"
     assert len(server.requests) == 4
     assert gw.statistics().retries == 3
