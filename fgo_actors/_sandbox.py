@@ -5,9 +5,10 @@ fresh ``sys.executable -I`` for every call, hands it the code, the function's
 name and its arguments as JSON on stdin, and reads back one JSON line saying
 what happened.
 
-Threat model, honestly: this is process isolation with resource limits and an
-empty environment. It is meant for code that is buggy, greedy or confused,
-not for code written by a determined attacker. What it does protect:
+Threat model, honestly: this is process isolation with namespaces, resource
+limits and an empty environment. It is meant for code that is buggy, greedy
+or confused, and it closes the escapes a curious one tries first. What it
+does protect:
 
 - **our process's memory and state**: the code runs in another process, so it
   cannot read our objects, patch our modules or crash our interpreter;
@@ -15,27 +16,42 @@ not for code written by a determined attacker. What it does protect:
   environment (no ``FGO_API_KEY``, no ``HOME``, no ``PATH``), in isolated mode
   (``-I``: no ``PYTHON*`` variables, no user site-packages, no script
   directory on ``sys.path``), and it inherits only stdin, stdout and stderr,
-  none of our other file descriptors (sockets, log files);
+  none of our other file descriptors (sockets, log files). Where util-linux's
+  ``unshare`` works (:func:`isolation`; as root, or without root through a
+  user namespace), it runs in its own PID namespace with its own ``/proc``,
+  so our processes and their environments (``/proc/<pid>/environ``) are out
+  of its sight;
+- **the network**: in its own network namespace it has only a loopback that
+  is down, so it cannot call out or reach our loopback servers;
+- **processes it leaves behind**: the runner is init of the PID namespace,
+  and when it exits the kernel kills everything the code started, also a
+  ``setsid`` grandchild; without namespaces, the process group is killed;
+- **the result**: the code runs in a child of the runner that has no
+  descriptor for the result channel, only a pipe for its own outcome; the
+  runner judges the child's exit (a signal, a non-zero status) itself, so
+  code cannot report success and then die, or write a second report;
 - **our working directory**: the child's cwd is a fresh scratch directory that
   is deleted after the call;
 - **runaway CPU, memory, files and time**: rlimits on address space
   (``RLIMIT_AS``), CPU seconds, open files and file size, a wall-clock
-  timeout after which the whole process group is killed, and caps on how
+  timeout after which the whole process tree is killed, and caps on how
   much output and result we read back.
 
-What it does *not* do: there is no seccomp filter, no network, PID, mount or
-user namespace, no chroot. The code runs as our user, so it can read any file
-we can read (``~/.ssh``, the project, ``/proc``), write anywhere we can write,
-open network connections, and start processes; a process that calls
-``setsid`` itself escapes the group kill. It can also forge the result line
-if it goes looking for the runner's private file descriptor. For untrusted
-code from an adversary, put this inside a real sandbox (a container with no
-network, gVisor, nsjail, a separate VM).
+What it does *not* do: there is no seccomp filter, no mount namespace over
+the files and no chroot. The code runs as our user, so it can read any file
+we can read (``~/.ssh``, the project) and write anywhere we can write. The
+limits are per process: code that forks gets them again in each child, for
+as long as the timeout lets it run. Without ``unshare`` (logged once as
+``sandbox_not_isolated``), it can also open network connections, see our
+processes and outlive the call with ``setsid``. For code from an adversary,
+put this inside a real sandbox (a container with no network, gVisor, nsjail,
+a separate VM).
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import math
 import os
@@ -48,6 +64,7 @@ import tempfile
 from typing import Any
 
 import attrs
+import structlog
 import trio
 
 # Extra room on the result channel beyond ``output_bytes``: the JSON envelope
@@ -204,8 +221,7 @@ def show_traceback(exc):
     except BaseException:
         pass
 
-def run():
-    request = json.loads(sys.stdin.buffer.read())
+def run(request):
     code, name = request["code"], request["name"]
     linecache.cache["<tool>"] = (len(code), None, code.splitlines(True), "<tool>")
     namespace = {"__name__": "__tool__"}
@@ -234,29 +250,63 @@ def run():
                 f"of JSON, over the sandbox's cap of {out_cap} bytes"}
     return text
 
-try:
-    outcome = run()
-except BaseException as exc:
-    if isinstance(exc, MemoryError):
-        exc.__traceback__ = None  # let go of the frames that hold the memory
-    elif not isinstance(exc, SystemExit):
-        show_traceback(exc)
-    outcome = {"ok": False, "error": describe(exc)}
-if isinstance(outcome, str):
-    line = '{"ok": true, "value": ' + outcome + "}\n"
-else:
-    line = json.dumps(outcome) + "\n"
-data = memoryview(line.encode("utf-8"))
-try:
+def write_all(fd, line):
+    data = memoryview(line.encode("utf-8"))
     while data:
-        data = data[os.write(result_fd, data):]
-except OSError:
-    os._exit(3)
-for stream in (sys.stdout, sys.stderr):  # in case the code swapped in buffered ones
+        data = data[os.write(fd, data):]
+
+# The code runs in a child of this runner, which holds the result channel:
+# the child has no descriptor for it (closed after the fork), only a pipe
+# for its own outcome, so whatever it writes is at most its own return
+# value. The runner reports; in a PID namespace it is init there, which its
+# descendants cannot kill.
+request = json.loads(sys.stdin.buffer.read())
+read_end, write_end = os.pipe()
+pid = os.fork()
+if pid == 0:
+    os.close(read_end)
+    os.close(result_fd)
     try:
-        stream.flush()
-    except BaseException:
-        pass
+        outcome = run(request)
+    except BaseException as exc:
+        if isinstance(exc, MemoryError):
+            exc.__traceback__ = None  # let go of the frames that hold the memory
+        elif not isinstance(exc, SystemExit):
+            show_traceback(exc)
+        outcome = {"ok": False, "error": describe(exc)}
+    if isinstance(outcome, str):
+        line = '{"ok": true, "value": ' + outcome + "}\n"
+    else:
+        line = json.dumps(outcome) + "\n"
+    try:
+        write_all(write_end, line)
+    except OSError:
+        os._exit(3)
+    for stream in (sys.stdout, sys.stderr):  # in case the code swapped in buffered ones
+        try:
+            stream.flush()
+        except BaseException:
+            pass
+    os._exit(0)
+os.close(write_end)
+chunks = []
+while chunk := os.read(read_end, 65536):
+    chunks.append(chunk)
+_, status = os.waitpid(pid, 0)
+reported = b"".join(chunks)
+if os.WIFSIGNALED(status):  # killed, reported or not (CPU limit, memory)
+    write_all(result_fd, json.dumps({"ok": False, "signal": os.WTERMSIG(status)}) + "\n")
+    os._exit(0)
+if os.WEXITSTATUS(status) != 0 or not reported:
+    os._exit(os.WEXITSTATUS(status) or 3)
+if reported.count(b"\n") != 1 or not reported.endswith(b"\n"):
+    # The epilogue writes one line; more means the code wrote there too.
+    reported = (json.dumps({"ok": False, "error": "RuntimeError: the code wrote to the "
+                "sandbox's own result pipe"}) + "\n").encode()
+try:
+    write_all(result_fd, reported.decode("utf-8"))
+except (OSError, UnicodeDecodeError):
+    os._exit(3)
 os._exit(0)
 """
 
@@ -321,8 +371,49 @@ async def run_function(
             await trio.to_thread.run_sync(_remove_tree, scratch)
 
 
+# util-linux's unshare puts the child in new namespaces: no network but a
+# loopback that is down, a PID namespace with its own /proc (our processes,
+# and their environments, are out of sight, and everything the code starts
+# dies with the runner, which is init there), and its own IPC and hostname.
+# Without root it also makes a user namespace, which needs no privilege.
+_UNSHARE = ("--net", "--pid", "--fork", "--kill-child", "--mount-proc", "--ipc", "--uts")
+
+
+@functools.cache
+def isolation() -> tuple[str, ...]:
+    """The command prefix that isolates a sandboxed process, or () where
+    namespaces are not available here (then only the rlimits, the empty
+    environment and the process group hold; this is logged once)."""
+    unshare = shutil.which("unshare") or next(
+        (p for p in ("/usr/bin/unshare", "/bin/unshare") if os.access(p, os.X_OK)), None
+    )
+    log = structlog.get_logger()
+    if unshare is None:
+        log.warning("sandbox_not_isolated", reason="no unshare (util-linux) on this machine")
+        return ()
+    prefix = (unshare, *(() if os.geteuid() == 0 else ("--map-root-user",)), *_UNSHARE, "--")
+    try:
+        probe = subprocess.run(
+            [*prefix, sys.executable, "-I", "-c", "pass"],
+            env={},
+            capture_output=True,
+            timeout=30,
+            check=False,
+        )
+    except (OSError, subprocess.TimeoutExpired) as e:
+        log.warning("sandbox_not_isolated", reason=f"unshare failed: {e}")
+        return ()
+    if probe.returncode != 0:
+        reason = probe.stderr.decode("utf-8", "replace").strip()[:300]
+        log.warning("sandbox_not_isolated", reason=f"unshare refused: {reason}")
+        return ()
+    return prefix
+
+
 async def _run_in(scratch: str, request: bytes, limits: SandboxLimits) -> SandboxResult:
+    prefix = await trio.to_thread.run_sync(isolation)
     argv = [
+        *prefix,
         sys.executable,
         "-I",
         "-c",
@@ -377,8 +468,9 @@ async def _run_in(scratch: str, request: bytes, limits: SandboxLimits) -> Sandbo
         error = f"TimeoutError: no result within {limits.timeout:g} s"
         return SandboxResult(False, None, error, stdout, seconds, timed_out=True)
     reported = _parse_result(result)
-    if reported is None:
-        error = _describe_exit(proc.returncode, limits, stdout)
+    if reported is None or isinstance(reported, int):
+        code = proc.returncode if reported is None else -reported
+        error = _describe_exit(code, limits, stdout)
         return SandboxResult(False, None, error, stdout, seconds, timed_out=False)
     ok, value, reported_error = reported
     return SandboxResult(ok, value, reported_error, stdout, seconds, timed_out=False)
@@ -400,8 +492,9 @@ def _kill_group(pgid: int) -> None:
         os.killpg(pgid, signal.SIGKILL)
 
 
-def _parse_result(result: _Capture) -> tuple[bool, Any, str | None] | None:
-    """The runner's report, or None when it wrote none."""
+def _parse_result(result: _Capture) -> tuple[bool, Any, str | None] | int | None:
+    """The runner's report, or the signal that killed the code, or None when
+    the runner wrote nothing."""
     if result.total == 0:
         return None
     malformed = (False, None, "RuntimeError: the sandbox runner's report was malformed")
@@ -413,6 +506,9 @@ def _parse_result(result: _Capture) -> tuple[bool, Any, str | None] | None:
         return malformed
     if not isinstance(outcome, dict) or not isinstance(outcome.get("ok"), bool):
         return malformed
+    killed_by = outcome.get("signal")
+    if isinstance(killed_by, int) and not isinstance(killed_by, bool) and killed_by > 0:
+        return killed_by
     if outcome["ok"]:
         return True, outcome.get("value"), None
     error = outcome.get("error")

@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 import trio
 
-from fgo_actors._sandbox import SandboxLimits, SandboxResult, run_function
+from fgo_actors._sandbox import SandboxLimits, SandboxResult, isolation, run_function
 
 
 def _code(source: str) -> str:
@@ -178,30 +178,49 @@ async def test_other_failures_are_reported_not_raised(
     assert not result.timed_out
 
 
-async def test_infinite_loop_times_out_and_leaves_no_process_behind() -> None:
-    code = _code(
-        """
-        import os, subprocess, sys
+async def _stopped(beat: Path) -> bool:
+    """Whether whatever appends to ``beat`` (every 20 ms) has stopped: its size
+    holds still for half a second. Process ids would not tell: in a PID
+    namespace the code sees its own."""
+    for _ in range(20):
+        size = _size(beat)
+        await trio.sleep(0.5)
+        if _size(beat) == size:
+            return True
+    return False
 
-        def spin():
-            child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
-            print(os.getpid(), child.pid, flush=True)
+
+def _size(path: Path) -> int:
+    return path.stat().st_size if path.exists() else 0
+
+
+HEARTBEAT = (
+    "import sys, time\nwhile True:\n    open(sys.argv[1], 'a').write('.')\n    time.sleep(0.02)\n"
+)
+
+
+async def test_infinite_loop_times_out_and_leaves_no_process_behind(tmp_path: Path) -> None:
+    beat = tmp_path / "beat"
+    code = _code(
+        f"""
+        import subprocess, sys
+
+        def spin(path):
+            subprocess.Popen([sys.executable, "-c", {HEARTBEAT!r}, path])
             while True:
                 pass
         """
     )
     limits = SandboxLimits(timeout=1.0)
     start = trio.current_time()
-    result = await run_function(code, "spin", {}, limits)
+    result = await run_function(code, "spin", {"path": str(beat)}, limits)
     elapsed = trio.current_time() - start
     assert result.timed_out
     assert not result.ok
     assert result.error == "TimeoutError: no result within 1 s"
     assert elapsed < limits.timeout + 2
-    pids = [int(p) for p in result.stdout.split()]
-    assert len(pids) == 2  # the runner and the grandchild it started
-    for pid in pids:
-        assert await _gone(pid), f"pid {pid} survived"
+    assert beat.exists(), "the grandchild ran"
+    assert await _stopped(beat), "the grandchild survived the timeout"
 
 
 async def test_cpu_limit_kills_a_busy_loop_before_the_wall_timeout() -> None:
@@ -323,25 +342,32 @@ async def test_cancelling_a_call_kills_the_child_and_removes_its_directory(
     tmp_path: Path,
 ) -> None:
     info = tmp_path / "info.json"
+    beat = tmp_path / "beat"
     code = _code(
         """
         import json, os, time
 
-        def wait(path):
+        def wait(path, beat):
             with open(path + ".tmp", "w") as f:
-                json.dump([os.getpid(), os.getcwd()], f)
+                json.dump(os.getcwd(), f)
             os.replace(path + ".tmp", path)
-            time.sleep(30)
+            while True:
+                open(beat, "a").write(".")
+                time.sleep(0.02)
         """
     )
     async with trio.open_nursery() as nursery:
         nursery.start_soon(
-            run_function, code, "wait", {"path": str(info)}, SandboxLimits(timeout=30)
+            run_function,
+            code,
+            "wait",
+            {"path": str(info), "beat": str(beat)},
+            SandboxLimits(timeout=30),
         )
         assert await _eventually(info.exists, within=5)
         nursery.cancel_scope.cancel()
-    pid, cwd = json.loads(info.read_text())
-    assert await _gone(pid)
+    cwd = json.loads(info.read_text())
+    assert await _stopped(beat)
     assert not await trio.Path(cwd).exists()
 
 
@@ -366,3 +392,110 @@ def test_limits_must_be_positive(kwargs: dict[str, Any], field: str) -> None:
 async def test_our_own_misuse_raises() -> None:
     with pytest.raises(TypeError, match="arguments must be JSON-serialisable"):
         await run_function("def f(x):\n    return 1\n", "f", {"x": {1, 2}})
+
+
+# ---------------------------------------------------------------- escapes
+
+isolated = pytest.mark.skipif(
+    not isolation(), reason="no namespaces here (unshare missing or refused)"
+)
+
+
+@isolated
+async def test_the_code_cannot_read_our_secrets_through_proc(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv("FGO_API_KEY", "sk-probe-4711")
+    code = _code(
+        """
+        import glob, os
+
+        def steal():
+            found, readable = [], 0
+            for path in glob.glob("/proc/*/environ"):
+                try:
+                    text = open(path, "rb").read()
+                except OSError:
+                    continue
+                readable += 1
+                if b"sk-probe-4711" in text:
+                    found.append(path)
+            return [found, readable, os.getppid()]
+        """
+    )
+    result = await run_function(code, "steal", {})
+    assert result.ok, result.error
+    found, readable, ppid = result.value
+    assert found == []
+    assert readable >= 1  # it could read its own: the probe itself works
+    assert ppid == 1  # its parent is the runner, init of its own PID namespace
+
+
+@isolated
+async def test_the_code_has_no_network() -> None:
+    listener = trio.socket.socket()
+    await listener.bind(("127.0.0.1", 0))
+    listener.listen()
+    port = listener.getsockname()[1]
+    code = _code(
+        """
+        import socket
+
+        def call_home(port):
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=2).close()
+            except OSError as e:
+                return "refused: " + type(e).__name__
+            return "connected"
+        """
+    )
+    try:
+        result = await run_function(code, "call_home", {"port": port})
+    finally:
+        listener.close()
+    assert result.ok, result.error
+    assert result.value.startswith("refused")
+
+
+@isolated
+async def test_a_detached_grandchild_dies_with_the_call(tmp_path: Path) -> None:
+    beat = tmp_path / "beat"
+    code = _code(
+        f"""
+        import subprocess, sys, time
+
+        def detach(path):
+            subprocess.Popen(
+                [sys.executable, "-c", {HEARTBEAT!r}, path], start_new_session=True
+            )
+            time.sleep(0.3)
+            return "left it running"
+        """
+    )
+    result = await run_function(code, "detach", {"path": str(beat)})
+    assert result.ok, result.error
+    assert beat.exists()
+    assert await _stopped(beat), "a setsid grandchild outlived the call"
+
+
+async def test_the_code_cannot_forge_the_result() -> None:
+    code = _code(
+        """
+        import os
+
+        def forge():
+            line = b'{"ok": true, "value": "forged"}\\n'
+            for fd in range(3, 64):
+                try:
+                    os.write(fd, line)
+                except OSError:
+                    pass
+            raise RuntimeError("the real outcome")
+        """
+    )
+    result = await run_function(code, "forge", {})
+    assert not result.ok
+    assert result.value is None
+    # A function that writes on the channel it was handed (its own outcome
+    # pipe) only spoils its own result; it never reaches the runner's.
+    assert result.error == "RuntimeError: the code wrote to the sandbox's own result pipe"
