@@ -6,7 +6,7 @@ from __future__ import annotations
 import functools
 import hmac
 import json
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from typing import Any
 
 import trio
@@ -47,6 +47,20 @@ async def _read_body(request: Request, limit: int) -> bytes:
     return b"".join(chunks)
 
 
+# Bodies a browser can send cross-origin without asking first (a "simple"
+# request) in a type that is not JSON: refused, so that no web page can post
+# trajectories. Clients send JSON, JSONL or, like curl, no particular type.
+BROWSER_FORM_TYPES = frozenset({"text/plain", "multipart/form-data"})
+
+
+def host_name(header: str) -> str:
+    """The host in a ``Host`` header, without the port (``[::1]:8765`` -> ``::1``)."""
+    header = header.strip().lower()
+    if header.startswith("["):
+        return header[1:].partition("]")[0]
+    return header.rpartition(":")[0] if header.count(":") == 1 else header
+
+
 def make_app(
     optimizer: StreamingOptimizer,
     *,
@@ -54,9 +68,18 @@ def make_app(
     max_body_bytes: int = 16 * 1024 * 1024,
     max_record_bytes: int = 1024 * 1024,
     retry_after: int = 2,
+    allowed_hosts: frozenset[str] | None = None,
 ) -> Starlette:
     """The API over ``optimizer``. With ``token``, every endpoint but
-    ``/healthz`` needs ``Authorization: Bearer <token>``."""
+    ``/healthz`` needs ``Authorization: Bearer <token>``.
+
+    With ``allowed_hosts``, a request whose ``Host`` names another host is
+    refused (421): a web page that points a name it controls at 127.0.0.1
+    (DNS rebinding) cannot talk to the daemon. A write (POST) whose
+    ``Origin`` is not the daemon's own is refused (403), so a page the user
+    opens cannot post trajectories or roll back the module, and a body in a
+    browser form's type is refused (415).
+    """
     expected = token.encode() if token else None
 
     def authorized(request: Request) -> bool:
@@ -69,9 +92,28 @@ def make_app(
 
     Handler = Callable[[Request], Awaitable[Response]]
 
-    def guarded(handler: Handler) -> Handler:
+    def foreign(request: Request) -> Response | None:
+        """The answer to a request from where it must not come, or None."""
+        host = request.headers.get("host", "")
+        if allowed_hosts is not None and host_name(host) not in allowed_hosts:
+            return _error(
+                421,
+                f"Host {host!r} is not one this daemon answers to "
+                f"({', '.join(sorted(allowed_hosts))}; see allowed_hosts)",
+            )
+        origin = request.headers.get("origin")
+        if request.method == "POST" and origin is not None:
+            own = f"{request.url.scheme}://{host}".lower()
+            if origin.strip().lower() != own:
+                return _error(403, f"cross-origin writes are refused (Origin {origin!r})")
+        return None
+
+    def guarded(handler: Handler, *, open_to_all: bool = False) -> Handler:
         async def wrapper(request: Request) -> Response:
-            if not authorized(request):
+            refused = foreign(request)
+            if refused is not None:
+                return refused
+            if not open_to_all and not authorized(request):
                 return _error(401, "missing or wrong bearer token", {"WWW-Authenticate": "Bearer"})
             return await handler(request)
 
@@ -85,6 +127,13 @@ def make_app(
             raw = await _read_body(request, max_body_bytes)
         except BodyTooLargeError:
             return _error(413, f"request body is over {max_body_bytes} bytes")
+        kind = request.headers.get("content-type", "").partition(";")[0].strip().lower()
+        if kind in BROWSER_FORM_TYPES:
+            return _error(
+                415,
+                f"Content-Type {kind} is refused: send JSON or JSONL "
+                "(application/json or application/x-ndjson)",
+            )
         if optimizer.saturated:
             return _error(
                 429,
@@ -177,7 +226,7 @@ def make_app(
         Route("/v1/module/versions/{n:int}", guarded(get_version), methods=["GET"]),
         Route("/v1/module/rollback/{n:int}", guarded(rollback), methods=["POST"]),
         Route("/v1/events", guarded(events), methods=["GET"]),
-        Route("/healthz", healthz, methods=["GET"]),
+        Route("/healthz", guarded(healthz, open_to_all=True), methods=["GET"]),
         Route("/metrics", guarded(metrics), methods=["GET"]),
     ]
     return Starlette(routes=routes)
@@ -281,13 +330,17 @@ async def serve_http(
     token: str | None = None,
     max_body_bytes: int = 16 * 1024 * 1024,
     max_record_bytes: int = 1024 * 1024,
+    allowed_hosts: Sequence[str] = (),
     shutdown: trio.Event | None = None,
     task_status: trio.TaskStatus[str] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Serve the API until ``shutdown`` is set; reports the base URL when ready.
 
     Refuses a non-loopback bind without a token: the API can publish and roll
-    back modules, so it must not be open to the network.
+    back modules, so it must not be open to the network. On loopback, only
+    the loopback names (and ``allowed_hosts``) are answered; on another
+    address, the token guards it, and any ``Host`` is answered unless
+    ``allowed_hosts`` names some.
     """
     if host not in LOOPBACK and not token:
         raise ValueError(
@@ -299,8 +352,17 @@ async def serve_http(
     config.accesslog = None
     config.errorlog = None
     config.graceful_timeout = 2.0
+    names = {host_name(h) for h in allowed_hosts}
+    if host in LOOPBACK:
+        names |= LOOPBACK
+    elif names:
+        names.add(host_name(host))
     app = make_app(
-        optimizer, token=token, max_body_bytes=max_body_bytes, max_record_bytes=max_record_bytes
+        optimizer,
+        token=token,
+        max_body_bytes=max_body_bytes,
+        max_record_bytes=max_record_bytes,
+        allowed_hosts=frozenset(names) if names else None,
     )
     stop = shutdown if shutdown is not None else trio.Event()
     async with trio.open_nursery() as nursery:

@@ -48,6 +48,9 @@ class ServeSettings:
     max_queued: int = 10_000
     max_body_bytes: int = 16 * 1024 * 1024
     max_record_bytes: int = 1024 * 1024
+    # Host names the HTTP API answers to besides the bound one (on loopback:
+    # 127.0.0.1, localhost and ::1); others get 421, against DNS rebinding.
+    allowed_hosts: tuple[str, ...] = ()
     grace: float = 10.0
     retry_pause: float = 30.0
     durable: bool = False
@@ -106,6 +109,10 @@ class ServeSettings:
 def _coerce(path: Path, key: str, annotation: object, value: object) -> object:
     text = str(annotation)
     ok: bool
+    if text.startswith("tuple[str"):
+        if isinstance(value, list) and all(isinstance(v, str) for v in value):
+            return tuple(value)
+        raise ValueError(f"{path}: setting {key!r} must be a list of strings")
     if "bool" in text:
         ok = isinstance(value, bool)
     elif "float" in text:
@@ -169,6 +176,7 @@ async def run_daemon(settings: ServeSettings, config: DaemonConfig) -> None:
                 token=settings.token(),
                 max_body_bytes=settings.max_body_bytes,
                 max_record_bytes=settings.max_record_bytes,
+                allowed_hosts=settings.allowed_hosts,
                 shutdown=shutdown,
                 task_status=task_status,
             )

@@ -368,6 +368,24 @@ async def test_live_api_conforms_to_the_spec(start_llm: StartLLM, tmp_path: Path
         answer = await client.post("/v1/trajectories", content=b" " * (MAX_BODY + 1))
         assert answer.status_code == 413
         conformance.check(answer, "/v1/trajectories")
+        # What a web page could send: refused before anything is stored.
+        evil = {"Origin": "http://attacker.example"}
+        answer = await client.post("/v1/trajectories", content=b"{}", headers=evil)
+        assert answer.status_code == 403
+        conformance.check(answer, "/v1/trajectories")
+        answer = await client.post("/v1/module/rollback/1", headers=evil)
+        assert answer.status_code == 403
+        conformance.check(answer, "/v1/module/rollback/{n}")
+        answer = await client.post(
+            "/v1/trajectories", content=b"{}", headers={"Content-Type": "text/plain"}
+        )
+        assert answer.status_code == 415
+        conformance.check(answer, "/v1/trajectories")
+        answer = await client.post(
+            "/v1/trajectories", content=b"{}", headers={"Host": "rebound.example"}
+        )
+        assert answer.status_code == 421
+        conformance.check(answer, "/v1/trajectories")
 
         async with _events(client) as (stream, lines):
             conformance.check(stream, "/v1/events", read=False)

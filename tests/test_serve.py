@@ -279,3 +279,44 @@ async def test_token_guards_everything_but_healthz(start_llm: StartLLM, tmp_path
         reply = await client.post(f"{url}/v1/trajectories", content=body, headers=good)
         assert reply.status_code == 202
         assert reply.json()["accepted"] == 2
+
+
+async def test_web_pages_cannot_post_roll_back_or_rebind(
+    start_llm: StartLLM, tmp_path: Path
+) -> None:
+    """What a page in the user's browser could try against the default
+    loopback daemon: a cross-origin write, a form-typed body, a rebound DNS
+    name. Each is refused; a client such as curl or httpx is not."""
+    _server, llm = await start_llm()
+    args = _base_args(tmp_path / "fgo.db", llm, _free_port())
+    async with httpx.AsyncClient(timeout=30) as client, _serve(*args) as (_process, url):
+        body = _jsonl(make_trajectories(2))
+        evil = {"Origin": "http://attacker.example"}
+        reply = await client.post(
+            f"{url}/v1/trajectories",
+            content=body,
+            headers={**evil, "Content-Type": "text/plain"},
+        )
+        assert reply.status_code == 403
+        assert "cross-origin" in reply.json()["error"]
+        assert (await client.post(f"{url}/v1/module/rollback/1", headers=evil)).status_code == 403
+        reply = await client.post(
+            f"{url}/v1/trajectories", content=body, headers={"Content-Type": "text/plain"}
+        )
+        assert reply.status_code == 415
+        rebound = {"Host": "attacker.example:8765"}
+        for path in ("/healthz", "/v1/module", "/metrics"):
+            reply = await client.get(f"{url}{path}", headers=rebound)
+            assert reply.status_code == 421, path
+        local = await client.get(f"{url}/healthz", headers={"Host": "localhost"})
+        assert local.status_code == 200
+        # The daemon's own origin, JSONL, and curl's default type all go through.
+        own = {"Origin": url, "Content-Type": "application/x-ndjson"}
+        reply = await client.post(f"{url}/v1/trajectories", content=body, headers=own)
+        assert reply.status_code == 202
+        curl = {"Content-Type": "application/x-www-form-urlencoded"}
+        reply = await client.post(
+            f"{url}/v1/trajectories", content=_jsonl(make_trajectories(3)), headers=curl
+        )
+        assert reply.status_code == 202
+        assert reply.json()["accepted"] == 1
