@@ -39,6 +39,7 @@ from ._errors import BudgetExhaustedError, InputError, LLMUnavailableError, Unit
 from ._eval import evaluate
 from ._forest import MergeForest, MergeJob, fold_plan
 from ._gateway import GatewayConfig, LLMGateway
+from ._io import MAX_JSON_DEPTH, JSONTooDeepError, json_depth, loads
 from ._model import MergeNode, Module, RenderedTrajectory, Subset, Trajectory
 from ._online import module_key
 from ._partition import StreamPacker
@@ -200,6 +201,9 @@ class EventBus:
             send.close()
 
 
+TOO_DEEP = f"nested more than {MAX_JSON_DEPTH} levels deep"
+
+
 def parse_body(
     text: str, *, max_record_bytes: int | None = None
 ) -> tuple[list[tuple[int, object]], list[Rejected]]:
@@ -214,15 +218,23 @@ def parse_body(
             value = json.loads(stripped)
         except json.JSONDecodeError as e:
             return [], [Rejected(e.lineno, f"not JSON: {e.msg}")]
+        except RecursionError:  # too deep to parse at all: the whole array
+            return [], [Rejected(1, f"refused JSON: {TOO_DEEP}")]
         if isinstance(value, list):
-            if max_record_bytes is None:
-                return list(enumerate(value, start=1)), []
-            sized = [(i, v, len(json.dumps(v).encode())) for i, v in enumerate(value, start=1)]
-            return [(i, v) for i, v, n in sized if n <= max_record_bytes], [
-                Rejected(i, f"record is {n} bytes, over the {max_record_bytes}-byte limit")
-                for i, v, n in sized
-                if n > max_record_bytes
-            ]
+            kept: list[tuple[int, object]] = []
+            refused: list[Rejected] = []
+            for i, v in enumerate(value, start=1):
+                if json_depth(v) > MAX_JSON_DEPTH:
+                    refused.append(Rejected(i, f"refused JSON: {TOO_DEEP}"))
+                elif max_record_bytes is not None and (n := len(json.dumps(v).encode())) > (
+                    max_record_bytes
+                ):
+                    refused.append(
+                        Rejected(i, f"record is {n} bytes, over the {max_record_bytes}-byte limit")
+                    )
+                else:
+                    kept.append((i, v))
+            return kept, refused
     records: list[tuple[int, object]] = []
     rejected: list[Rejected] = []
     for number, line in enumerate(text.splitlines(), start=1):
@@ -235,7 +247,9 @@ def parse_body(
             )
             continue
         try:
-            records.append((number, json.loads(line)))
+            records.append((number, loads(line)))
+        except JSONTooDeepError as e:
+            rejected.append(Rejected(number, f"refused JSON: {e}"))
         except json.JSONDecodeError as e:
             # A pretty-printed single object spans lines: try the whole body.
             if not records and not rejected and stripped.startswith("{"):
@@ -251,7 +265,9 @@ def _whole_object(
 ) -> tuple[list[tuple[int, object]], list[Rejected]] | None:
     """``text`` as one JSON value starting on ``line``, or None if it is not JSON."""
     try:
-        value = json.loads(text)
+        value = loads(text)
+    except JSONTooDeepError as e:
+        return [], [Rejected(line, f"refused JSON: {e}")]
     except json.JSONDecodeError:
         return None
     size = len(text.encode())

@@ -14,6 +14,45 @@ from ._errors import InputError
 from ._model import Module, Trajectory
 
 MAX_LISTED_PROBLEMS = 10
+# Deeper JSON is refused: a trajectory needs a few levels, and Python's
+# parser, schema checks and renderers recurse (a 1,000-deep value would
+# reach the recursion limit in one of them).
+MAX_JSON_DEPTH = 64
+
+
+class JSONTooDeepError(ValueError):
+    """A JSON value nested deeper than MAX_JSON_DEPTH levels."""
+
+
+def loads(text: str | bytes) -> Any:
+    """``json.loads``, refusing values nested deeper than MAX_JSON_DEPTH with
+    JSONTooDeepError (malformed JSON still raises json.JSONDecodeError)."""
+    try:
+        value = json.loads(text)
+    except RecursionError:
+        raise JSONTooDeepError(f"nested more than {MAX_JSON_DEPTH} levels deep") from None
+    if json_depth(value) > MAX_JSON_DEPTH:
+        raise JSONTooDeepError(f"nested more than {MAX_JSON_DEPTH} levels deep")
+    return value
+
+
+def json_depth(value: Any) -> int:
+    """How deep arrays and objects nest in ``value`` (a scalar: 0). Iterative,
+    so no value is too deep to measure."""
+    deepest = 0
+    stack: list[tuple[Any, int]] = [(value, 0)]
+    while stack:
+        item, depth = stack.pop()
+        if isinstance(item, dict):
+            children: Iterable[Any] = item.values()
+        elif isinstance(item, list):
+            children = item
+        else:
+            continue
+        depth += 1
+        deepest = max(deepest, depth)
+        stack.extend((child, depth) for child in children)
+    return deepest
 
 
 def load_trajectories(path: str | os.PathLike[str]) -> list[Trajectory]:
@@ -40,11 +79,14 @@ def load_trajectories(path: str | os.PathLike[str]) -> list[Trajectory]:
             problems.append(InputError(f"not valid UTF-8 ({e.reason})", path=name, line=lineno))
             continue
         try:
-            obj = json.loads(text)
+            obj = loads(text)
         except json.JSONDecodeError as e:
             problems.append(
                 InputError(f"malformed JSON: {e.msg} at column {e.colno}", path=name, line=lineno)
             )
+            continue
+        except JSONTooDeepError as e:
+            problems.append(InputError(f"refused JSON: {e}", path=name, line=lineno))
             continue
         try:
             traj = Trajectory.from_json(obj, path=name, line=lineno)
@@ -92,11 +134,13 @@ def load_module(path: str | os.PathLike[str]) -> Module:
     except (OSError, UnicodeDecodeError) as e:
         raise InputError(f"cannot read module file: {e}", path=name) from e
     try:
-        obj = json.loads(text)
+        obj = loads(text)
     except json.JSONDecodeError as e:
         raise InputError(
             f"malformed JSON: {e.msg} at column {e.colno}", path=name, line=e.lineno
         ) from e
+    except JSONTooDeepError as e:
+        raise InputError(f"refused JSON: {e}", path=name) from e
     return Module.from_json(obj, path=name)
 
 

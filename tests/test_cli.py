@@ -292,6 +292,17 @@ def test_bad_jsonl_exits_2_without_output(server_url: str, tmp_path: Path) -> No
     assert not out.parent.exists()
 
 
+def test_a_line_nested_2000_deep_exits_2_naming_the_line(tmp_path: Path) -> None:
+    data = tmp_path / "deep.jsonl"
+    good = EXAMPLES.read_text(encoding="utf-8").splitlines()[0]
+    deep = '{"id": "x", "nested": ' + "[" * 2000 + "]" * 2000 + "}"
+    data.write_text(f"{good}\n{deep}\n", encoding="utf-8")
+    proc = fgo(data, "--out", tmp_path / "m.json", "--base-url", "http://127.0.0.1:9/v1")
+    assert proc.returncode == 2, explain(proc)
+    assert f"{data}:2: refused JSON: nested more than 64 levels deep" in flat(proc.stderr)
+    assert "Traceback" not in proc.stderr
+
+
 def test_bad_jsonl_message_is_one_readable_line(tmp_path: Path) -> None:
     """The location must survive the console: not broken across lines in a log."""
     deep = tmp_path / ("a-rather-long-folder-name-" * 3) / "trajectories-under-test"

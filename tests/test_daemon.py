@@ -471,3 +471,25 @@ async def test_a_failed_subset_is_tried_again_at_the_next_start(
         assert (counts.subsets_failed, counts.subsets_pending) == (0, 0)
     finally:
         store.close()
+
+
+def test_parse_body_refuses_a_deep_record_alone() -> None:
+    deep = '{"a": ' * 1100 + "1" + "}" * 1100  # past the parser's recursion limit
+    medium: object = 1
+    for _ in range(70):  # parseable, but deeper than records may be
+        medium = [medium]
+    medium = {"x": medium}
+    records, bad = parse_body(f'{{"a": 1}}\n{deep}\n{json.dumps(medium)}\n{{"b": 2}}\n')
+    assert records == [(1, {"a": 1}), (4, {"b": 2})]
+    assert [(r.line, r.reason) for r in bad] == [
+        (2, "refused JSON: nested more than 64 levels deep"),
+        (3, "refused JSON: nested more than 64 levels deep"),
+    ]
+    # In an array, the deep element is refused and the others kept.
+    records, bad = parse_body(json.dumps([{"a": 1}, medium, {"b": 2}]))
+    assert records == [(1, {"a": 1}), (3, {"b": 2})]
+    assert [r.line for r in bad] == [2]
+    # An array too deep to parse at all is refused whole, with a reason.
+    records, bad = parse_body("[" + deep + "]")
+    assert records == []
+    assert "nested more than 64" in bad[0].reason
