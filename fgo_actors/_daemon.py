@@ -21,6 +21,7 @@ queues from the store and replays finished calls instead of paying again.
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import time
@@ -204,6 +205,33 @@ class EventBus:
 TOO_DEEP = f"nested more than {MAX_JSON_DEPTH} levels deep"
 
 
+def _validate_records(
+    records: Sequence[Trajectory | object], numbers: Sequence[int], refused: Sequence[Rejected]
+) -> tuple[list[tuple[int, Trajectory, dict[str, Any]]], list[Rejected], int]:
+    """The valid trajectories among ``records`` (first of each id), the
+    records rejected (with ``refused``), and how many repeated an id."""
+    rejected: list[Rejected] = list(refused)
+    valid: list[tuple[int, Trajectory, dict[str, Any]]] = []
+    seen: set[str] = set()
+    duplicates = 0
+    for number, record in zip(numbers, records, strict=True):
+        try:
+            if isinstance(record, Trajectory):
+                trajectory, body = record, record.to_json()
+            else:
+                trajectory = Trajectory.from_json(record)
+                body = dict(record) if isinstance(record, dict) else {}
+        except InputError as e:
+            rejected.append(Rejected(number, str(e)))
+            continue
+        if trajectory.id in seen:
+            duplicates += 1
+            continue
+        seen.add(trajectory.id)
+        valid.append((number, trajectory, body))
+    return valid, rejected, duplicates
+
+
 def parse_body(
     text: str, *, max_record_bytes: int | None = None
 ) -> tuple[list[tuple[int, object]], list[Rejected]]:
@@ -355,7 +383,11 @@ class StreamingOptimizer:
     async def submit_text(self, text: str, *, max_record_bytes: int | None = None) -> IngestResult:
         """Ingest a JSON or JSONL body at once (no waiting): records that are not
         JSON, or too big, are rejected; the rest are stored."""
-        records, bad = parse_body(text, max_record_bytes=max_record_bytes)
+        # Parsing and validating a big body takes a while: in a worker thread,
+        # so that other requests (/healthz) are answered meanwhile.
+        records, bad = await trio.to_thread.run_sync(
+            functools.partial(parse_body, text, max_record_bytes=max_record_bytes)
+        )
         return await self._submit([r for _, r in records], [n for n, _ in records], bad)
 
     async def _submit(
@@ -367,25 +399,9 @@ class StreamingOptimizer:
         if self._closed:
             raise RuntimeError("the optimizer is closed")
         numbers = list(lines) if lines is not None else list(range(1, len(records) + 1))
-        rejected: list[Rejected] = list(refused)
-        valid: list[tuple[int, Trajectory, dict[str, Any]]] = []
-        seen: set[str] = set()
-        duplicates = 0
-        for number, record in zip(numbers, records, strict=True):
-            try:
-                if isinstance(record, Trajectory):
-                    trajectory, body = record, record.to_json()
-                else:
-                    trajectory = Trajectory.from_json(record)
-                    body = dict(record) if isinstance(record, dict) else {}
-            except InputError as e:
-                rejected.append(Rejected(number, str(e)))
-                continue
-            if trajectory.id in seen:
-                duplicates += 1
-                continue
-            seen.add(trajectory.id)
-            valid.append((number, trajectory, body))
+        valid, rejected, duplicates = await trio.to_thread.run_sync(
+            _validate_records, records, numbers, refused
+        )
         known = await self.store.call(self.store.sync.known_ids, [t.id for _, t, _ in valid])
         fresh = [(n, t, b) for n, t, b in valid if t.id not in known]
         duplicates += len(valid) - len(fresh)

@@ -29,21 +29,33 @@ def _error(status: int, message: str, headers: dict[str, str] | None = None) -> 
     return JSONResponse({"error": message}, status_code=status, headers=headers)
 
 
+# A body must have arrived this many seconds after its request began: one
+# trickled a byte at a time would otherwise hold a connection for ever.
+BODY_SECONDS = 120.0
+
+
 class BodyTooLargeError(Exception):
     pass
 
 
-async def _read_body(request: Request, limit: int) -> bytes:
+class BodyTooSlowError(Exception):
+    pass
+
+
+async def _read_body(request: Request, limit: int, seconds: float = BODY_SECONDS) -> bytes:
     declared = request.headers.get("content-length")
     if declared is not None and declared.isdigit() and int(declared) > limit:
         raise BodyTooLargeError
     chunks: list[bytes] = []
     size = 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > limit:
-            raise BodyTooLargeError
-        chunks.append(chunk)
+    with trio.move_on_after(seconds) as deadline:
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > limit:
+                raise BodyTooLargeError
+            chunks.append(chunk)
+    if deadline.cancelled_caught:
+        raise BodyTooSlowError
     return b"".join(chunks)
 
 
@@ -69,6 +81,7 @@ def make_app(
     max_record_bytes: int = 1024 * 1024,
     retry_after: int = 2,
     allowed_hosts: frozenset[str] | None = None,
+    body_seconds: float = BODY_SECONDS,
 ) -> Starlette:
     """The API over ``optimizer``. With ``token``, every endpoint but
     ``/healthz`` needs ``Authorization: Bearer <token>``.
@@ -124,9 +137,11 @@ def make_app(
         # before reading must drop the connection, and the client would see a
         # reset instead of the 429.
         try:
-            raw = await _read_body(request, max_body_bytes)
+            raw = await _read_body(request, max_body_bytes, body_seconds)
         except BodyTooLargeError:
             return _error(413, f"request body is over {max_body_bytes} bytes")
+        except BodyTooSlowError:
+            return _error(408, f"the request body did not arrive within {body_seconds:g} s")
         kind = request.headers.get("content-type", "").partition(";")[0].strip().lower()
         if kind in BROWSER_FORM_TYPES:
             return _error(
@@ -141,7 +156,7 @@ def make_app(
                 {"Retry-After": str(retry_after)},
             )
         try:
-            text = raw.decode("utf-8")
+            text = await trio.to_thread.run_sync(raw.decode, "utf-8")
         except UnicodeDecodeError as e:
             return _error(400, f"request body is not UTF-8: {e}")
         result = await optimizer.submit_text(text, max_record_bytes=max_record_bytes)
@@ -331,6 +346,7 @@ async def serve_http(
     max_body_bytes: int = 16 * 1024 * 1024,
     max_record_bytes: int = 1024 * 1024,
     allowed_hosts: Sequence[str] = (),
+    body_seconds: float = BODY_SECONDS,
     shutdown: trio.Event | None = None,
     task_status: trio.TaskStatus[str] = trio.TASK_STATUS_IGNORED,
 ) -> None:
@@ -363,6 +379,7 @@ async def serve_http(
         max_body_bytes=max_body_bytes,
         max_record_bytes=max_record_bytes,
         allowed_hosts=frozenset(names) if names else None,
+        body_seconds=body_seconds,
     )
     stop = shutdown if shutdown is not None else trio.Event()
     async with trio.open_nursery() as nursery:

@@ -227,6 +227,48 @@ async def _client(base: str, token: str | None = TOKEN) -> AsyncIterator[httpx.A
         yield client
 
 
+async def _trickled_post(base: str, path: str, body: bytes, pause: float) -> httpx.Response:
+    """POST ``body`` one byte every ``pause`` seconds, over a raw socket (the
+    server may answer before the body is all sent); the reply as httpx's."""
+    url = httpx.URL(base)
+    stream = await trio.open_tcp_stream(url.host, url.port or 80)
+    head = (
+        f"POST {path} HTTP/1.1\r\nHost: {url.host}:{url.port}\r\n"
+        f"Authorization: Bearer {TOKEN}\r\nContent-Type: application/json\r\n"
+        f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n"
+    )
+    reply = b""
+    async with stream:
+        await stream.send_all(head.encode())
+
+        async def send() -> None:
+            for byte in body:
+                await trio.sleep(pause)
+                try:
+                    await stream.send_all(bytes([byte]))
+                except trio.BrokenResourceError:
+                    return
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(send)
+            while chunk := await stream.receive_some(65536):
+                reply += chunk
+            nursery.cancel_scope.cancel()
+    status_line, _, rest = reply.partition(b"\r\n")
+    header_block, _, content = rest.partition(b"\r\n\r\n")
+    headers = [
+        (name, value)
+        for name, _, value in (h.decode().partition(": ") for h in header_block.split(b"\r\n"))
+        if name
+    ]
+    return httpx.Response(
+        int(status_line.split()[1]),
+        headers=headers,
+        content=content,
+        request=httpx.Request("POST", f"{base}{path}"),
+    )
+
+
 def _seed_rejected_version(path: Path) -> Module:
     """A store whose version 1 the validation gate kept as rejected."""
     module = Module(instructions="a candidate that played worse")
@@ -301,10 +343,12 @@ async def test_live_api_conforms_to_the_spec(start_llm: StartLLM, tmp_path: Path
     rejected_module = _seed_rejected_version(tmp_path / "fgo.db")
     data = [t.to_json() for t in make_trajectories(12)]
     async with (
-        _serving(daemon_config(tmp_path / "fgo.db", url), token=TOKEN, max_body_bytes=MAX_BODY) as (
-            opt,
-            base,
-        ),
+        _serving(
+            daemon_config(tmp_path / "fgo.db", url),
+            token=TOKEN,
+            max_body_bytes=MAX_BODY,
+            body_seconds=1.0,
+        ) as (opt, base),
         _client(base) as client,
         _client(base, token=None) as anonymous,
         _client(base, token="wrong") as wrong,
@@ -367,6 +411,11 @@ async def test_live_api_conforms_to_the_spec(start_llm: StartLLM, tmp_path: Path
         conformance.check(answer, "/v1/trajectories")
         answer = await client.post("/v1/trajectories", content=b" " * (MAX_BODY + 1))
         assert answer.status_code == 413
+        conformance.check(answer, "/v1/trajectories")
+
+        # A body trickled in a byte at a time is cut off (408).
+        answer = await _trickled_post(base, "/v1/trajectories", b'{"id": "slow"}', 0.2)
+        assert answer.status_code == 408
         conformance.check(answer, "/v1/trajectories")
         # What a web page could send: refused before anything is stored.
         evil = {"Origin": "http://attacker.example"}
