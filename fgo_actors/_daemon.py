@@ -166,6 +166,7 @@ class DaemonStatistics:
     cached_calls: int
     events_dropped: int
     saturated: bool
+    publish_pending: bool
 
 
 class EventBus:
@@ -436,6 +437,12 @@ class StreamingOptimizer:
             or self._unfed >= self.config.max_queued
         )
 
+    @property
+    def publish_pending(self) -> bool:
+        """True while the forest holds work the latest version does not: a
+        fold (a new version) is due or under way, so the latest is not final."""
+        return self._changed.is_set() or self._folding
+
     def latest_version(self) -> Version | None:
         return self._latest
 
@@ -541,6 +548,7 @@ class StreamingOptimizer:
             cached_calls=sum(gw.cached.values()),
             events_dropped=self.events.dropped,
             saturated=self.saturated,
+            publish_pending=self.publish_pending,
         )
 
     def _poke(self) -> None:

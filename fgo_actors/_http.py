@@ -73,6 +73,19 @@ def host_name(header: str) -> str:
     return header.rpartition(":")[0] if header.count(":") == 1 else header
 
 
+def _version_number(text: str) -> int | None:
+    """A version number from the path, or None for one that cannot exist (not
+    digits, or past SQLite's integers: 5,000 digits must not reach int())."""
+    if not text.isdigit() or not text.isascii() or len(text) > len(str(MAX_VERSION)):
+        return None
+    n = int(text)
+    return n if n < MAX_VERSION else None
+
+
+def _shown(text: str) -> str:
+    return text if len(text) <= 40 else text[:40] + "..."
+
+
 def make_app(
     optimizer: StreamingOptimizer,
     *,
@@ -179,20 +192,20 @@ def make_app(
         )
 
     async def get_version(request: Request) -> Response:
-        n = int(request.path_params["n"])
-        version = await optimizer.version(n) if n < MAX_VERSION else None
+        n = _version_number(request.path_params["n"])
+        version = await optimizer.version(n) if n is not None else None
         if version is None:
-            return _error(404, f"there is no version {n}")
+            return _error(404, f"there is no version {_shown(request.path_params['n'])}")
         return JSONResponse(version.to_json())
 
     async def rollback(request: Request) -> Response:
-        n = int(request.path_params["n"])
+        n = _version_number(request.path_params["n"])
         try:
-            if n >= MAX_VERSION:
-                raise KeyError(n)
+            if n is None:
+                raise KeyError(request.path_params["n"])
             version = await optimizer.rollback(n)
         except KeyError:
-            return _error(404, f"there is no version {n}")
+            return _error(404, f"there is no version {_shown(request.path_params['n'])}")
         except ValueError as e:
             return _error(409, str(e))
         return JSONResponse(version.to_json())
@@ -228,6 +241,7 @@ def make_app(
                 "status": "ok",
                 "latest_version": latest.n if latest else None,
                 "saturated": optimizer.saturated,
+                "publish_pending": optimizer.publish_pending,
             }
         )
 
@@ -238,8 +252,8 @@ def make_app(
         Route("/v1/trajectories", guarded(post_trajectories), methods=["POST"]),
         Route("/v1/module", guarded(get_module), methods=["GET"]),
         Route("/v1/module/versions", guarded(list_versions), methods=["GET"]),
-        Route("/v1/module/versions/{n:int}", guarded(get_version), methods=["GET"]),
-        Route("/v1/module/rollback/{n:int}", guarded(rollback), methods=["POST"]),
+        Route("/v1/module/versions/{n}", guarded(get_version), methods=["GET"]),
+        Route("/v1/module/rollback/{n}", guarded(rollback), methods=["POST"]),
         Route("/v1/events", guarded(events), methods=["GET"]),
         Route("/healthz", guarded(healthz, open_to_all=True), methods=["GET"]),
         Route("/metrics", guarded(metrics), methods=["GET"]),
@@ -327,6 +341,12 @@ def prometheus_text(optimizer: StreamingOptimizer) -> str:
         [("", s.events_dropped)],
     )
     metric("saturated", "gauge", "1 while ingest answers 429.", [("", int(s.saturated))])
+    metric(
+        "publish_pending",
+        "gauge",
+        "1 while a new version is due or being folded (the latest is not final).",
+        [("", int(s.publish_pending))],
+    )
     return "\n".join(lines) + "\n"
 
 

@@ -493,3 +493,27 @@ def test_parse_body_refuses_a_deep_record_alone() -> None:
     records, bad = parse_body("[" + deep + "]")
     assert records == []
     assert "nested more than 64" in bad[0].reason
+
+
+async def test_publish_pending_says_whether_the_latest_version_is_final(
+    start_llm: StartLLM, tmp_path: Path
+) -> None:
+    _server, url = await start_llm(latency=0.05)
+    config = daemon_config(tmp_path / "fgo.db", url, max_wait=0.1)
+    seen: list[bool] = []
+    async with open_optimizer(config) as opt:
+        assert not opt.publish_pending
+        async with trio.open_nursery() as nursery:
+
+            async def sample() -> None:
+                while True:
+                    seen.append(opt.statistics().publish_pending)
+                    await trio.sleep(0.005)
+
+            nursery.start_soon(sample)
+            await opt.submit_many(make_trajectories(12))
+            await opt.wait_idle()
+            nursery.cancel_scope.cancel()
+        assert opt.latest_version() is not None
+        assert not opt.publish_pending  # everything optimized is in the latest version
+    assert True in seen  # a version was due at some point before it came out

@@ -364,7 +364,12 @@ async def test_live_api_conforms_to_the_spec(start_llm: StartLLM, tmp_path: Path
         assert served == {(path, method) for path, method, _ in _documented()}
 
         health = conformance.check(await anonymous.get("/healthz"), "/healthz")
-        assert health == {"status": "ok", "latest_version": None, "saturated": False}
+        assert health == {
+            "status": "ok",
+            "latest_version": None,
+            "saturated": False,
+            "publish_pending": False,
+        }
 
         # 401 on every guarded endpoint, without a token and with a wrong one.
         guarded = [
@@ -394,16 +399,17 @@ async def test_live_api_conforms_to_the_spec(start_llm: StartLLM, tmp_path: Path
             await client.get("/v1/module/versions/1"), "/v1/module/versions/{n}"
         )
         assert one["module"] == rejected_module.to_json()
-        for n in (0, 99):
+        for n in (0, 99, "9" * 5000, 2**63):
             answer = await client.get(f"/v1/module/versions/{n}")
             assert answer.status_code == 404
             conformance.check(answer, "/v1/module/versions/{n}")
         answer = await client.post("/v1/module/rollback/1")
         assert answer.status_code == 409
         assert "rejected" in conformance.check(answer, "/v1/module/rollback/{n}")["error"]
-        answer = await client.post("/v1/module/rollback/99")
-        assert answer.status_code == 404
-        conformance.check(answer, "/v1/module/rollback/{n}")
+        for n in (99, "9" * 5000):
+            answer = await client.post(f"/v1/module/rollback/{n}")
+            assert answer.status_code == 404
+            conformance.check(answer, "/v1/module/rollback/{n}")
 
         # Bodies refused whole: not UTF-8 (400), over the size limit (413).
         answer = await client.post("/v1/trajectories", content=b'{"id": "\xff"}')
@@ -514,7 +520,12 @@ async def test_live_api_conforms_to_the_spec(start_llm: StartLLM, tmp_path: Path
             "1",
         )
         health = conformance.check(await anonymous.get("/healthz"), "/healthz")
-        assert health == {"status": "ok", "latest_version": 4, "saturated": False}
+        assert health == {
+            "status": "ok",
+            "latest_version": 4,
+            "saturated": False,
+            "publish_pending": False,
+        }
 
     # A saturated daemon: its LLM never answers, so the one subset it may hold
     # (max_pending_subsets=1) stays unoptimized, and ingest pushes back.
