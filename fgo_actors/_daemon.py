@@ -818,23 +818,23 @@ class StreamingOptimizer:
             await self._changed.wait()
             await trio.sleep_until(last + self.config.publish_interval)
             self._changed = trio.Event()
-            self._poke()
-            # Prefer a quiet forest; but under a steady stream some merge is
-            # nearly always running, so after a while fold what is finished.
-            with trio.move_on_after(max(self.config.publish_interval, 1.0)):
-                while self._forest.in_flight():
-                    await self._activity.wait()
-            trees = self._frontier()
-            ids = tuple(t for t, _ in trees)
-            if not trees or set(ids) == self._published_trees:
-                continue
-            self._folding = True
+            self._folding = True  # a publish is due from here until it is out
             try:
+                self._poke()
+                # Prefer a quiet forest; but under a steady stream some merge is
+                # nearly always running, so after a while fold what is finished.
+                with trio.move_on_after(max(self.config.publish_interval, 1.0)):
+                    while self._forest.in_flight():
+                        await self._activity.wait()
+                trees = self._frontier()
+                ids = tuple(t for t, _ in trees)
+                if not trees or set(ids) == self._published_trees:
+                    continue
                 await self._fold_and_publish(trees)
+                last = trio.current_time()
             finally:
                 self._folding = False
                 self._poke()
-            last = trio.current_time()
 
     def _frontier(self) -> list[tuple[str, int]]:
         """The finished trees, lowest rank first: the forest's trees and the
