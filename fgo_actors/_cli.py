@@ -1209,6 +1209,12 @@ def bench_command(
     type=click.Path(dir_okay=False, path_type=Path),
     help="SQLite store [default: fgo.db].",
 )
+@click.option(
+    "--init/--no-init",
+    default=None,
+    help="Start a new store in a --store file that exists but is empty (refused otherwise: "
+    "a store cut to 0 bytes would lose its history without a word).",
+)
 @click.option("--host", help="Address to bind [default: 127.0.0.1; others need a token].")
 @click.option("--port", type=int, help="Port to bind [default: 8765; 0 picks a free one].")
 @click.option(

@@ -102,6 +102,9 @@ class DaemonConfig:
     # (about log2 of the subsets so far) with LLM merges.
     publish_interval: float = 30.0
     durable: bool = False  # synchronous=FULL: survive power cuts, not just crashes
+    # Start a new store in a file that exists but is empty (refused otherwise:
+    # a store truncated to 0 bytes would open as new, its history lost).
+    init: bool = False
     validation: ValidationConfig | None = None
     # A stream never ends, so provenance would grow without bound: each rule
     # keeps its most recent subsets and trajectories, this many of each, and a
@@ -1014,7 +1017,7 @@ async def open_optimizer(
     publications. On exit, intake stops and work under way gets ``grace``
     seconds to finish; everything else resumes from the store next time.
     """
-    store = Store(config.store, durable=config.durable)
+    store = Store(config.store, durable=config.durable, allow_empty=config.init)
     try:
         astore = AsyncStore(store)
         # The agent that plays validation tasks: short replies, no response

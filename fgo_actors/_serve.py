@@ -54,6 +54,7 @@ class ServeSettings:
     grace: float = 10.0
     retry_pause: float = 30.0
     durable: bool = False
+    init: bool = False  # accept an existing empty --store file as a new store
     # Validation gate: publish a candidate only if the reference agent does not
     # do worse with it on these tasks (ENV:FOLD:SEEDS) than with the current version.
     validate: str | None = None
@@ -153,6 +154,7 @@ def daemon_config(settings: ServeSettings, gateway: GatewayConfig, context: int)
         max_queued=settings.max_queued,
         retry_pause=settings.retry_pause,
         durable=settings.durable,
+        init=settings.init,
         validation=validation,
     )
 

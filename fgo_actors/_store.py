@@ -144,8 +144,18 @@ class Store:
     """Synchronous access to the store file. Not thread-safe by itself: use one
     thread (``AsyncStore`` does)."""
 
-    def __init__(self, path: str | Path, *, durable: bool = False) -> None:
+    def __init__(
+        self, path: str | Path, *, durable: bool = False, allow_empty: bool = True
+    ) -> None:
+        """Open (or create) the store at ``path``. Without ``allow_empty``, a
+        file that exists but holds 0 bytes is refused: a store cut to nothing
+        by accident would otherwise open as a new one, its history gone."""
         self.path = Path(path)
+        if not allow_empty and self.path.is_file() and self.path.stat().st_size == 0:
+            raise StoreError(
+                f"{self.path}: the store file is empty (0 bytes), so its history is gone; "
+                "restore it from a backup, or pass --init to start a new store in it"
+            )
         try:
             self._db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
             self._db.execute("PRAGMA journal_mode=WAL")
@@ -490,8 +500,15 @@ class AsyncStore:
         self._one = trio.CapacityLimiter(1)
 
     async def call(self, fn: Callable[P, T], /, *args: P.args, **kwargs: P.kwargs) -> T:
+        """Run ``fn`` in the store's thread. A damaged file (SQLite's errors, a
+        stored JSON value cut short) raises StoreError naming the store."""
+        path = self.sync.path
+
         def bound() -> T:
-            return fn(*args, **kwargs)
+            try:
+                return fn(*args, **kwargs)
+            except (sqlite3.DatabaseError, json.JSONDecodeError) as e:
+                raise StoreError(f"{path}: the store is damaged: {e}") from e
 
         return await trio.to_thread.run_sync(bound, limiter=self._one)
 

@@ -517,3 +517,44 @@ async def test_publish_pending_says_whether_the_latest_version_is_final(
         assert opt.latest_version() is not None
         assert not opt.publish_pending  # everything optimized is in the latest version
     assert True in seen  # a version was due at some point before it came out
+
+
+def test_an_empty_store_file_is_refused_unless_asked_for(tmp_path: Path) -> None:
+    path = tmp_path / "fgo.db"
+    path.write_bytes(b"")
+    with pytest.raises(StoreError, match=r"fgo\.db: the store file is empty .* --init"):
+        Store(path, allow_empty=False)
+    assert path.read_bytes() == b""  # untouched
+    Store(path, allow_empty=True).close()  # --init: a new store in it
+    Store(path, allow_empty=False).close()  # now it holds a store
+
+
+async def test_a_damaged_store_names_itself(tmp_path: Path) -> None:
+    from fgo_actors._store import AsyncStore
+
+    path = tmp_path / "fgo.db"
+    store = Store(path)
+    try:
+        store.log_call(
+            "optimize",
+            cached=False,
+            prompt_tokens=1,
+            completion_tokens=1,
+            key="k",
+            response={"ok": 1},
+        )
+        store._db.execute("UPDATE llm_cache SET response = '{\"ok\": 1' WHERE key = 'k'")
+        with pytest.raises(StoreError, match=r"fgo\.db: the store is damaged"):
+            await AsyncStore(store).call(store.cached_response, "k")
+    finally:
+        store.close()
+
+
+async def test_the_daemon_refuses_an_empty_store(start_llm: StartLLM, tmp_path: Path) -> None:
+    _server, url = await start_llm()
+    (tmp_path / "fgo.db").write_bytes(b"")
+    with pytest.raises(StoreError, match="--init"):
+        async with open_optimizer(daemon_config(tmp_path / "fgo.db", url)):
+            pass
+    async with open_optimizer(daemon_config(tmp_path / "fgo.db", url, init=True)) as opt:
+        assert opt.statistics().trajectories == 0
