@@ -30,7 +30,13 @@ from rich.progress import (
 from . import _local as local
 from ._errors import InputError, LLMUnavailableError, leaf_exceptions
 from ._gateway import GatewayConfig, LLMGateway
-from ._io import atomic_write_json, atomic_write_jsonl, load_module, load_trajectories
+from ._io import (
+    atomic_write_json,
+    atomic_write_jsonl,
+    load_module,
+    load_trajectories,
+    output_target,
+)
 from ._logging import configure_logging
 from ._model import Module, Trajectory
 from ._pipeline import RunFailedError, RunResult, run
@@ -470,11 +476,18 @@ def optimize(
         if store is not None:
             store.close()
 
+    def write_outputs(module: Module | None, report: Any) -> None:
+        try:
+            if module is not None:
+                atomic_write_json(out, module.to_json())
+            atomic_write_json(report_path, report.to_json())
+        except (OSError, ValueError) as e:
+            # The paid work is not lost: every answered call is in the cache.
+            fail(EXIT_BAD_INPUT, "cannot write the result", f"{e}; {resume_hint}")
+
     if isinstance(outcome, RunFailedError):
         partial = outcome.result.module
-        if partial is not None:
-            atomic_write_json(out, partial.to_json())
-        atomic_write_json(report_path, outcome.result.report.to_json())
+        write_outputs(partial, outcome.result.report)
         written = f"partial module: {out}" if partial is not None else "no module written"
         err.print(f"report: {report_path} ({written})", highlight=False)
         fail(EXIT_LLM, "LLM failure", f"{outcome}; {resume_hint}")
@@ -483,8 +496,7 @@ def optimize(
 
     result = outcome
     assert result.module is not None
-    atomic_write_json(out, result.module.to_json())
-    atomic_write_json(report_path, result.report.to_json())
+    write_outputs(result.module, result.report)
     _print_summary(result, out, report_path)
     if result.report.status == "budget_exhausted":
         err.print("[yellow]token budget exhausted: the partial result was written[/]")
@@ -1536,6 +1548,10 @@ def _unwritable(target: Path) -> str | None:
     """Why ``target`` cannot be written atomically, or None."""
     if target.is_dir():
         return "it is a folder"
+    try:
+        target = output_target(target)
+    except ValueError as e:
+        return str(e)
     parent = target.parent
     try:
         parent.mkdir(parents=True, exist_ok=True)

@@ -188,8 +188,20 @@ def atomic_write_bytes(path: str | os.PathLike[str], data: bytes) -> None:
     _atomic_write(path, lambda f: f.buffer.write(data))
 
 
+def output_target(path: str | os.PathLike[str]) -> Path:
+    """Where writing ``path`` goes: a symlink's target (the link is followed,
+    not replaced). ValueError if that is there and not a regular file: a
+    device such as /dev/full, a pipe or a socket is never replaced by a file."""
+    target = Path(os.path.realpath(path))
+    if target.exists() and not target.is_file():
+        kind = "a folder" if target.is_dir() else "not a regular file (a device, pipe or socket)"
+        shown = f"{path} (-> {target})" if target != Path(path).absolute() else str(path)
+        raise ValueError(f"{shown} is {kind}; give the path of a file")
+    return target
+
+
 def _atomic_write(path: str | os.PathLike[str], write: Callable[[TextIO], object]) -> None:
-    target = Path(path)
+    target = output_target(path)
     target.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
     try:

@@ -6,6 +6,7 @@ import json
 import os
 import pty
 import socket
+import stat
 import subprocess
 import sys
 import threading
@@ -482,3 +483,26 @@ def test_unwritable_outputs_are_found_before_the_run(server_url: str, tmp_path: 
     assert proc.returncode == 2, explain(proc)
     assert "same file" in flat(proc.stderr)
     assert not same.exists()
+
+
+def test_out_through_a_symlink_writes_the_file_it_points_to(
+    server_url: str, tmp_path: Path
+) -> None:
+    real = tmp_path / "real" / "module.json"
+    real.parent.mkdir()
+    real.write_text("{}\n")
+    link = tmp_path / "module.json"
+    link.symlink_to(real)
+    proc = fgo(EXAMPLES, "--out", link, "--base-url", server_url, "--no-cache")
+    assert proc.returncode == 0, explain(proc)
+    assert link.is_symlink()
+    assert schema_errors(MODULE_V, read_json(real)) == []
+
+
+def test_out_that_is_not_a_regular_file_is_refused(tmp_path: Path) -> None:
+    fifo = tmp_path / "module.json"
+    os.mkfifo(fifo)
+    proc = fgo(EXAMPLES, "--out", fifo, "--base-url", "http://127.0.0.1:9/v1")
+    assert proc.returncode == 2, explain(proc)
+    assert "not a regular file" in flat(proc.stderr)
+    assert stat.S_ISFIFO(fifo.stat().st_mode)  # left as it was
