@@ -6,6 +6,61 @@ import types
 
 import fgo_actors
 
+# The public API, pinned: dropping or adding a name must be a decision, made
+# here as well as in the package.
+EXPORTS = [
+    "AsyncioOptimizer",
+    "BudgetExhaustedError",
+    "DaemonConfig",
+    "DaemonStatistics",
+    "FGOError",
+    "Failure",
+    "ForestStatistics",
+    "FunctionSpec",
+    "GatewayConfig",
+    "GatewayStatistics",
+    "IngestResult",
+    "InputError",
+    "LLMGateway",
+    "LLMUnavailableError",
+    "MergeForest",
+    "MergeJob",
+    "MergeNode",
+    "Module",
+    "Outcome",
+    "RenderedTrajectory",
+    "ReplyRejectedError",
+    "Rule",
+    "RunConfig",
+    "RunFailedError",
+    "RunReport",
+    "RunResult",
+    "RunState",
+    "RunStatistics",
+    "SandboxLimits",
+    "SandboxResult",
+    "Step",
+    "StoreError",
+    "StreamingOptimizer",
+    "Subset",
+    "TokenCounter",
+    "Trajectory",
+    "UnitFailedError",
+    "Version",
+    "atomic_write_json",
+    "default_counter",
+    "load_module",
+    "load_trajectories",
+    "open_optimizer",
+    "open_optimizer_asyncio",
+    "run",
+    "run_function",
+]
+
+
+def test_the_public_api_is_the_pinned_list() -> None:
+    assert sorted(fgo_actors.__all__) == EXPORTS
+
 
 def test_all_matches_public_names() -> None:
     public = {
