@@ -96,6 +96,7 @@ class RecordedRequest:
     started: float
     finished: float | None = None
     fault: Fault | None = None
+    headers: dict[str, str] = attrs.field(factory=dict)  # names in lower case
 
     @property
     def schema_name(self) -> str | None:
@@ -354,7 +355,11 @@ class FakeLLMServer:
         except ValueError:
             await self._send(conn, stream, 400, b'{"error": "body is not JSON"}')
             return True
-        record = RecordedRequest(body=body, started=trio.current_time())
+        record = RecordedRequest(
+            body=body,
+            started=trio.current_time(),
+            headers={k.decode().lower(): v.decode("latin-1") for k, v in request.headers},
+        )
         self.requests.append(record)
         self.in_flight += 1
         self.max_in_flight = max(self.max_in_flight, self.in_flight)

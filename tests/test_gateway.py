@@ -358,3 +358,51 @@ async def test_a_reply_cut_off_at_the_cap_is_refused_and_not_kept(
         assert len(server.requests) == 2
     finally:
         store.sync.close()
+
+
+async def test_retry_after_as_an_http_date_is_honoured(
+    start_llm: StartLLM, autojump_clock: trio.testing.MockClock
+) -> None:
+    import email.utils
+    import time
+
+    when = email.utils.formatdate(time.time() + 20, usegmt=True)
+    server, url = await start_llm(faults=[Fault(status=500, retry_after=when)], policy=_reply("ok"))
+    async with LLMGateway(_config(url, retry_wait_max=1.0)) as gw:
+        assert await gw.chat("optimize", MESSAGES) == "ok"
+    first, second = server.requests
+    assert first.finished is not None
+    # About 20 s (the date has one-second resolution), not the 1 s backoff cap.
+    assert 17.0 <= second.started - first.finished <= 21.0
+
+
+async def test_the_api_key_goes_in_the_authorization_header(start_llm: StartLLM) -> None:
+    server, url = await start_llm(policy=_reply("ok"))
+    async with LLMGateway(_config(url, api_key="sk-test-123")) as gw:
+        await gw.chat("optimize", MESSAGES)
+    async with LLMGateway(_config(url)) as gw:
+        await gw.chat("optimize", MESSAGES)
+    with_key, without = server.requests
+    assert with_key.headers["authorization"] == "Bearer sk-test-123"
+    assert "authorization" not in without.headers
+
+
+async def test_structured_output_none_sends_no_response_format(start_llm: StartLLM) -> None:
+    server, url = await start_llm(policy=_reply(GOOD_OPTIMIZE))
+    async with LLMGateway(_config(url, structured_output="none")) as gw:
+        reply = await gw.structured("optimize", MESSAGES, "fgo_optimize", _identity)
+    assert reply == json.loads(GOOD_OPTIMIZE)  # still validated and parsed
+    assert "response_format" not in server.requests[0].body
+
+
+async def test_no_strict_sends_the_plain_schema_with_strict_false(start_llm: StartLLM) -> None:
+    server, url = await start_llm(policy=_reply(GOOD_OPTIMIZE))
+    async with LLMGateway(_config(url, structured_output="json_schema", strict=False)) as gw:
+        await gw.structured("optimize", MESSAGES, "fgo_optimize", _identity)
+    from fgo_actors._gateway import _strict_wire_schema, _wire_schema
+
+    sent = server.requests[0].body["response_format"]["json_schema"]
+    assert sent["strict"] is False
+    # The protocol's own schema, not the strict variant.
+    assert sent["schema"] == _wire_schema("fgo_optimize")
+    assert sent["schema"] != _strict_wire_schema("fgo_optimize")[0]

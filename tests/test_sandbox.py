@@ -499,3 +499,23 @@ async def test_the_code_cannot_forge_the_result() -> None:
     # A function that writes on the channel it was handed (its own outcome
     # pipe) only spoils its own result; it never reaches the runner's.
     assert result.error == "RuntimeError: the code wrote to the sandbox's own result pipe"
+
+
+async def test_the_open_files_limit_holds() -> None:
+    code = _code(
+        """
+        def hoard(n):
+            kept = []
+            try:
+                for _ in range(n):
+                    kept.append(open("f%d" % len(kept), "w"))
+            except OSError as e:
+                return [len(kept), e.errno]
+            return [len(kept), 0]
+        """
+    )
+    result = await run_function(code, "hoard", {"n": 200}, SandboxLimits(max_files=16))
+    assert result.ok, result.error
+    opened, errno_ = result.value
+    assert opened < 16  # stdin, stdout, stderr and the runner's pipe count too
+    assert errno_ == 24  # EMFILE
