@@ -465,7 +465,7 @@ def optimize(
                 fail(EXIT_BAD_INPUT, "response cache", f"{cache_path}: {e}")
         with _endpoint(base_url, model, err) as (url, served_model, local_ctx):
             run_config, gw_config = configs(url, served_model, local_ctx)
-            outcome = trio.run(go, run_config, gw_config)
+            outcome = _trio_run(go, run_config, gw_config)
     except ValueError as e:
         fail(EXIT_BAD_INPUT, "error", e)
     except local.LocalLLMError as e:
@@ -715,7 +715,7 @@ def collect(
 
     if policy == "oracle":
         try:
-            problem = trio.run(play_oracle)
+            problem = _trio_run(play_oracle)
         except KeyboardInterrupt:
             fail(EXIT_INTERRUPTED, "interrupted", on_stop)
         if problem is not None:
@@ -1340,7 +1340,7 @@ def serve_command(config_path: Path | None, log_json: bool, **flags: Any) -> Non
             )
             config = _serve.daemon_config(settings, gateway, ctx)
             try:
-                trio.run(_serve.run_daemon, settings, config)
+                _trio_run(_serve.run_daemon, settings, config)
             except BaseExceptionGroup as group:
                 # Settings that cannot work, found as the nursery starts.
                 leaves = leaf_exceptions(group)
@@ -1486,7 +1486,7 @@ def _run_agent_command(
             gw_config = _agent_gateway(
                 url, served_model, local_ctx, api_key_env, max_concurrency, workers
             )
-            outcome = trio.run(go, gw_config, local_ctx)
+            outcome = _trio_run(go, gw_config, local_ctx)
     except ValueError as e:
         _fail(err, EXIT_BAD_INPUT, "error", e)
     except local.LocalLLMError as e:
@@ -1521,6 +1521,18 @@ def _endpoint(
         return
     with local.serving(log=lambda m: err.print(m, highlight=False)) as server:
         yield server.url, server.alias, server.context_tokens
+
+
+def _trio_run(fn: Callable[..., Awaitable[T]], *args: Any) -> T:
+    """``trio.run``, with Ctrl-C raised as KeyboardInterrupt: it lands in
+    whichever task was running, so inside a nursery it comes wrapped in an
+    exception group, which the commands would otherwise show as a traceback."""
+    try:
+        return trio.run(fn, *args)
+    except BaseExceptionGroup as group:
+        if any(isinstance(e, KeyboardInterrupt) for e in leaf_exceptions(group)):
+            raise KeyboardInterrupt from group
+        raise
 
 
 def _check_outputs(err: Console, *targets: Path | None) -> None:

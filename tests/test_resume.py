@@ -171,3 +171,35 @@ async def test_a_cache_that_is_not_a_store_is_refused(start_llm: StartLLM, tmp_p
     assert proc.returncode == 2
     assert "responses.sqlite" in proc.stderr.decode()
     assert (cache / "responses.sqlite").read_text().startswith("not a database")
+
+
+async def test_ctrl_c_exits_130_and_says_how_to_carry_on(
+    start_llm: StartLLM, tmp_path: Path
+) -> None:
+    server, url = await start_llm(latency=30.0)
+    out = tmp_path / "module.json"
+    cmd = [*CLI, "optimize", str(EXAMPLES), "--out", str(out), "--base-url", url, *ARGS]
+    proc = await trio.lowlevel.open_process(
+        cmd, cwd=ROOT, env=base_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
+    )
+    assert proc.stderr is not None
+    try:
+        with trio.fail_after(30):
+            while not server.requests:  # noqa: ASYNC110
+                await trio.sleep(0.02)
+        proc.send_signal(signal.SIGINT)
+        with trio.fail_after(30):
+            await proc.wait()
+        stderr = b""
+        while chunk := await proc.stderr.receive_some(65536):
+            stderr += chunk
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
+    assert proc.returncode == 130, stderr.decode()[-3000:]
+    text = stderr.decode()
+    assert "interrupted" in text
+    assert "run the same command again to carry on" in text
+    assert "Traceback" not in text
+    assert not out.exists()
