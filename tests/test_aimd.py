@@ -64,10 +64,26 @@ def test_the_window_grows_back_after_a_run_of_successes() -> None:
     assert window.size == 4
 
 
+def test_each_step_up_takes_as_many_successes_as_the_window_is_wide() -> None:
+    window = Window(8)
+    window.refused(window.sent())  # 8 -> 6
+    window.refused(window.sent())  # 6 -> 4
+    assert (window.size, window.cuts) == (4, 2)
+    for expected in [4, 4, 4, 5, 5, 5, 5, 5, 6]:
+        window.succeeded()
+        assert window.size == expected
+
+
+def test_a_window_of_two_is_cut_to_one() -> None:
+    window = Window(2)
+    assert window.refused(window.sent())
+    assert window.size == 1
+
+
 def test_at_one_a_refusal_is_the_endpoints() -> None:
     window = Window(1)
     assert not window.refused(window.sent())
-    with pytest.raises(ValueError, match="at least 1"):
+    with pytest.raises(ValueError, match=r"^the window's ceiling must be at least 1$"):
         Window(0)
 
 

@@ -1,0 +1,99 @@
+#!/usr/bin/env bash
+# Mutation testing with mutmut: how many single-line changes to the code do
+# the tests catch? Prints the score per module and in all.
+#
+#   scripts/mutation.sh                      # the pure core, the gateway, the bridge
+#   scripts/mutation.sh fgo_actors/_stats.py tests/test_stats.py   # one module, its tests
+#   JOBS=2 SHOW_SURVIVORS=1 KEEP=1 scripts/mutation.sh ...   # parallel; list survivors; keep the folder
+#
+# Arguments: the modules to mutate (fgo_actors/*.py), then the test files
+# that judge them (tests/*.py); with none, the default set below. Each run
+# works in a fresh copy of the tree under a temporary folder (mutmut writes
+# its mutants next to the code), so the checkout is never touched. Slow:
+# every mutant runs the tests that cover it; the default set takes hours on
+# 2 cores, one small module a few minutes. Not part of .ci/run.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+ROOT=$(pwd)
+PYTHON="$ROOT/.venv/bin/python"
+if [ ! -x "$PYTHON" ]; then
+    echo "no .venv: run scripts/test.sh once first" >&2
+    exit 2
+fi
+"$PYTHON" -m pip install --quiet "mutmut==3.8.1"
+
+modules=()
+tests=()
+for arg in "$@"; do
+    case "$arg" in
+    fgo_actors/*) modules+=("$arg") ;;
+    tests/*) tests+=("$arg") ;;
+    *) echo "not a module (fgo_actors/...) or a test file (tests/...): $arg" >&2; exit 2 ;;
+    esac
+done
+if [ ${#modules[@]} -eq 0 ]; then
+    modules=(fgo_actors/_aimd.py fgo_actors/_stats.py fgo_actors/_forest.py
+        fgo_actors/_partition.py fgo_actors/_edits.py fgo_actors/_prompts.py
+        fgo_actors/_strict.py fgo_actors/_playbook.py fgo_actors/_gateway.py
+        fgo_actors/_bridge.py)
+fi
+if [ ${#tests[@]} -eq 0 ]; then
+    tests=(tests/test_aimd.py tests/test_stats.py tests/test_forest.py tests/test_partition.py
+        tests/test_edits.py tests/test_merge.py tests/test_strict.py tests/test_playbook.py
+        tests/test_gateway.py tests/test_bridge.py tests/test_mutants.py tests/test_pipeline.py)
+fi
+
+work=$(mktemp -d -t fgo-mutation-XXXXXX)
+if [ -n "${KEEP:-}" ]; then
+    echo "the work folder stays: $work (mutmut show NAME there)" >&2
+else
+    trap 'rm -rf "$work"' EXIT
+fi
+cp -r fgo_actors tests protocols examples pyproject.toml "$work"/
+cd "$work"
+{
+    echo
+    echo "[tool.mutmut]"
+    echo 'source_paths = ["fgo_actors/"]'
+    printf 'only_mutate = ['; printf '"%s", ' "${modules[@]}"; echo ']'
+    printf 'pytest_add_cli_args_test_selection = ['; printf '"%s", ' "${tests[@]}"; echo ']'
+    echo 'pytest_add_cli_args = ["-q", "-p", "no:cacheprovider"]'
+} >>pyproject.toml
+
+echo "mutating ${modules[*]}" >&2
+echo "judged by ${tests[*]}" >&2
+# mutmut exits non-zero when mutants survive; the score below says how many.
+"$ROOT/.venv/bin/mutmut" run --max-children "${JOBS:-2}" >&2 || true
+"$ROOT/.venv/bin/mutmut" results --all true >results.txt 2>/dev/null || true
+if [ -n "${SHOW_SURVIVORS:-}" ]; then
+    grep ': survived' results.txt | sed 's/^ */survived: /' >&2 || true
+fi
+"$PYTHON" - "${modules[@]}" <<'EOF'
+import collections
+import sys
+
+# Lines look like "    fgo_actors._stats.x_mean_interval__mutmut_3: survived".
+counts = collections.defaultdict(collections.Counter)
+for line in open("results.txt", encoding="utf-8"):
+    name, _, status = line.strip().rpartition(": ")
+    if not name:
+        continue
+    # "fgo_actors._aimd.x_refused__mutmut_3" or "fgo_actors._aimd.xǁWindowǁsent__mutmut_1"
+    module = name.split("__mutmut")[0].rsplit(".", 1)[0]
+    counts[module][status] += 1
+total = collections.Counter()
+print(f"{'module':<28} {'killed':>7} {'survived':>9} {'other':>6} {'score':>7}")
+for module in sorted(counts):
+    c = counts[module]
+    killed = c["killed"] + c["timeout"] + c["segfault"]
+    survived = c["survived"]
+    other = sum(c.values()) - killed - survived
+    total.update(killed=killed, survived=survived, other=other)
+    judged = killed + survived
+    score = f"{killed / judged:.1%}" if judged else "-"
+    print(f"{module:<28} {killed:>7} {survived:>9} {other:>6} {score:>7}")
+judged = total["killed"] + total["survived"]
+score = f"{total['killed'] / judged:.1%}" if judged else "-"
+print(f"{'all':<28} {total['killed']:>7} {total['survived']:>9} {total['other']:>6} {score:>7}")
+print("(killed counts timeouts; other: not checked, e.g. no test covers the line)")
+EOF
