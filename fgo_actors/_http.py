@@ -9,6 +9,7 @@ import json
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from typing import Any
 
+import structlog
 import trio
 from hypercorn.config import Config as HypercornConfig
 from hypercorn.trio import serve as hypercorn_serve
@@ -18,6 +19,7 @@ from starlette.responses import JSONResponse, PlainTextResponse, Response, Strea
 from starlette.routing import Route
 
 from ._daemon import StreamingOptimizer
+from ._store import StoreFullError
 
 # Version numbers are SQLite integers: larger ones cannot exist.
 MAX_VERSION = 2**63
@@ -172,7 +174,15 @@ def make_app(
             text = await trio.to_thread.run_sync(raw.decode, "utf-8")
         except UnicodeDecodeError as e:
             return _error(400, f"request body is not UTF-8: {e}")
-        result = await optimizer.submit_text(text, max_record_bytes=max_record_bytes)
+        try:
+            result = await optimizer.submit_text(text, max_record_bytes=max_record_bytes)
+        except StoreFullError as e:
+            structlog.get_logger().error("store_full", error=str(e))
+            return _error(
+                507,
+                f"{e}; nothing of this body was stored; free space, then send it again",
+                {"Retry-After": str(retry_after * 15)},
+            )
         return JSONResponse(result.to_json(), status_code=202)
 
     async def get_module(request: Request) -> Response:

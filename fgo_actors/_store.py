@@ -103,6 +103,11 @@ class StoreError(Exception):
     """The store file cannot be used (not SQLite, a newer schema, unwritable)."""
 
 
+class StoreFullError(StoreError):
+    """The disk under the store is full: nothing more can be written (what is
+    stored is intact; SQLite rolled the transaction back)."""
+
+
 @attrs.frozen
 class Version:
     """A module version: ``n`` counts from 1; ``lineage`` says where it came from."""
@@ -507,6 +512,10 @@ class AsyncStore:
         def bound() -> T:
             try:
                 return fn(*args, **kwargs)
+            except sqlite3.OperationalError as e:
+                if "full" in str(e):  # SQLITE_FULL: "database or disk is full"
+                    raise StoreFullError(f"{path}: no space left for the store ({e})") from e
+                raise StoreError(f"{path}: the store cannot be used: {e}") from e
             except (sqlite3.DatabaseError, json.JSONDecodeError) as e:
                 raise StoreError(f"{path}: the store is damaged: {e}") from e
 

@@ -555,6 +555,29 @@ async def test_live_api_conforms_to_the_spec(start_llm: StartLLM, tmp_path: Path
         assert int(answer.headers["Retry-After"]) > 0
         assert opt.statistics().trajectories == 1  # the refused body was not read
 
+    # A full disk under the store: SQLite's own limit on the file's size makes
+    # every write fail as a full disk does. Intake says so; reads go on.
+    config = daemon_config(tmp_path / "full" / "fgo.db", url)
+    config.store.parent.mkdir()
+    async with (
+        _serving(config, token=TOKEN, max_body_bytes=MAX_BODY) as (opt, base),
+        _client(base) as client,
+    ):
+        db = opt.store.sync._db
+        pages = db.execute("PRAGMA page_count").fetchone()[0]
+        db.execute(f"PRAGMA max_page_count = {pages}")
+        answer = await client.post("/v1/trajectories", json=data[:6])
+        assert answer.status_code == 507
+        assert (
+            "no space left for the store" in conformance.check(answer, "/v1/trajectories")["error"]
+        )
+        assert int(answer.headers["Retry-After"]) > 0
+        assert conformance.check(await client.get("/healthz"), "/healthz")["status"] == "ok"
+        assert opt.statistics().trajectories == 0
+        db.execute("PRAGMA max_page_count = 1073741823")
+        answer = await client.post("/v1/trajectories", json=data[:6])
+        assert conformance.check(answer, "/v1/trajectories")["accepted"] == 6
+
     assert _documented() - conformance.seen == set(), "documented but never exercised"
 
 
