@@ -49,7 +49,7 @@ if [ -n "${KEEP:-}" ]; then
 else
     trap 'rm -rf "$work"' EXIT
 fi
-cp -r fgo_actors tests protocols examples pyproject.toml "$work"/
+cp -r fgo_actors tests protocols examples scripts pyproject.toml "$work"/
 cd "$work"
 {
     echo
@@ -58,6 +58,7 @@ cd "$work"
     printf 'only_mutate = ['; printf '"%s", ' "${modules[@]}"; echo ']'
     printf 'pytest_add_cli_args_test_selection = ['; printf '"%s", ' "${tests[@]}"; echo ']'
     echo 'pytest_add_cli_args = ["-q", "-p", "no:cacheprovider"]'
+    echo 'also_copy = ["examples/", "protocols/", "scripts/"]'
 } >>pyproject.toml
 
 echo "mutating ${modules[*]}" >&2

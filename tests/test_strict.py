@@ -133,3 +133,89 @@ async def test_a_run_against_a_strict_mode_server_succeeds_with_the_defaults(
     assert result.module.rules
     assert all(r.fault is None for r in server.requests)
     assert any(r.schema_name == "fgo_merge" for r in server.requests)
+
+
+def test_strict_variant_of_a_schema_with_every_case_is_exactly_this() -> None:
+    """One schema with each case the conversion handles, and its exact result."""
+    schema = {
+        "type": "object",
+        "properties": {
+            "op": {"const": "add"},
+            "n": {"type": "integer", "minimum": 0, "maxLength": 3},
+            "params": {"type": "object", "description": "Arguments."},
+            "bare": {"type": "object"},
+            "note": {"type": "string"},
+            "inner": {
+                "type": "object",
+                "properties": {"a": {"type": "string", "minLength": 1}},
+                "required": ["a"],
+            },
+            # Property names that are also keywords are names, not keywords.
+            "maxLength": {"type": "integer"},
+            "properties": {"type": "string"},
+        },
+        "required": ["op", "n", "params", "bare", "inner", "maxLength", "properties"],
+    }
+    wire, text_fields = strict_variant(schema)
+    assert text_fields == {"params", "bare"}
+    assert wire == {
+        "type": "object",
+        "properties": {
+            "op": {"enum": ["add"], "type": "string"},
+            "n": {"type": "integer", "minimum": 0},
+            "params": {
+                "type": "string",
+                "description": "Arguments. The JSON object, written as a string.",
+            },
+            "bare": {"type": "string", "description": "The JSON object, written as a string."},
+            "note": {"anyOf": [{"type": "string"}, {"type": "null"}]},
+            "inner": {
+                "type": "object",
+                "properties": {"a": {"type": "string"}},
+                "required": ["a"],
+                "additionalProperties": False,
+            },
+            "maxLength": {"type": "integer"},
+            "properties": {"type": "string"},
+        },
+        "required": ["op", "n", "params", "bare", "note", "inner", "maxLength", "properties"],
+        "additionalProperties": False,
+    }
+    assert strict_problems(wire) == []
+    assert schema["properties"]["n"]["maxLength"] == 3  # the input is left as it was
+
+
+@pytest.mark.parametrize("kind", ["null", ["string", "null"]])
+def test_an_optional_property_that_is_already_nullable_is_refused(kind: object) -> None:
+    schema = {"type": "object", "properties": {"x": {"type": kind}}}
+    with pytest.raises(ValueError, match=r"^property 'x' is already nullable$"):
+        strict_variant(schema)
+    # Required, it needs no null branch, and passes.
+    strict_variant({**schema, "required": ["x"]})
+
+
+def test_a_const_that_is_not_a_string_keeps_its_type() -> None:
+    wire, _ = strict_variant(
+        {"type": "object", "properties": {"k": {"const": 3}}, "required": ["k"]}
+    )
+    assert wire["properties"]["k"] == {"enum": [3]}
+
+
+def test_strict_problems_names_each_broken_rule_by_its_path() -> None:
+    schema = {
+        "type": "object",
+        "properties": {
+            "a": {"type": "string", "const": "x"},
+            "b": {"type": "object"},
+            "c": {"type": "array", "items": {"type": "object", "properties": {}, "minItems": 1}},
+        },
+        "required": ["a"],
+    }
+    assert strict_problems(schema) == [
+        "#: additionalProperties must be false",
+        "#: properties not in required: b, c",
+        "#/properties/a: unsupported keyword 'const'",
+        "#/properties/b: additionalProperties must be false",
+        "#/properties/b: an object must list its properties",
+        "#/properties/c/items: additionalProperties must be false",
+    ]
