@@ -1161,6 +1161,12 @@ def _held_out_episodes(ws: _Workspace, arm: str, config: BenchConfig) -> list[Tr
     return sorted((ws.held_out[arm][t.id] for t in config.test), key=lambda t: t.id)
 
 
+def _p(p: float) -> str:
+    """A p-value to three places, or to two significant digits below 0.001
+    (0.000 would read as impossible)."""
+    return f"{p:.3f}" if p >= 0.001 else f"{p:.2g}"
+
+
 def _pct(x: float) -> str:
     return f"{100 * x:.0f}%"
 
@@ -1184,7 +1190,7 @@ def markdown_table(result: BenchResult) -> str:
             )
             score = f"{e.score_mean:.3f}"
         v = arm.versus_base
-        versus = "-" if v is None else f"{v.only_a} / {v.only_b}, p = {v.p_value:.3f}"
+        versus = "-" if v is None else f"{v.only_a} / {v.only_b}, p = {_p(v.p_value)}"
         spent = arm.optimization_spent
         if spent is None:
             tokens = calls = wall = "-"

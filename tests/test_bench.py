@@ -670,3 +670,11 @@ async def test_the_oracle_plays_the_training_episodes_without_the_llm(
         again = await bench(config, gw, out_dir=tmp_path)
     assert (tmp_path / "train.jsonl").read_text() == journal
     assert [t.to_json() for t in again.train] == [t.to_json() for t in result.train]
+
+
+def test_small_p_values_keep_their_digits() -> None:
+    from fgo_actors._bench import _p
+
+    assert _p(0.03125) == "0.031"
+    assert _p(1.0) == "1.000"
+    assert _p(0.000244140625) == "0.00024"  # not "0.000"
