@@ -137,7 +137,7 @@ async def test_a_run_against_a_strict_mode_server_succeeds_with_the_defaults(
 
 def test_strict_variant_of_a_schema_with_every_case_is_exactly_this() -> None:
     """One schema with each case the conversion handles, and its exact result."""
-    schema = {
+    schema: dict[str, Any] = {
         "type": "object",
         "properties": {
             "op": {"const": "add"},
