@@ -268,7 +268,10 @@ async def test_real_local_model_optimizes_and_merges() -> None:
             max_concurrency=1,
             max_completion_tokens=512,
             call_timeout=300,
-            max_reasks=1,
+            # The 1.5B model's reply is refused now and then (a rule repeating
+            # one it was given, a function without the contract): three re-asks
+            # make a unit that fails, and so a test without a merge, rare.
+            max_reasks=3,
         )
         async with LLMGateway(cfg) as gateway:
             assert await gateway.structured_mode() == "json_object"
