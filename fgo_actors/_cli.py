@@ -1222,6 +1222,12 @@ def bench_command(
     help="SQLite store [default: fgo.db].",
 )
 @click.option(
+    "--durable/--no-durable",
+    default=None,
+    help="Sync every commit to disk (SQLite synchronous=FULL): survive power cuts, "
+    "not only crashes, at some cost in speed.",
+)
+@click.option(
     "--init/--no-init",
     default=None,
     help="Start a new store in a --store file that exists but is empty (refused otherwise: "

@@ -576,3 +576,15 @@ async def test_the_daemon_refuses_an_empty_store(start_llm: StartLLM, tmp_path: 
             pass
     async with open_optimizer(daemon_config(tmp_path / "fgo.db", url, init=True)) as opt:
         assert opt.statistics().trajectories == 0
+
+
+@pytest.mark.parametrize(("durable", "level"), [(False, 1), (True, 2)])
+def test_durable_stores_sync_every_commit(tmp_path: Path, durable: bool, level: int) -> None:
+    """--durable is synchronous=FULL (2): a commit survives a power cut, not
+    only a crash; the default is NORMAL (1) with WAL."""
+    store = Store(tmp_path / "fgo.db", durable=durable)
+    try:
+        assert store._db.execute("PRAGMA synchronous").fetchone()[0] == level
+        assert store._db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+    finally:
+        store.close()

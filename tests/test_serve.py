@@ -266,6 +266,33 @@ def test_settings_file_errors_name_the_file_and_key(tmp_path: Path) -> None:
     assert "setting 'port' must be int" in result.stderr
 
 
+async def test_token_env_names_the_variable_that_holds_the_token(
+    start_llm: StartLLM, tmp_path: Path
+) -> None:
+    _server, llm = await start_llm()
+    args = [
+        *_base_args(tmp_path / "fgo.db", llm, _free_port()),
+        *("--token-env", "MY_DAEMON_TOKEN", "--durable"),
+    ]
+    env = {"MY_DAEMON_TOKEN": "t0ken", "FGO_TOKEN": "not-this-one"}
+    async with httpx.AsyncClient(timeout=30) as client, _serve(*args, env=env) as (_p, url):
+        wrong = {"Authorization": "Bearer not-this-one"}
+        assert (await client.get(f"{url}/v1/module", headers=wrong)).status_code == 401
+        right = {"Authorization": "Bearer t0ken"}
+        assert (await client.get(f"{url}/v1/module", headers=right)).status_code == 404
+
+
+def test_durable_and_init_flags_reach_the_daemon(tmp_path: Path) -> None:
+    from fgo_actors import GatewayConfig
+    from fgo_actors._serve import ServeSettings, daemon_config
+
+    gateway = GatewayConfig(base_url="http://127.0.0.1:9/v1", model="m")
+    for given, expected in (({}, (False, False)), ({"durable": True, "init": True}, (True, True))):
+        settings = ServeSettings.load(None, {"store": tmp_path / "fgo.db", **given})
+        config = daemon_config(settings, gateway, 4096)
+        assert (config.durable, config.init) == expected
+
+
 async def test_token_guards_everything_but_healthz(start_llm: StartLLM, tmp_path: Path) -> None:
     _server, llm = await start_llm()
     args = _base_args(tmp_path / "fgo.db", llm, _free_port())
