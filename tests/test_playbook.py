@@ -21,6 +21,8 @@ from fgo_actors._model import Outcome, Step, Trajectory, Turn, turns_of
 from fgo_actors._playbook import (
     MAX_OBJECTS,
     PLAYBOOK,
+    _longest_run,
+    _rewarded,
     candidate_plays,
     merge_plays,
     mine,
@@ -227,3 +229,57 @@ def test_a_merge_unites_the_childrens_playbooks_and_cannot_drop_them() -> None:
         ("pick up {x}", "open freezer", "store {x} in freezer"): {"red vial": 2, "blue vial": 1}
     }
     assert result.dropped_functions == ()
+
+
+def _longest_run_spec(a: list[str], b: list[str]) -> tuple[int, int]:
+    """The same answer, found another way: the longest slice of ``a`` that
+    occurs in ``b`` other than in the same place inside the shared command
+    prefix; the first such slice of ``a`` on ties; (0, 0) when none."""
+    prefix = 0
+    while prefix < min(len(a), len(b)) and a[prefix] == b[prefix]:
+        prefix += 1
+    for length in range(min(len(a), len(b)), 0, -1):
+        for i in range(len(a) - length + 1):
+            for j in range(len(b) - length + 1):
+                if a[i : i + length] == b[j : j + length] and not (i == j and i < prefix):
+                    return (i, length)
+    return (0, 0)
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    a=st.lists(st.sampled_from(["take", "put", "red", "x", "in", "box"]), max_size=7),
+    b=st.lists(st.sampled_from(["take", "put", "red", "x", "in", "box"]), max_size=7),
+)
+def test_longest_run_is_the_longest_shared_run_outside_the_command(
+    a: list[str], b: list[str]
+) -> None:
+    assert _longest_run(a, b) == _longest_run_spec(a, b)
+
+
+def test_longest_run_examples() -> None:
+    put = ["put", "dirty", "red", "shirt", "in", "laundry", "basket"]
+    assert _longest_run(put, ["take", "dirty", "red", "shirt"]) == (1, 3)
+    # The command both start with is left out; a later shared word is a run.
+    assert _longest_run(["put", "x", "in", "box"], ["put", "y", "in", "bag"]) == (2, 1)
+    assert _longest_run(["open", "box"], ["open", "bag"]) == (0, 0)
+    assert _longest_run([], ["a"]) == (0, 0)
+
+
+def test_only_actions_that_reach_a_new_high_score_are_rewarded() -> None:
+    def turn(played: tuple[str, ...], score: float | None) -> Turn:
+        return Turn(observation="o", valid_actions=played, played=played, score=score)
+
+    turns = [
+        turn(("take x",), 0.0),
+        turn(("open box", "put x in box"), 0.25),  # a macro: its last action earned it
+        turn(("drop x",), 0.0),  # a mistake...
+        turn(("take x",), 0.25),  # ...won back: no new high, no lesson
+        turn((), 0.9),  # nothing played
+        turn(("look",), None),  # no score recorded
+        turn(("put x in shelf",), 0.5),
+    ]
+    assert list(_rewarded(turns)) == [
+        ("put x in box", ["take x", "open box"]),
+        ("put x in shelf", ["take x", "open box", "put x in box", "drop x", "take x", "look"]),
+    ]
