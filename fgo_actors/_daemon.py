@@ -40,7 +40,7 @@ from ._errors import BudgetExhaustedError, InputError, LLMUnavailableError, Unit
 from ._eval import evaluate
 from ._forest import MergeForest, MergeJob, fold_plan
 from ._gateway import GatewayConfig, LLMGateway
-from ._io import MAX_JSON_DEPTH, JSONTooDeepError, json_depth, loads
+from ._io import MAX_JSON_DEPTH, TOO_DEEP, JSONTooDeepError, json_depth, loads
 from ._model import MergeNode, Module, RenderedTrajectory, Subset, Trajectory
 from ._online import module_key
 from ._partition import StreamPacker
@@ -204,9 +204,6 @@ class EventBus:
         finally:
             self._subscribers.discard(send)
             send.close()
-
-
-TOO_DEEP = f"nested more than {MAX_JSON_DEPTH} levels deep"
 
 
 def _validate_records(

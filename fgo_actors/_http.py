@@ -31,6 +31,9 @@ def _error(status: int, message: str, headers: dict[str, str] | None = None) -> 
     return JSONResponse({"error": message}, status_code=status, headers=headers)
 
 
+# Seconds a client is asked to wait after a 507 (no space left for the store):
+# freeing disk space takes a person, not a moment.
+FULL_DISK_RETRY_AFTER = 30
 # A body must have arrived this many seconds after its request began: one
 # trickled a byte at a time would otherwise hold a connection for ever.
 BODY_SECONDS = 120.0
@@ -181,7 +184,7 @@ def make_app(
             return _error(
                 507,
                 f"{e}; nothing of this body was stored; free space, then send it again",
-                {"Retry-After": str(retry_after * 15)},
+                {"Retry-After": str(FULL_DISK_RETRY_AFTER)},
             )
         return JSONResponse(result.to_json(), status_code=202)
 

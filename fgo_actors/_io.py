@@ -18,6 +18,7 @@ MAX_LISTED_PROBLEMS = 10
 # parser, schema checks and renderers recurse (a 1,000-deep value would
 # reach the recursion limit in one of them).
 MAX_JSON_DEPTH = 64
+TOO_DEEP = f"nested more than {MAX_JSON_DEPTH} levels deep"
 
 
 class JSONTooDeepError(ValueError):
@@ -30,9 +31,9 @@ def loads(text: str | bytes) -> Any:
     try:
         value = json.loads(text)
     except RecursionError:
-        raise JSONTooDeepError(f"nested more than {MAX_JSON_DEPTH} levels deep") from None
+        raise JSONTooDeepError(TOO_DEEP) from None
     if json_depth(value) > MAX_JSON_DEPTH:
-        raise JSONTooDeepError(f"nested more than {MAX_JSON_DEPTH} levels deep")
+        raise JSONTooDeepError(TOO_DEEP)
     return value
 
 

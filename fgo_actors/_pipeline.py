@@ -17,7 +17,7 @@ import attrs
 import structlog
 import trio
 
-from ._edits import MergeChild, merge_input, union_merge
+from ._edits import merge_input, union_merge
 from ._errors import LLMUnavailableError, leaf_exceptions
 from ._forest import MergeForest
 from ._gateway import GatewayStatistics, LLMGateway
@@ -26,6 +26,7 @@ from ._partition import item_budget
 from ._prompts import PER_ITEM_SLACK, merge_messages, optimize_overhead_tokens, render_module
 from ._state import RunConfig, RunState
 from .actors import make_subsets, merger, optimize_unit, optimizer, partitioner
+from .actors.merger import merge_children
 from .actors.partitioner import render_all
 
 
@@ -126,16 +127,15 @@ def partial_module(state: RunState, gateway: LLMGateway, cap: int) -> Module | N
     if not state.nodes:
         return state.current
     taken = {c for node in state.nodes.values() for c in node.children}
-    tops = sorted((n for n in state.nodes.values() if n.id not in taken), key=lambda n: n.id)
+    tops = [n for n in state.nodes.values() if n.id not in taken]
     if len(tops) == 1:
         return tops[0].module
-    children = [MergeChild(n.id, n.module, int(n.stats.get("successes", 0))) for n in tops]
 
     def size(module: Module) -> int:
         return gateway.counter.count(render_module(module))
 
     return union_merge(
-        merge_input(children, node_id="partial"),
+        merge_input(merge_children(tops), node_id="partial"),
         node_id="partial",
         size=size,
         cap=cap,

@@ -30,7 +30,7 @@ def _combined_stats(children: Sequence[MergeNode]) -> dict[str, Any]:
     return out
 
 
-def _children(children: Sequence[MergeNode]) -> list[MergeChild]:
+def merge_children(children: Sequence[MergeNode]) -> list[MergeChild]:
     """The children in id order: the order they finished in varies from run to
     run, and the merge prompt (a cache key) must not."""
     return [
@@ -84,7 +84,7 @@ async def merge_modules(
     and the cap cut by evidence (``union_merge``); nothing is lost unrecorded."""
     started = state.now()
     log = structlog.get_logger()
-    inp = merge_input(_children(children), node_id=job.id)
+    inp = merge_input(merge_children(children), node_id=job.id)
     successes = {c.id: int(c.stats.get("successes", 0)) for c in children}
 
     def size(module: Module) -> int:
