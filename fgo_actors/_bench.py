@@ -42,27 +42,27 @@ import attrs
 import structlog
 import trio
 
-from ._agent import AgentConfig, collect
-from ._diskcache import Journal, JournalError, PhaseCache, Spent, remove_files
-from ._errors import InputError, leaf_exceptions
-from ._eval import EvalSummary
-from ._eval import summarise as eval_summary
-from ._gateway import LLMGateway
-from ._io import (
+from ._core.errors import InputError, leaf_exceptions
+from ._core.io import (
     atomic_write_bytes,
     atomic_write_json,
     atomic_write_jsonl,
     atomic_write_text,
     load_module,
 )
-from ._model import Failure, MergeNode, Module, RunReport, Strategy, Trajectory
-from ._pipeline import RunFailedError, _item_budget, run
-from ._prompts import render_module
-from ._schemas import schema_error
-from ._state import RunConfig
-from ._stats import PairedComparison, paired
-from ._store import StoreError
-from .envs import Environment, Task
+from ._core.model import Failure, MergeNode, Module, RunReport, Strategy, Trajectory
+from ._core.prompts import render_module
+from ._core.schemas import schema_error
+from ._core.stats import PairedComparison, paired
+from ._llm.gateway import LLMGateway
+from ._storage.diskcache import Journal, JournalError, PhaseCache, Spent, remove_files
+from ._storage.store import StoreError
+from .actors.run import RunFailedError, _item_budget, run
+from .actors.state import RunConfig
+from .agent.envs import Environment, Task
+from .agent.eval import EvalSummary
+from .agent.eval import summarise as eval_summary
+from .agent.rollout import AgentConfig, collect
 
 STRATEGIES: tuple[Strategy, ...] = ("all-at-once", "batch", "fgo")
 BASE = "base"
@@ -850,7 +850,7 @@ async def _play(
     """
     if not tasks:
         return
-    from .envs import make_env
+    from .agent.envs import make_env
 
     made: list[Environment] = []
 
@@ -885,7 +885,7 @@ async def _play(
 
 def _training_player(config: BenchConfig, gateway: LLMGateway) -> Player:
     if config.policy == "oracle":
-        from ._oracle import collect_oracle
+        from .agent.oracle import collect_oracle
 
         async def oracle(
             tasks: Sequence[Task], send: trio.MemorySendChannel[Trajectory], envs: EnvFactory

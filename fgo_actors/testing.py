@@ -27,7 +27,7 @@ import attrs
 import h11
 import trio
 
-from ._model import Outcome, Step, Trajectory
+from ._core.model import Outcome, Step, Trajectory
 
 
 def synthetic_trajectory(

@@ -40,7 +40,7 @@ from fgo_actors import (
     load_trajectories,
     run,
 )
-from fgo_actors import _local as local
+from fgo_actors._llm import local
 
 ROOT = Path(__file__).resolve().parent.parent
 EXAMPLES = ROOT / "examples" / "trajectories.jsonl"

@@ -45,7 +45,7 @@ from fgo_actors import (
     load_trajectories,
     run,
 )
-from fgo_actors._prompts import render_module, render_trajectory
+from fgo_actors._core.prompts import render_module, render_trajectory
 from fgo_actors.testing import (
     FakeLLMServer,
     consolidating_merge_policy,

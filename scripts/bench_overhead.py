@@ -65,9 +65,9 @@ from fgo_actors import (
     Trajectory,
     default_counter,
 )
-from fgo_actors._model import RenderedTrajectory
-from fgo_actors._partition import item_budget
-from fgo_actors._prompts import PER_ITEM_SLACK, optimize_overhead_tokens
+from fgo_actors._core.model import RenderedTrajectory
+from fgo_actors._core.partition import item_budget
+from fgo_actors._core.prompts import PER_ITEM_SLACK, optimize_overhead_tokens
 from fgo_actors.actors.partitioner import make_subsets, render_all
 from fgo_actors.testing import FakeLLMServer
 

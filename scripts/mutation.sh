@@ -3,7 +3,7 @@
 # the tests catch? Prints the score per module and in all.
 #
 #   scripts/mutation.sh                      # the pure core, the gateway, the bridge
-#   scripts/mutation.sh fgo_actors/_stats.py tests/test_stats.py   # one module, its tests
+#   scripts/mutation.sh fgo_actors/_core/stats.py tests/test_stats.py   # one module, its tests
 #   JOBS=2 SHOW_SURVIVORS=1 KEEP=1 scripts/mutation.sh ...   # parallel; list survivors; keep the folder
 #
 # Arguments: the modules to mutate (fgo_actors/*.py), then the test files
@@ -32,10 +32,10 @@ for arg in "$@"; do
     esac
 done
 if [ ${#modules[@]} -eq 0 ]; then
-    modules=(fgo_actors/_aimd.py fgo_actors/_stats.py fgo_actors/_forest.py
-        fgo_actors/_partition.py fgo_actors/_edits.py fgo_actors/_prompts.py
-        fgo_actors/_strict.py fgo_actors/_playbook.py fgo_actors/_gateway.py
-        fgo_actors/_bridge.py)
+    modules=(fgo_actors/_llm/aimd.py fgo_actors/_core/stats.py fgo_actors/_core/forest.py
+        fgo_actors/_core/partition.py fgo_actors/_core/edits.py fgo_actors/_core/prompts.py
+        fgo_actors/_llm/strict.py fgo_actors/_core/playbook.py fgo_actors/_llm/gateway.py
+        fgo_actors/_daemon/bridge.py)
 fi
 if [ ${#tests[@]} -eq 0 ]; then
     tests=(tests/test_aimd.py tests/test_stats.py tests/test_forest.py tests/test_partition.py
@@ -73,13 +73,13 @@ fi
 import collections
 import sys
 
-# Lines look like "    fgo_actors._stats.x_mean_interval__mutmut_3: survived".
+# Lines look like "    fgo_actors._core.stats.x_mean_interval__mutmut_3: survived".
 counts = collections.defaultdict(collections.Counter)
 for line in open("results.txt", encoding="utf-8"):
     name, _, status = line.strip().rpartition(": ")
     if not name:
         continue
-    # "fgo_actors._aimd.x_refused__mutmut_3" or "fgo_actors._aimd.xǁWindowǁsent__mutmut_1"
+    # "fgo_actors._llm.aimd.x_refused__mutmut_3" or "fgo_actors._llm.aimd.xǁWindowǁsent__mutmut_1"
     module = name.split("__mutmut")[0].rsplit(".", 1)[0]
     counts[module][status] += 1
 total = collections.Counter()

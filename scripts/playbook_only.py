@@ -20,9 +20,9 @@ import argparse
 import json
 import sys
 
-from fgo_actors._io import atomic_write_json, load_module, load_trajectories
-from fgo_actors._model import Module, turns_of
-from fgo_actors._playbook import PLAYBOOK, merge_plays, mine, to_function
+from fgo_actors._core.io import atomic_write_json, load_module, load_trajectories
+from fgo_actors._core.model import Module, turns_of
+from fgo_actors._core.playbook import PLAYBOOK, merge_plays, mine, to_function
 
 
 def main() -> int:

@@ -26,9 +26,9 @@ from fgo_actors import (
     default_counter,
     load_trajectories,
 )
-from fgo_actors._agent import AgentConfig, collect, parse_choice, rollout, turn_message
-from fgo_actors._schemas import schema_error
-from fgo_actors.envs import Task, TaskSet, TextWorldExpress
+from fgo_actors._core.schemas import schema_error
+from fgo_actors.agent.envs import Task, TaskSet, TextWorldExpress
+from fgo_actors.agent.rollout import AgentConfig, collect, parse_choice, rollout, turn_message
 
 from .conftest import TWC, StartLLM, run_fgo
 
@@ -165,7 +165,7 @@ async def test_collect_plays_every_task_once(start_llm: StartLLM) -> None:
 
 
 def test_environment_wire_shapes_match_the_schema() -> None:
-    from fgo_actors.envs import StepResult
+    from fgo_actors.agent.envs import StepResult
 
     task = Task("twc", "test", 4, TWC)
     assert schema_error("environment", task.to_json()) is None
@@ -241,8 +241,8 @@ async def test_prompt_grows_as_a_stable_prefix_and_sheds_old_turns(start_llm: St
 async def test_evaluate_tells_a_steering_module_from_a_bare_agent(start_llm: StartLLM) -> None:
     """An 'expert' module the fake LLM obeys (it follows the gold path) against a
     bare agent that always picks action 1, paired on the same seeds."""
-    from fgo_actors._eval import evaluate
-    from fgo_actors._stats import paired
+    from fgo_actors._core.stats import paired
+    from fgo_actors.agent.eval import evaluate
 
     tasks = TaskSet.parse("twc:test:0-7", params=TWC).tasks()
     golds: dict[str, list[str]] = {}

@@ -12,7 +12,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from fgo_actors import GatewayConfig, LLMGateway, LLMUnavailableError
-from fgo_actors._aimd import Window
+from fgo_actors._llm.aimd import Window
 from fgo_actors.testing import Fault
 
 from .conftest import StartLLM

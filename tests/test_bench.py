@@ -16,7 +16,6 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from fgo_actors import GatewayConfig, LLMGateway
-from fgo_actors._agent import AgentConfig
 from fgo_actors._bench import (
     BenchConfig,
     BenchProgress,
@@ -28,13 +27,14 @@ from fgo_actors._bench import (
     remaining_seconds,
     write_outputs,
 )
-from fgo_actors._diskcache import Journal
-from fgo_actors._model import Module, Rule
-from fgo_actors._prompts import render_module
-from fgo_actors._schemas import schema_error
-from fgo_actors._state import RunConfig
-from fgo_actors._tokens import default_counter
-from fgo_actors.envs import TaskSet
+from fgo_actors._core.model import Module, Rule
+from fgo_actors._core.prompts import render_module
+from fgo_actors._core.schemas import schema_error
+from fgo_actors._core.tokens import default_counter
+from fgo_actors._storage.diskcache import Journal
+from fgo_actors.actors.state import RunConfig
+from fgo_actors.agent.envs import TaskSet
+from fgo_actors.agent.rollout import AgentConfig
 from fgo_actors.testing import schema_name_of, scripted_reply
 
 from .conftest import TWC, StartLLM, expert_tidy, run_fgo

@@ -21,9 +21,8 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from fgo_actors import GatewayConfig, LLMGateway, Module, Rule
-from fgo_actors._agent import AgentConfig, parse_call_reply, rollout
-from fgo_actors._schemas import schema_error
-from fgo_actors.envs import (
+from fgo_actors._core.schemas import schema_error
+from fgo_actors.agent.envs import (
     BFCL_ENVS,
     FOLDS,
     BFCLMultiTurn,
@@ -32,7 +31,7 @@ from fgo_actors.envs import (
     make_env,
     parse_tasks,
 )
-from fgo_actors.envs._bfcl import (
+from fgo_actors.agent.envs._bfcl import (
     BFCL_CATEGORIES,
     FOLD_SIZES,
     TASKS_PER_CATEGORY,
@@ -42,6 +41,7 @@ from fgo_actors.envs._bfcl import (
     parse_call,
     task_index,
 )
+from fgo_actors.agent.rollout import AgentConfig, parse_call_reply, rollout
 
 from .conftest import StartLLM, run_fgo
 

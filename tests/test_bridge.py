@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from fgo_actors._bridge import _guests, open_optimizer_asyncio
-from fgo_actors._store import StoreError
+from fgo_actors._daemon.bridge import _guests, open_optimizer_asyncio
+from fgo_actors._storage.store import StoreError
 
 from .conftest import daemon_config, make_trajectories
 

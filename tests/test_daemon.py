@@ -14,10 +14,10 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from fgo_actors import GatewayConfig, LLMGateway, MergeForest, RunConfig
-from fgo_actors._daemon import open_optimizer, parse_body
-from fgo_actors._forest import expected_merges
-from fgo_actors._partition import StreamPacker
-from fgo_actors._store import Store, StoreError
+from fgo_actors._core.forest import expected_merges
+from fgo_actors._core.partition import StreamPacker
+from fgo_actors._daemon.optimizer import open_optimizer, parse_body
+from fgo_actors._storage.store import Store, StoreError
 from fgo_actors.testing import Fault, RecordedRequest, schema_name_of
 
 from .conftest import StartLLM, daemon_config, make_trajectories
@@ -324,7 +324,7 @@ async def test_restart_resumes_without_losing_or_redoing_work(
 
 async def test_response_cache_replays_a_finished_call(start_llm: StartLLM, tmp_path: Path) -> None:
     server, url = await start_llm()
-    from fgo_actors._store import AsyncStore, StoreCache
+    from fgo_actors._storage.store import AsyncStore, StoreCache
 
     store = Store(tmp_path / "c.db")
     cache = StoreCache(AsyncStore(store))
@@ -352,7 +352,7 @@ async def test_the_same_request_on_its_way_twice_is_sent_once(
     """Two tasks asking the same merge at once (a fold beside the forest's own
     merge) share one call and get the same reply; a different request is not held."""
     server, url = await start_llm(latency=0.5)
-    from fgo_actors._store import AsyncStore, StoreCache
+    from fgo_actors._storage.store import AsyncStore, StoreCache
 
     store = Store(tmp_path / "c.db")
     replies: list[str] = []
@@ -548,7 +548,7 @@ def test_an_empty_store_file_is_refused_unless_asked_for(tmp_path: Path) -> None
 
 
 async def test_a_damaged_store_names_itself(tmp_path: Path) -> None:
-    from fgo_actors._store import AsyncStore
+    from fgo_actors._storage.store import AsyncStore
 
     path = tmp_path / "fgo.db"
     store = Store(path)

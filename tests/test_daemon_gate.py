@@ -10,9 +10,9 @@ from typing import Any
 import pytest
 
 from fgo_actors import FunctionSpec, GatewayConfig, Module, RunConfig, open_optimizer
-from fgo_actors._agent import AgentConfig
-from fgo_actors._daemon import DaemonConfig, ValidationConfig
-from fgo_actors.envs import TaskSet
+from fgo_actors._daemon.optimizer import DaemonConfig, ValidationConfig
+from fgo_actors.agent.envs import TaskSet
+from fgo_actors.agent.rollout import AgentConfig
 from fgo_actors.testing import schema_name_of, scripted_reply
 
 from .conftest import TWC, StartLLM, expert_tidy, make_trajectories

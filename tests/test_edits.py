@@ -13,7 +13,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from fgo_actors import FunctionSpec, Module, Rule
-from fgo_actors._edits import apply_actions
+from fgo_actors._core.edits import apply_actions
 
 SETTINGS = settings(max_examples=150, deadline=None)
 

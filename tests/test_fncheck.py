@@ -22,15 +22,8 @@ from fgo_actors import (
     UnitFailedError,
     default_counter,
 )
-from fgo_actors._fncheck import (
-    REPLAY_TURNS,
-    changed_functions,
-    replay_calls,
-    replay_problems,
-    static_problems,
-)
-from fgo_actors._model import RenderedTrajectory, Turn
-from fgo_actors._prompts import (
+from fgo_actors._core.model import RenderedTrajectory, Turn
+from fgo_actors._core.prompts import (
     OPTIMIZE_SYSTEM,
     SCORING_TOKENS,
     optimize_messages,
@@ -38,6 +31,13 @@ from fgo_actors._prompts import (
     scoring_actions,
 )
 from fgo_actors.actors import optimize_subset
+from fgo_actors.agent.fncheck import (
+    REPLAY_TURNS,
+    changed_functions,
+    replay_calls,
+    replay_problems,
+    static_problems,
+)
 from fgo_actors.testing import schema_name_of
 
 from .conftest import StartLLM

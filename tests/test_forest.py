@@ -18,7 +18,7 @@ from hypothesis.stateful import (
 )
 
 from fgo_actors import MergeForest, MergeJob
-from fgo_actors._forest import Sequencer, expected_merges, fold_plan
+from fgo_actors._core.forest import Sequencer, expected_merges, fold_plan
 
 
 def drain(forest: MergeForest, jobs: list[MergeJob], *, lifo: bool = False) -> list[MergeJob]:

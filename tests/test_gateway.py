@@ -20,7 +20,7 @@ from fgo_actors import (
     UnitFailedError,
     default_counter,
 )
-from fgo_actors._store import AsyncStore, Store, StoreCache
+from fgo_actors._storage.store import AsyncStore, Store, StoreCache
 from fgo_actors.testing import Fault
 
 from .conftest import StartLLM
@@ -304,8 +304,8 @@ def test_gateway_config_is_validated(field: str, value: object, message: str) ->
 def test_the_wire_schema_asks_for_the_analysis_first(name: str) -> None:
     # Grammar-constrained decoding writes required properties first; the
     # reasoning must come before the edits it justifies.
-    from fgo_actors._gateway import SCHEMA_FILES, _wire_schema
-    from fgo_actors._schemas import load_schema
+    from fgo_actors._core.schemas import load_schema
+    from fgo_actors._llm.gateway import SCHEMA_FILES, _wire_schema
 
     wire = _wire_schema(name)
     assert next(iter(wire["properties"])) == "analysis"
@@ -399,7 +399,7 @@ async def test_no_strict_sends_the_plain_schema_with_strict_false(start_llm: Sta
     server, url = await start_llm(policy=_reply(GOOD_OPTIMIZE))
     async with LLMGateway(_config(url, structured_output="json_schema", strict=False)) as gw:
         await gw.structured("optimize", MESSAGES, "fgo_optimize", _identity)
-    from fgo_actors._gateway import _strict_wire_schema, _wire_schema
+    from fgo_actors._llm.gateway import _strict_wire_schema, _wire_schema
 
     sent = server.requests[0].body["response_format"]["json_schema"]
     assert sent["strict"] is False

@@ -31,9 +31,9 @@ from fgo_actors import (
     default_counter,
     run,
 )
-from fgo_actors import _local as local
-from fgo_actors._prompts import PER_ITEM_SLACK, optimize_overhead_tokens, render_trajectory
-from fgo_actors._schemas import schema_error
+from fgo_actors._core.prompts import PER_ITEM_SLACK, optimize_overhead_tokens, render_trajectory
+from fgo_actors._core.schemas import schema_error
+from fgo_actors._llm import local
 
 from .conftest import EXAMPLES, ROOT
 
@@ -313,7 +313,7 @@ def test_a_runs_temporary_server_dies_with_its_parent(tmp_path: Path) -> None:
     """The child of a SIGKILLed parent gets SIGTERM (what serving() relies on)."""
     parent_code = (
         "import subprocess, sys, time\n"
-        "from fgo_actors._local import _die_with_parent\n"
+        "from fgo_actors._llm.local import _die_with_parent\n"
         "child = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(60)'],"
         " preexec_fn=_die_with_parent)\n"
         "print(child.pid, flush=True)\n"

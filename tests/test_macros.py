@@ -14,9 +14,9 @@ import pytest
 import trio
 
 from fgo_actors import FunctionSpec, GatewayConfig, LLMGateway, Module, Trajectory, load_module
-from fgo_actors._agent import AgentConfig, Macro, macros_from, offer_macros, rollout
-from fgo_actors._schemas import schema_error
-from fgo_actors.envs import Task, TextWorldExpress
+from fgo_actors._core.schemas import schema_error
+from fgo_actors.agent.envs import Task, TextWorldExpress
+from fgo_actors.agent.rollout import AgentConfig, Macro, macros_from, offer_macros, rollout
 
 from .conftest import EXAMPLES_DIR, TWC, StartLLM
 
@@ -113,7 +113,7 @@ async def test_a_failing_function_is_reported_and_the_others_still_offer() -> No
 
 
 def attrs_limits(**kwargs: Any) -> Any:
-    from fgo_actors._sandbox import SandboxLimits
+    from fgo_actors.agent.sandbox import SandboxLimits
 
     return SandboxLimits(**{"memory_mb": 256, "cpu_seconds": 2, **kwargs})
 

@@ -21,7 +21,7 @@ from fgo_actors import (
     Trajectory,
     run,
 )
-from fgo_actors._edits import (
+from fgo_actors._core.edits import (
     MergeChild,
     apply_merge,
     fit_to_cap,

@@ -31,7 +31,7 @@ from fgo_actors import (
     load_trajectories,
     run,
 )
-from fgo_actors._schemas import load_schema, schema_error
+from fgo_actors._core.schemas import load_schema, schema_error
 from fgo_actors.testing import FakeLLMServer
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -992,7 +992,7 @@ def test_bundled_example_modules_are_valid() -> None:
 
 
 def test_atomic_write_jsonl_writes_one_object_per_line(tmp_path: Path) -> None:
-    from fgo_actors._io import atomic_write_jsonl
+    from fgo_actors._core.io import atomic_write_jsonl
 
     target = tmp_path / "rows.jsonl"
     target.write_text("old\n")
@@ -1013,7 +1013,7 @@ def test_without_tiktoken_tokens_are_estimated_at_four_characters(
 ) -> None:
     import tiktoken
 
-    from fgo_actors import _tokens
+    from fgo_actors._core import tokens as _tokens
 
     def unavailable(name: str) -> object:
         raise OSError(f"cannot download {name}")

@@ -24,16 +24,16 @@ from fgo_actors import (
     Subset,
     default_counter,
 )
-from fgo_actors._bridge import _acquire_guest, _release_guest
-from fgo_actors._edits import apply_actions, merge_input
-from fgo_actors._prompts import (
+from fgo_actors._core.edits import apply_actions, merge_input
+from fgo_actors._core.prompts import (
     REASK_TOKENS,
     merge_messages,
     optimize_messages,
     reask_message,
     render_trajectory,
 )
-from fgo_actors._stats import Z95, mean_interval
+from fgo_actors._core.stats import Z95, mean_interval
+from fgo_actors._daemon.bridge import _acquire_guest, _release_guest
 from fgo_actors.testing import Fault, synthetic_trajectory
 
 from .conftest import StartLLM

@@ -13,17 +13,17 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from fgo_actors import GatewayConfig, LLMGateway
-from fgo_actors._agent import AgentConfig
-from fgo_actors._online import (
+from fgo_actors._core.playbook import PLAYBOOK, plays_of
+from fgo_actors._core.schemas import schema_error
+from fgo_actors.actors.online import (
     OnlineConfig,
     gate_verdict,
     optimize_online,
     split_tasks,
     step_verdict,
 )
-from fgo_actors._playbook import PLAYBOOK, plays_of
-from fgo_actors._schemas import schema_error
-from fgo_actors.envs import Task, TaskSet
+from fgo_actors.agent.envs import Task, TaskSet
+from fgo_actors.agent.rollout import AgentConfig
 from fgo_actors.testing import schema_name_of, scripted_reply
 
 from .conftest import EXAMPLES_DIR, TWC, StartLLM, expert_tidy, run_fgo

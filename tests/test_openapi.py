@@ -38,8 +38,8 @@ from fgo_actors import (
     StreamingOptimizer,
     open_optimizer,
 )
-from fgo_actors._http import make_app, serve_http
-from fgo_actors._store import Store
+from fgo_actors._daemon.http import make_app, serve_http
+from fgo_actors._storage.store import Store
 
 from .conftest import ROOT, StartLLM, daemon_config, make_trajectories
 
@@ -328,7 +328,7 @@ def test_the_spec_is_well_formed_and_resolves_offline() -> None:
 
 
 def test_every_event_the_daemon_emits_is_documented() -> None:
-    source = (ROOT / "fgo_actors" / "_daemon.py").read_text("utf-8")
+    source = (ROOT / "fgo_actors" / "_daemon" / "optimizer.py").read_text("utf-8")
     emitted = set(re.findall(r"\.emit\(\s*\"(\w+)\"", source))
     documented = set(_spec()["components"]["schemas"]["Event"]["discriminator"]["mapping"])
     assert emitted == documented

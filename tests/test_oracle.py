@@ -25,12 +25,12 @@ from fgo_actors import (
     default_counter,
     load_trajectories,
 )
-from fgo_actors._agent import rollout
-from fgo_actors._model import turns_of
-from fgo_actors._oracle import collect_oracle, play_oracle
-from fgo_actors._prompts import render_trajectory
-from fgo_actors._schemas import schema_error
-from fgo_actors.envs import Environment, StepResult, Task, TaskSet, TextWorldExpress
+from fgo_actors._core.model import turns_of
+from fgo_actors._core.prompts import render_trajectory
+from fgo_actors._core.schemas import schema_error
+from fgo_actors.agent.envs import Environment, StepResult, Task, TaskSet, TextWorldExpress
+from fgo_actors.agent.oracle import collect_oracle, play_oracle
+from fgo_actors.agent.rollout import rollout
 
 from .conftest import TWC, StartLLM, run_fgo
 from .test_agent import gold_path, numbered_actions

@@ -14,9 +14,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from fgo_actors import Outcome, Step, Trajectory, default_counter
-from fgo_actors._model import RenderedTrajectory
-from fgo_actors._partition import interleave, item_budget, order_for_packing, pack, spread
-from fgo_actors._prompts import MIN_RENDER_TOKENS, PER_ITEM_SLACK, render_trajectory
+from fgo_actors._core.model import RenderedTrajectory
+from fgo_actors._core.partition import interleave, item_budget, order_for_packing, pack, spread
+from fgo_actors._core.prompts import MIN_RENDER_TOKENS, PER_ITEM_SLACK, render_trajectory
 from fgo_actors.actors.partitioner import make_subsets
 
 SETTINGS = settings(max_examples=150, deadline=None)

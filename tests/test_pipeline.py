@@ -25,9 +25,9 @@ from fgo_actors import (
     default_counter,
     run,
 )
-from fgo_actors._forest import expected_merges
-from fgo_actors._prompts import render_module
-from fgo_actors._schemas import schema_error
+from fgo_actors._core.forest import expected_merges
+from fgo_actors._core.prompts import render_module
+from fgo_actors._core.schemas import schema_error
 from fgo_actors.testing import (
     Fault,
     RecordedRequest,

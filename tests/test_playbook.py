@@ -15,10 +15,9 @@ import hypothesis.strategies as st
 from hypothesis import given, settings
 
 from fgo_actors import Module, Rule
-from fgo_actors._edits import MergeChild, apply_actions, apply_merge, merge_input
-from fgo_actors._fncheck import static_problems
-from fgo_actors._model import Outcome, Step, Trajectory, Turn, turns_of
-from fgo_actors._playbook import (
+from fgo_actors._core.edits import MergeChild, apply_actions, apply_merge, merge_input
+from fgo_actors._core.model import Outcome, Step, Trajectory, Turn, turns_of
+from fgo_actors._core.playbook import (
     MAX_OBJECTS,
     PLAYBOOK,
     _longest_run,
@@ -30,8 +29,9 @@ from fgo_actors._playbook import (
     to_function,
     with_plays,
 )
-from fgo_actors._prompts import module_for_prompt, render_module
-from fgo_actors._sandbox import run_function
+from fgo_actors._core.prompts import module_for_prompt, render_module
+from fgo_actors.agent.fncheck import static_problems
+from fgo_actors.agent.sandbox import run_function
 
 PLACES = {"vial": "freezer", "flask": "shelf", "glove": "bin"}
 

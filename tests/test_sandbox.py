@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 import trio
 
-from fgo_actors._sandbox import SandboxLimits, SandboxResult, isolation, run_function
+from fgo_actors.agent.sandbox import SandboxLimits, SandboxResult, isolation, run_function
 
 
 def _code(source: str) -> str:

@@ -20,7 +20,7 @@ import httpx
 import pytest
 import trio
 
-from fgo_actors._gateway import request_key
+from fgo_actors._llm.gateway import request_key
 
 from .conftest import ROOT, StartLLM, make_trajectories, run_fgo
 
@@ -284,7 +284,7 @@ async def test_token_env_names_the_variable_that_holds_the_token(
 
 def test_durable_and_init_flags_reach_the_daemon(tmp_path: Path) -> None:
     from fgo_actors import GatewayConfig
-    from fgo_actors._serve import ServeSettings, daemon_config
+    from fgo_actors._daemon.serve import ServeSettings, daemon_config
 
     gateway = GatewayConfig(base_url="http://127.0.0.1:9/v1", model="m")
     for given, expected in (({}, (False, False)), ({"durable": True, "init": True}, (True, True))):

@@ -8,7 +8,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from fgo_actors._stats import mcnemar_exact, mean_interval, paired, wilson_interval
+from fgo_actors._core.stats import mcnemar_exact, mean_interval, paired, wilson_interval
 
 
 @given(n=st.integers(1, 500), data=st.data())

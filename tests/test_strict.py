@@ -10,10 +10,10 @@ import jsonschema
 import pytest
 
 from fgo_actors import GatewayConfig, LLMGateway, RunConfig, run
-from fgo_actors._errors import ReplyRejectedError
-from fgo_actors._gateway import _wire_schema
-from fgo_actors._schemas import schema_error
-from fgo_actors._strict import from_strict, strict_problems, strict_variant
+from fgo_actors._core.errors import ReplyRejectedError
+from fgo_actors._core.schemas import schema_error
+from fgo_actors._llm.gateway import _wire_schema
+from fgo_actors._llm.strict import from_strict, strict_problems, strict_variant
 from fgo_actors.testing import Fault, scripted_reply
 
 from .conftest import StartLLM, expert_tidy, make_trajectories

@@ -1,7 +1,9 @@
 """The actors of a run: plain async functions connected by bounded memory channels.
 
 Each actor closes its channel ends with a plain ``with`` inside its own task;
-the end-of-channel cascade is what shuts a pipeline down.
+the end-of-channel cascade is what shuts a pipeline down. Beside them:
+``run`` (the batch pipeline that starts them), ``state`` (RunConfig and the
+run's shared state) and ``online`` (epochs of rollouts and optimization).
 """
 
 from .merger import merge_modules, merger

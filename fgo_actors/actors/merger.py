@@ -11,16 +11,16 @@ import attrs
 import structlog
 import trio
 
-from .._diskcache import Journal
-from .._edits import Drop, MergeChild, MergeResult, apply_merge, merge_input, union_merge
-from .._errors import BudgetExhaustedError, ReplyRejectedError, UnitFailedError
-from .._fncheck import replay_problems, static_problems
-from .._forest import MergeForest, MergeJob, Sequencer
-from .._gateway import LLMGateway
-from .._model import FunctionSpec, MergeNode, Module
-from .._playbook import is_playbook
-from .._prompts import merge_messages, render_module
-from .._state import RunState
+from .._core.edits import Drop, MergeChild, MergeResult, apply_merge, merge_input, union_merge
+from .._core.errors import BudgetExhaustedError, ReplyRejectedError, UnitFailedError
+from .._core.forest import MergeForest, MergeJob, Sequencer
+from .._core.model import FunctionSpec, MergeNode, Module
+from .._core.playbook import is_playbook
+from .._core.prompts import merge_messages, render_module
+from .._llm.gateway import LLMGateway
+from .._storage.diskcache import Journal
+from ..agent.fncheck import replay_problems, static_problems
+from .state import RunState
 
 
 def _combined_stats(children: Sequence[MergeNode]) -> dict[str, Any]:

@@ -7,15 +7,15 @@ from typing import Any
 import structlog
 import trio
 
-from .._edits import apply_actions
-from .._errors import BudgetExhaustedError, ReplyRejectedError, UnitFailedError
-from .._fncheck import changed_functions, function_problems, static_problems
-from .._gateway import LLMGateway
-from .._model import MergeNode, Module, RenderedTrajectory, Subset
-from .._playbook import with_plays
-from .._prompts import accept_edits, optimize_messages
-from .._sandbox import SandboxLimits
-from .._state import RunState
+from .._core.edits import apply_actions
+from .._core.errors import BudgetExhaustedError, ReplyRejectedError, UnitFailedError
+from .._core.model import MergeNode, Module, RenderedTrajectory, Subset
+from .._core.playbook import with_plays
+from .._core.prompts import accept_edits, optimize_messages
+from .._llm.gateway import LLMGateway
+from ..agent.fncheck import changed_functions, function_problems, static_problems
+from ..agent.sandbox import SandboxLimits
+from .state import RunState
 
 
 async def optimize_subset(

@@ -8,11 +8,11 @@ from collections.abc import Sequence
 import structlog
 import trio
 
-from .._model import RenderedTrajectory, Subset, Trajectory
-from .._partition import order_for_packing, pack
-from .._prompts import PER_ITEM_SLACK, render_trajectory
-from .._state import RunState
-from .._tokens import TokenCounter
+from .._core.model import RenderedTrajectory, Subset, Trajectory
+from .._core.partition import order_for_packing, pack
+from .._core.prompts import PER_ITEM_SLACK, render_trajectory
+from .._core.tokens import TokenCounter
+from .state import RunState
 
 # Trajectories rendered per worker-thread call: big enough to amortise the
 # thread hop, small enough to keep cancellation and progress responsive.

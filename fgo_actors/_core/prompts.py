@@ -12,11 +12,11 @@ from typing import Any
 
 import attrs
 
-from ._edits import MergeInput
-from ._errors import ReplyRejectedError
-from ._model import Module, RenderedTrajectory, Trajectory, turns_of
-from ._playbook import is_playbook
-from ._tokens import TokenCounter, default_counter
+from .edits import MergeInput
+from .errors import ReplyRejectedError
+from .model import Module, RenderedTrajectory, Trajectory, turns_of
+from .playbook import is_playbook
+from .tokens import TokenCounter, default_counter
 
 OPTIMIZE_SYSTEM = """\
 You improve an LLM agent from its execution logs. The agent is steered by a \

@@ -9,8 +9,8 @@ from rich.live import Live
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.text import Text
 
-from ._gateway import LLMGateway
-from ._state import RunState
+from .._llm.gateway import LLMGateway
+from ..actors.state import RunState
 
 
 def _summary(state: RunState, gateway: LLMGateway) -> str:

@@ -17,17 +17,17 @@ import attrs
 import structlog
 import trio
 
-from ._edits import merge_input, union_merge
-from ._errors import LLMUnavailableError, leaf_exceptions
-from ._forest import MergeForest
-from ._gateway import GatewayStatistics, LLMGateway
-from ._model import MergeNode, Module, RunReport, Status, Subset, Trajectory
-from ._partition import item_budget
-from ._prompts import PER_ITEM_SLACK, merge_messages, optimize_overhead_tokens, render_module
-from ._state import RunConfig, RunState
-from .actors import make_subsets, merger, optimize_unit, optimizer, partitioner
-from .actors.merger import merge_children
-from .actors.partitioner import render_all
+from .._core.edits import merge_input, union_merge
+from .._core.errors import LLMUnavailableError, leaf_exceptions
+from .._core.forest import MergeForest
+from .._core.model import MergeNode, Module, RunReport, Status, Subset, Trajectory
+from .._core.partition import item_budget
+from .._core.prompts import PER_ITEM_SLACK, merge_messages, optimize_overhead_tokens, render_module
+from .._llm.gateway import GatewayStatistics, LLMGateway
+from . import make_subsets, merger, optimize_unit, optimizer, partitioner
+from .merger import merge_children
+from .partitioner import render_all
+from .state import RunConfig, RunState
 
 
 @attrs.frozen

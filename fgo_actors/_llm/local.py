@@ -36,8 +36,8 @@ from typing import Any
 import attrs
 import httpx
 
-from ._errors import FGOError
-from ._io import atomic_write_json
+from .._core.errors import FGOError
+from .._core.io import atomic_write_json
 
 
 class LocalLLMError(FGOError):

@@ -30,9 +30,9 @@ import attrs
 import jsonschema
 import trio
 
-from ._agent import AgentConfig, macros_from
-from ._model import FunctionSpec, Module, RenderedTrajectory, Turn
-from ._sandbox import SandboxLimits, SandboxResult, run_function
+from .._core.model import FunctionSpec, Module, RenderedTrajectory, Turn
+from .rollout import AgentConfig, macros_from
+from .sandbox import SandboxLimits, SandboxResult, run_function
 
 ARGUMENTS = ("task", "observation", "valid_actions", "history")
 SIGNATURE = "(" + ", ".join(ARGUMENTS) + ")"

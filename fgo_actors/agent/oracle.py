@@ -31,9 +31,9 @@ from collections.abc import Callable, Sequence
 
 import trio
 
-from ._agent import _finish, play_tasks, system_prompt, turn_reply
-from ._model import Module, Step, Trajectory
+from .._core.model import Module, Step, Trajectory
 from .envs import Environment, Task
+from .rollout import _finish, play_tasks, system_prompt, turn_reply
 
 
 def check_epsilon(epsilon: float) -> float:

@@ -8,11 +8,11 @@ from typing import Any
 import attrs
 import trio
 
-from ._agent import AgentConfig, collect
-from ._gateway import LLMGateway
-from ._model import Module, Trajectory
-from ._stats import mean_interval, wilson_interval
+from .._core.model import Module, Trajectory
+from .._core.stats import mean_interval, wilson_interval
+from .._llm.gateway import LLMGateway
 from .envs import Task
+from .rollout import AgentConfig, collect
 
 
 @attrs.frozen

@@ -12,8 +12,8 @@ from typing import Any, Literal
 
 import attrs
 
-from ._errors import InputError
-from ._schemas import schema_error
+from .errors import InputError
+from .schemas import schema_error
 
 Role = Literal["system", "user", "assistant", "tool"]
 JSON = dict[str, Any]

@@ -25,7 +25,7 @@ from typing import Any, ParamSpec, TypeVar
 import attrs
 import trio
 
-from ._model import MergeNode, Module, RenderedTrajectory
+from .._core.model import MergeNode, Module, RenderedTrajectory
 
 P = ParamSpec("P")
 T = TypeVar("T")
@@ -523,7 +523,7 @@ class AsyncStore:
 
 
 class StoreCache:
-    """The store as the gateway's :class:`~fgo_actors._gateway.ResponseCache`."""
+    """The store as the gateway's :class:`~fgo_actors._llm.gateway.ResponseCache`."""
 
     def __init__(self, store: AsyncStore) -> None:
         self.store = store

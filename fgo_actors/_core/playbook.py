@@ -39,7 +39,7 @@ from importlib import resources
 
 import attrs
 
-from ._model import FunctionSpec, Module, Turn
+from .model import FunctionSpec, Module, Turn
 
 PLAYBOOK = "playbook"
 MAX_OBJECTS = 1000  # objects kept over all plays
@@ -185,9 +185,11 @@ def merge_plays(tables: Iterable[Mapping[tuple[str, ...], Mapping[str, int]]]) -
 
 
 def _source() -> str:
-    text = resources.files("fgo_actors").joinpath("_playbook_fn.py").read_text(encoding="utf-8")
+    text = (
+        resources.files("fgo_actors._core").joinpath("playbook_fn.py").read_text(encoding="utf-8")
+    )
     if _TABLE_LINE not in text:  # pragma: no cover - a broken install
-        raise RuntimeError("fgo_actors/_playbook_fn.py has lost its PLAYS line")
+        raise RuntimeError("fgo_actors/_core/playbook_fn.py has lost its PLAYS line")
     return text
 
 

@@ -16,9 +16,9 @@ from typing import Any
 
 import attrs
 
-from ._model import FunctionSpec, Module, Rule
-from ._playbook import PLAYBOOK
-from ._playbook import merge_functions as merge_playbooks
+from .model import FunctionSpec, Module, Rule
+from .playbook import PLAYBOOK
+from .playbook import merge_functions as merge_playbooks
 
 
 def _norm(text: str) -> str:

@@ -18,8 +18,8 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
 from starlette.routing import Route
 
-from ._daemon import StreamingOptimizer
-from ._store import StoreFullError
+from .._storage.store import StoreFullError
+from .optimizer import StreamingOptimizer
 
 # Version numbers are SQLite integers: larger ones cannot exist.
 MAX_VERSION = 2**63

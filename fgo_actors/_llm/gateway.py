@@ -27,17 +27,17 @@ import stamina
 import structlog
 import trio
 
-from ._aimd import Window
-from ._errors import (
+from .._core.errors import (
     BudgetExhaustedError,
     LLMUnavailableError,
     ReplyRejectedError,
     UnitFailedError,
 )
-from ._prompts import reask_message
-from ._schemas import load_schema, schema_error
-from ._strict import from_strict, strict_variant
-from ._tokens import TokenCounter, default_counter
+from .._core.prompts import reask_message
+from .._core.schemas import load_schema, schema_error
+from .._core.tokens import TokenCounter, default_counter
+from .aimd import Window
+from .strict import from_strict, strict_variant
 
 T = TypeVar("T")
 StructuredMode = Literal["auto", "json_schema", "json_object", "none"]

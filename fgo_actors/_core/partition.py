@@ -13,7 +13,7 @@ from typing import TypeVar
 
 import attrs
 
-from ._model import RenderedTrajectory
+from .model import RenderedTrajectory
 
 T = TypeVar("T")
 

@@ -21,7 +21,7 @@ import json
 from collections.abc import Iterator
 from typing import Any
 
-from ._errors import ReplyRejectedError
+from .._core.errors import ReplyRejectedError
 
 # Keywords strict mode is not documented to support; the protocol schema still
 # checks them after the reply is mapped back.

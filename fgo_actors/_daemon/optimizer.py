@@ -35,23 +35,23 @@ import attrs
 import structlog
 import trio
 
-from ._agent import AgentConfig
-from ._errors import BudgetExhaustedError, InputError, LLMUnavailableError, UnitFailedError
-from ._eval import evaluate
-from ._forest import MergeForest, MergeJob, fold_plan
-from ._gateway import GatewayConfig, LLMGateway
-from ._io import MAX_JSON_DEPTH, TOO_DEEP, JSONTooDeepError, json_depth, loads
-from ._model import MergeNode, Module, RenderedTrajectory, Subset, Trajectory
-from ._online import module_key
-from ._partition import StreamPacker
-from ._pipeline import _item_budget
-from ._playbook import with_plays
-from ._prompts import PER_ITEM_SLACK, render_trajectory
-from ._state import RunConfig, RunState
-from ._store import AsyncStore, Store, StoreCache, Version
-from .actors.merger import merge_modules
-from .actors.optimizer import optimize_subset
-from .envs import Task
+from .._core.errors import BudgetExhaustedError, InputError, LLMUnavailableError, UnitFailedError
+from .._core.forest import MergeForest, MergeJob, fold_plan
+from .._core.io import MAX_JSON_DEPTH, TOO_DEEP, JSONTooDeepError, json_depth, loads
+from .._core.model import MergeNode, Module, RenderedTrajectory, Subset, Trajectory
+from .._core.partition import StreamPacker
+from .._core.playbook import with_plays
+from .._core.prompts import PER_ITEM_SLACK, render_trajectory
+from .._llm.gateway import GatewayConfig, LLMGateway
+from .._storage.store import AsyncStore, Store, StoreCache, Version
+from ..actors.merger import merge_modules
+from ..actors.online import module_key
+from ..actors.optimizer import optimize_subset
+from ..actors.run import _item_budget
+from ..actors.state import RunConfig, RunState
+from ..agent.envs import Task
+from ..agent.eval import evaluate
+from ..agent.rollout import AgentConfig
 
 # Trajectories the feeder reads from the store at once, and the packer's inbox size.
 FEED_BATCH = 256

@@ -15,18 +15,18 @@ import attrs
 import structlog
 import trio
 
-from ._agent import AgentConfig
-from ._daemon import (
+from .._core.model import Module
+from .._llm.gateway import GatewayConfig
+from ..actors.state import RunConfig
+from ..agent.envs import parse_tasks
+from ..agent.rollout import AgentConfig
+from .optimizer import (
     DaemonConfig,
     StreamingOptimizer,
     ValidationConfig,
     open_optimizer,
     parse_body,
 )
-from ._gateway import GatewayConfig
-from ._model import Module
-from ._state import RunConfig
-from .envs import parse_tasks
 
 
 @attrs.frozen
@@ -128,7 +128,7 @@ def _coerce(path: Path, key: str, annotation: object, value: object) -> object:
 
 
 def daemon_config(settings: ServeSettings, gateway: GatewayConfig, context: int) -> DaemonConfig:
-    from ._io import load_module
+    from .._core.io import load_module
 
     initial = load_module(settings.initial_module) if settings.initial_module else Module()
     validation = None
@@ -161,7 +161,7 @@ def daemon_config(settings: ServeSettings, gateway: GatewayConfig, context: int)
 
 async def run_daemon(settings: ServeSettings, config: DaemonConfig) -> None:
     """Serve until SIGTERM/SIGINT (or, with ``once``, until the inputs are drained)."""
-    from ._http import serve_http
+    from .http import serve_http
 
     log = structlog.get_logger()
     shutdown = trio.Event()

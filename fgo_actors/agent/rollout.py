@@ -44,12 +44,12 @@ import attrs
 import structlog
 import trio
 
-from ._errors import ReplyRejectedError
-from ._gateway import LLMGateway
-from ._model import FunctionSpec, Module, Outcome, Step, Trajectory
-from ._sandbox import SandboxLimits, run_function
-from ._tokens import TokenCounter
+from .._core.errors import ReplyRejectedError
+from .._core.model import FunctionSpec, Module, Outcome, Step, Trajectory
+from .._core.tokens import TokenCounter
+from .._llm.gateway import LLMGateway
 from .envs import Environment, StepResult, Task
+from .sandbox import SandboxLimits, run_function
 
 AGENT_SYSTEM = """\
 You are an agent acting in a text environment to complete a task. Each turn \

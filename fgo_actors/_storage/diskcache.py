@@ -5,7 +5,7 @@
   newline at the end of the file) is dropped when the journal is read, so a
   reader only ever sees whole records.
 - :class:`PhaseCache`: the gateway's response cache in a SQLite file (the
-  daemon's :class:`~fgo_actors._store.Store`, WAL mode, one transaction per
+  daemon's :class:`~fgo_actors._storage.store.Store`, WAL mode, one transaction per
   call), with replies kept apart per phase of the job and every paid call
   logged, so the job can say what each phase cost over all its runs.
 """
@@ -22,8 +22,8 @@ from typing import Any
 import attrs
 import trio
 
-from ._io import _fsync_dir
-from ._store import AsyncStore, Store, StoreCache
+from .._core.io import _fsync_dir
+from .store import AsyncStore, Store, StoreCache
 
 
 class JournalError(ValueError):
@@ -109,7 +109,7 @@ class Spent:
 
 
 class PhaseCache(StoreCache):
-    """The gateway's :class:`~fgo_actors._gateway.ResponseCache` in a SQLite
+    """The gateway's :class:`~fgo_actors._llm.gateway.ResponseCache` in a SQLite
     file, one namespace per phase.
 
     Set ``phase`` before each phase. A request made in one phase is not

@@ -10,8 +10,8 @@ from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any, TextIO
 
-from ._errors import InputError
-from ._model import Module, Trajectory
+from .errors import InputError
+from .model import Module, Trajectory
 
 MAX_LISTED_PROBLEMS = 10
 # Deeper JSON is refused: a trajectory needs a few levels, and Python's

@@ -22,9 +22,9 @@ from typing import Any, TypeVar
 import outcome
 import trio
 
-from ._daemon import DaemonConfig, IngestResult, StreamingOptimizer, open_optimizer
-from ._model import Module, Trajectory
-from ._store import Version
+from .._core.model import Module, Trajectory
+from .._storage.store import Version
+from .optimizer import DaemonConfig, IngestResult, StreamingOptimizer, open_optimizer
 
 T = TypeVar("T")
 

@@ -27,8 +27,8 @@ SCHEMA_NAMES = (
 
 
 def protocols_dir() -> Path:
-    here = Path(__file__).resolve().parent
-    for candidate in (here / "_protocols", here.parent / "protocols"):
+    package = Path(__file__).resolve().parent.parent  # fgo_actors/
+    for candidate in (package / "_protocols", package.parent / "protocols"):
         if (candidate / "module.schema.json").is_file():
             return candidate
     raise FileNotFoundError("cannot find the protocols/ schema folder next to fgo_actors")

@@ -27,22 +27,22 @@ from rich.progress import (
     TransferSpeedColumn,
 )
 
-from . import _local as local
-from ._errors import InputError, LLMUnavailableError, leaf_exceptions
-from ._gateway import GatewayConfig, LLMGateway
-from ._io import (
+from .._core.errors import InputError, LLMUnavailableError, leaf_exceptions
+from .._core.io import (
     atomic_write_json,
     atomic_write_jsonl,
     load_module,
     load_trajectories,
     output_target,
 )
-from ._logging import configure_logging
-from ._model import Module, Trajectory
-from ._pipeline import RunFailedError, RunResult, run
-from ._progress import log_progress, show_progress
-from ._state import RunConfig, RunState
-from ._store import AsyncStore, Store, StoreCache, StoreError
+from .._core.model import Module, Trajectory
+from .._llm import local
+from .._llm.gateway import GatewayConfig, LLMGateway
+from .._storage.store import AsyncStore, Store, StoreCache, StoreError
+from ..actors.run import RunFailedError, RunResult, run
+from ..actors.state import RunConfig, RunState
+from .logs import configure_logging
+from .progress import log_progress, show_progress
 
 EXIT_BAD_INPUT = 2
 EXIT_LLM = 3
@@ -629,10 +629,10 @@ def collect(
     Lines are written as episodes finish (to OUT.partial, renamed to OUT at the
     end), so a long collection shows progress and loses little if stopped.
     """
-    from ._agent import AgentConfig
-    from ._agent import collect as collect_rollouts
-    from ._oracle import collect_oracle
-    from .envs import parse_tasks
+    from ..agent.envs import parse_tasks
+    from ..agent.oracle import collect_oracle
+    from ..agent.rollout import AgentConfig
+    from ..agent.rollout import collect as collect_rollouts
 
     interactive = sys.stderr.isatty() and not log_json
     configure_logging(json=not interactive, level="warning" if interactive else "info")
@@ -785,10 +785,10 @@ def eval_command(
     """Evaluate a module with the reference agent: success rate and score with 95%
     confidence intervals, tokens, and (with --baseline, or with exactly two
     modules) McNemar's exact test on the same seeds."""
-    from ._agent import AgentConfig
-    from ._eval import EvalSummary, evaluate
-    from ._stats import paired
-    from .envs import parse_tasks
+    from .._core.stats import paired
+    from ..agent.envs import parse_tasks
+    from ..agent.eval import EvalSummary, evaluate
+    from ..agent.rollout import AgentConfig
 
     interactive = sys.stderr.isatty() and not log_json
     configure_logging(json=not interactive, level="warning" if interactive else "info")
@@ -905,10 +905,10 @@ def _optimize_online(
     gateway_options: dict[str, Any],
     max_completion_tokens: int | None,
 ) -> None:
-    """``fgo optimize --env``: see ``_online.py``."""
-    from ._agent import AgentConfig
-    from ._online import OnlineConfig, OnlineResult, optimize_online, trajectory_room
-    from .envs import parse_tasks
+    """``fgo optimize --env``: see ``actors/online.py``."""
+    from ..actors.online import OnlineConfig, OnlineResult, optimize_online, trajectory_room
+    from ..agent.envs import parse_tasks
+    from ..agent.rollout import AgentConfig
 
     fail = functools.partial(_fail, err)
     try:
@@ -1079,8 +1079,7 @@ def bench_command(
     or a failure, continues where it stopped. Other settings on a cached
     bench are refused; --fresh starts over.
     """
-    from ._agent import AgentConfig
-    from ._bench import (
+    from .._bench import (
         BenchConfig,
         BenchProgress,
         BenchResult,
@@ -1090,7 +1089,8 @@ def bench_command(
         markdown_table,
         write_outputs,
     )
-    from .envs import parse_tasks
+    from ..agent.envs import parse_tasks
+    from ..agent.rollout import AgentConfig
 
     interactive = sys.stderr.isatty() and not log_json
     configure_logging(json=not interactive, level="warning" if interactive else "info")
@@ -1308,8 +1308,8 @@ def serve_command(config_path: Path | None, log_json: bool, **flags: Any) -> Non
     Stops on SIGTERM or Ctrl-C: intake stops, work under way gets --grace
     seconds, and the exit code is 0.
     """
-    from . import _serve
-    from ._http import LOOPBACK
+    from .._daemon import serve as _serve
+    from .._daemon.http import LOOPBACK
 
     interactive = sys.stderr.isatty() and not log_json
     configure_logging(json=not interactive, level="info")

@@ -34,18 +34,18 @@ import attrs
 import structlog
 import trio
 
-from ._agent import AgentConfig
-from ._eval import evaluate
-from ._forest import MergeForest, MergeJob
-from ._gateway import LLMGateway
-from ._model import MergeNode, Module, Trajectory
-from ._prompts import optimize_overhead_tokens
-from ._state import RunState
-from ._tokens import TokenCounter
-from .actors import optimize_unit
-from .actors.merger import merge_modules
-from .actors.partitioner import render_all
-from .envs import Task
+from .._core.forest import MergeForest, MergeJob
+from .._core.model import MergeNode, Module, Trajectory
+from .._core.prompts import optimize_overhead_tokens
+from .._core.tokens import TokenCounter
+from .._llm.gateway import LLMGateway
+from ..agent.envs import Task
+from ..agent.eval import evaluate
+from ..agent.rollout import AgentConfig
+from . import optimize_unit
+from .merger import merge_modules
+from .partitioner import render_all
+from .state import RunState
 
 Value = tuple[float, float]  # (mean score, success rate)
 

@@ -8,8 +8,8 @@ import attrs
 import structlog
 import trio
 
-from ._forest import expected_merges
-from ._model import Failure, MergeNode, Module, RenderedTrajectory, Strategy
+from .._core.forest import expected_merges
+from .._core.model import Failure, MergeNode, Module, RenderedTrajectory, Strategy
 
 
 @attrs.frozen

@@ -1,0 +1,5 @@
+"""``python -m fgo_actors._cli``: the same as the ``fgo`` command."""
+
+from .main import main
+
+main()
