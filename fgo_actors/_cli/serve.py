@@ -1,0 +1,185 @@
+"""``fgo serve``: the daemon."""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+import click
+from rich.console import Console
+
+from .._core.errors import InputError, leaf_exceptions
+from .._llm import local
+from .._llm.gateway import GatewayConfig
+from .._storage.store import StoreError
+from .common import (
+    DEFAULT_CONTEXT_TOKENS,
+    EXIT_BAD_INPUT,
+    EXIT_INTERRUPTED,
+    EXIT_LLM,
+    _check_endpoint,
+    _check_outputs,
+    _endpoint,
+    _fail,
+    _positive,
+    _trio_run,
+    default_completion_tokens,
+)
+from .logs import configure_logging
+
+
+@click.command("serve")
+@click.option(
+    "--config",
+    "config_path",
+    type=click.Path(dir_okay=False, exists=True, path_type=Path),
+    help="Settings file (TOML, the flags' names with underscores); flags override it.",
+)
+@click.option(
+    "--store",
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="SQLite store [default: fgo.db].",
+)
+@click.option(
+    "--durable/--no-durable",
+    default=None,
+    help="Sync every commit to disk (SQLite synchronous=FULL): survive power cuts, "
+    "not only crashes, at some cost in speed.",
+)
+@click.option(
+    "--init/--no-init",
+    default=None,
+    help="Start a new store in a --store file that exists but is empty (refused otherwise: "
+    "a store cut to 0 bytes would lose its history without a word).",
+)
+@click.option("--host", help="Address to bind [default: 127.0.0.1; others need a token].")
+@click.option("--port", type=int, help="Port to bind [default: 8765; 0 picks a free one].")
+@click.option(
+    "--token-env", help="Environment variable holding the bearer token [default: FGO_TOKEN]."
+)
+@click.option(
+    "--watch",
+    type=click.Path(file_okay=False, path_type=Path),
+    help="Folder whose *.jsonl files are tailed for trajectories.",
+)
+@click.option("--stdin/--no-stdin", default=None, help="Read JSONL trajectories from stdin.")
+@click.option(
+    "--once/--no-once",
+    default=None,
+    help="Exit 0 once stdin and --watch are read and everything is optimized and published.",
+)
+@click.option(
+    "--initial-module",
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="Module every subset starts from (default: empty).",
+)
+@click.option(
+    "--max-wait",
+    type=float,
+    help="Seconds a partial subset waits before it is optimized anyway [default: 60].",
+)
+@click.option(
+    "--publish-interval",
+    type=float,
+    help="Least seconds between two published versions [default: 30].",
+)
+@click.option(
+    "--max-pending-subsets",
+    type=int,
+    callback=_positive,
+    help="Subsets waiting for an optimizer before ingest answers 429 [default: 8].",
+)
+@click.option("--max-body-bytes", type=int, callback=_positive, help="Largest HTTP body.")
+@click.option("--max-record-bytes", type=int, callback=_positive, help="Largest trajectory.")
+@click.option("--grace", type=float, help="Seconds work under way gets at shutdown [default: 10].")
+@click.option(
+    "--validate",
+    help="Validation tasks (ENV:FOLD:SEEDS): a candidate is published only if the "
+    "reference agent does not do worse with it than with the current version.",
+)
+@click.option("--params", help="Environment generation parameters for --validate.")
+@click.option(
+    "--max-steps",
+    type=int,
+    callback=_positive,
+    help="Agent turns per validation episode [default: 8].",
+)
+@click.option(
+    "--base-url",
+    envvar="FGO_BASE_URL",
+    help="OpenAI-compatible base URL [env FGO_BASE_URL; default: the local model].",
+)
+@click.option("--model", envvar="FGO_MODEL", help="Model name sent to the server.")
+@click.option("--api-key-env", help="Environment variable holding the LLM API key.")
+@click.option("--max-concurrency", type=int, callback=_positive, help="LLM calls in flight.")
+@click.option("--context-tokens", type=int, callback=_positive, help="Optimizer LLM context.")
+@click.option("--subset-tokens", type=int, callback=_positive, help="Subset token budget.")
+@click.option("--module-tokens", type=int, callback=_positive, help="Module size cap.")
+@click.option("--fan-in", type=int, help="Trees merged at once [default: 2].")
+@click.option("--token-budget", type=int, callback=_positive, help="Hard cap on tokens.")
+@click.option("--log-json", is_flag=True, help="JSON logs on stderr even on a terminal.")
+def serve_command(config_path: Path | None, log_json: bool, **flags: Any) -> None:
+    """Run the optimization daemon: take trajectories over HTTP (POST
+    /v1/trajectories), from a watched folder or from stdin; optimize them
+    incrementally; publish versioned modules (GET /v1/module). Everything
+    lives in one SQLite file, and a restart carries on where it stopped.
+
+    Stops on SIGTERM or Ctrl-C: intake stops, work under way gets --grace
+    seconds, and the exit code is 0.
+    """
+    from .._daemon import serve as _serve
+    from .._daemon.http import LOOPBACK
+
+    interactive = sys.stderr.isatty() and not log_json
+    configure_logging(json=not interactive, level="info")
+    err = Console(stderr=True, soft_wrap=True)
+    try:
+        settings = _serve.ServeSettings.load(config_path, flags)
+    except (ValueError, TypeError) as e:
+        _fail(err, EXIT_BAD_INPUT, "error", e)
+    if settings.host not in LOOPBACK and not settings.token():
+        _fail(
+            err,
+            EXIT_BAD_INPUT,
+            "error",
+            f"binding {settings.host} (not loopback) needs a bearer token in ${settings.token_env}",
+        )
+    _check_outputs(err, settings.store)
+    _check_endpoint(settings.base_url)
+    try:
+        with _endpoint(settings.base_url, settings.model, err) as (url, served, local_ctx):
+            ctx = settings.context_tokens or local_ctx or DEFAULT_CONTEXT_TOKENS
+            gateway = GatewayConfig(
+                base_url=url,
+                model=served,
+                api_key=os.environ.get(settings.api_key_env) or None,
+                max_concurrency=settings.max_concurrency or (1 if local_ctx else 4),
+                token_budget=settings.token_budget,
+                max_completion_tokens=settings.max_completion_tokens
+                or default_completion_tokens(ctx),
+                call_timeout=settings.call_timeout,
+                retry_attempts=settings.retries + 1,
+                structured_output=settings.structured_output,  # type: ignore[arg-type]
+                strict=settings.strict,
+                adaptive=settings.adaptive,
+            )
+            config = _serve.daemon_config(settings, gateway, ctx)
+            try:
+                _trio_run(_serve.run_daemon, settings, config)
+            except BaseExceptionGroup as group:
+                # Settings that cannot work, found as the nursery starts.
+                leaves = leaf_exceptions(group)
+                expected = [e for e in leaves if isinstance(e, ValueError | StoreError)]
+                if len(expected) != len(leaves):
+                    raise
+                raise expected[0] from group
+    except (ValueError, InputError) as e:
+        _fail(err, EXIT_BAD_INPUT, "error", e)
+    except StoreError as e:
+        _fail(err, EXIT_BAD_INPUT, "store", e)
+    except local.LocalLLMError as e:
+        _fail(err, EXIT_LLM, "local model", e)
+    except KeyboardInterrupt:
+        _fail(err, EXIT_INTERRUPTED, "interrupted", "work under way resumes at the next start")
