@@ -81,6 +81,61 @@ def default_workers(local_ctx: int | None) -> int:
     return 1 if local_ctx else 2
 
 
+# Calls in flight against a remote endpoint when --max-concurrency is not given.
+REMOTE_CONCURRENCY = 4
+# An agent turn's reply: an option number or a short action.
+AGENT_COMPLETION_TOKENS = 64
+
+
+def gateway_config(
+    url: str,
+    served_model: str,
+    local_ctx: int | None,
+    *,
+    api_key_env: str,
+    max_concurrency: int | None,
+    max_completion_tokens: int,
+    remote_concurrency: int = REMOTE_CONCURRENCY,
+    **options: Any,
+) -> GatewayConfig:
+    """The one place a command's endpoint flags become a GatewayConfig.
+
+    ``url``, ``served_model`` and ``local_ctx`` come from :func:`_endpoint`
+    (``local_ctx`` is set for the local model, which answers one request at a
+    time); ``options`` are further GatewayConfig fields (see
+    :func:`optimizer_options`).
+    """
+    return GatewayConfig(
+        base_url=url,
+        model=served_model,
+        api_key=os.environ.get(api_key_env) or None,
+        max_concurrency=max_concurrency or (1 if local_ctx else remote_concurrency),
+        max_completion_tokens=max_completion_tokens,
+        **options,
+    )
+
+
+def optimizer_options(
+    *,
+    token_budget: int | None,
+    call_timeout: float,
+    retries: int,
+    structured_output: str,
+    strict: bool,
+    adaptive: bool,
+) -> dict[str, Any]:
+    """The optimizer's GatewayConfig fields from its flags (--retries counts
+    retries, the gateway counts attempts)."""
+    return dict(
+        token_budget=token_budget,
+        call_timeout=call_timeout,
+        retry_attempts=retries + 1,
+        structured_output=structured_output,
+        strict=strict,
+        adaptive=adaptive,
+    )
+
+
 def _agent_gateway(
     url: str,
     served_model: str,
@@ -89,13 +144,16 @@ def _agent_gateway(
     max_concurrency: int | None,
     workers: int | None,
 ) -> GatewayConfig:
-    """Agent turns are short replies; the local server answers one at a time."""
-    return GatewayConfig(
-        base_url=url,
-        model=served_model,
-        api_key=os.environ.get(api_key_env) or None,
-        max_concurrency=max_concurrency or (1 if local_ctx else workers or default_workers(None)),
-        max_completion_tokens=64,
+    """Agent turns are short replies; by default as many calls in flight as
+    episodes are played at once."""
+    return gateway_config(
+        url,
+        served_model,
+        local_ctx,
+        api_key_env=api_key_env,
+        max_concurrency=max_concurrency,
+        max_completion_tokens=AGENT_COMPLETION_TOKENS,
+        remote_concurrency=workers or default_workers(None),
     )
 
 

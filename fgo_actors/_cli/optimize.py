@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import functools
 import json
-import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -42,6 +41,8 @@ from .common import (
     _run_agent_command,
     _trio_run,
     default_completion_tokens,
+    gateway_config,
+    optimizer_options,
 )
 from .logs import configure_logging
 from .progress import log_progress, show_progress
@@ -303,6 +304,15 @@ def optimize(
     report_path = report_path or out.with_name(out.stem + ".report.json")
 
     fail = functools.partial(_fail, err)
+    # The optimizer's gateway settings, for both modes.
+    llm_options = optimizer_options(
+        token_budget=token_budget,
+        call_timeout=call_timeout,
+        retries=retries,
+        structured_output=structured_output,
+        strict=strict,
+        adaptive=adaptive,
+    )
     if (trajectories is None) == (env_spec is None):
         raise click.UsageError("give exactly one of TRAJECTORIES and --env TASKS (online mode)")
     if env_spec is not None:
@@ -342,14 +352,7 @@ def optimize(
             api_key_env=api_key_env,
             max_concurrency=max_concurrency,
             context_tokens=context_tokens,
-            gateway_options=dict(
-                token_budget=token_budget,
-                call_timeout=call_timeout,
-                retry_attempts=retries + 1,
-                structured_output=structured_output,
-                strict=strict,
-                adaptive=adaptive,
-            ),
+            gateway_options=llm_options,
             max_completion_tokens=max_completion_tokens,
         )
         return
@@ -393,18 +396,14 @@ def optimize(
             group_key=group_key,
             playbook=playbook,
         )
-        gw_config = GatewayConfig(
-            base_url=url,
-            model=served_model,
-            api_key=os.environ.get(api_key_env) or None,
-            max_concurrency=max_concurrency or (1 if local_ctx else 4),
-            token_budget=token_budget,
+        gw_config = gateway_config(
+            url,
+            served_model,
+            local_ctx,
+            api_key_env=api_key_env,
+            max_concurrency=max_concurrency,
             max_completion_tokens=max_completion_tokens or default_completion_tokens(ctx),
-            call_timeout=call_timeout,
-            retry_attempts=retries + 1,
-            structured_output=structured_output,  # type: ignore[arg-type]
-            strict=strict,
-            adaptive=adaptive,
+            **llm_options,
         )
         return run_config, gw_config
 

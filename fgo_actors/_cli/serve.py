@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -12,7 +11,6 @@ from rich.console import Console
 
 from .._core.errors import InputError, leaf_exceptions
 from .._llm import local
-from .._llm.gateway import GatewayConfig
 from .._storage.store import StoreError
 from .common import (
     DEFAULT_CONTEXT_TOKENS,
@@ -26,6 +24,8 @@ from .common import (
     _positive,
     _trio_run,
     default_completion_tokens,
+    gateway_config,
+    optimizer_options,
 )
 from .logs import configure_logging
 
@@ -151,19 +151,22 @@ def serve_command(config_path: Path | None, log_json: bool, **flags: Any) -> Non
     try:
         with _endpoint(settings.base_url, settings.model, err) as (url, served, local_ctx):
             ctx = settings.context_tokens or local_ctx or DEFAULT_CONTEXT_TOKENS
-            gateway = GatewayConfig(
-                base_url=url,
-                model=served,
-                api_key=os.environ.get(settings.api_key_env) or None,
-                max_concurrency=settings.max_concurrency or (1 if local_ctx else 4),
-                token_budget=settings.token_budget,
+            gateway = gateway_config(
+                url,
+                served,
+                local_ctx,
+                api_key_env=settings.api_key_env,
+                max_concurrency=settings.max_concurrency,
                 max_completion_tokens=settings.max_completion_tokens
                 or default_completion_tokens(ctx),
-                call_timeout=settings.call_timeout,
-                retry_attempts=settings.retries + 1,
-                structured_output=settings.structured_output,  # type: ignore[arg-type]
-                strict=settings.strict,
-                adaptive=settings.adaptive,
+                **optimizer_options(
+                    token_budget=settings.token_budget,
+                    call_timeout=settings.call_timeout,
+                    retries=settings.retries,
+                    structured_output=settings.structured_output,
+                    strict=settings.strict,
+                    adaptive=settings.adaptive,
+                ),
             )
             config = _serve.daemon_config(settings, gateway, ctx)
             try:
