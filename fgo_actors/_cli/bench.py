@@ -2,14 +2,11 @@
 
 from __future__ import annotations
 
-import functools
-import sys
 from pathlib import Path
 
 import attrs
 import click
 import structlog
-from rich.console import Console
 from rich.progress import (
     BarColumn,
     Progress,
@@ -30,12 +27,11 @@ from .common import (
     _agent_endpoint_options,
     _check_endpoint,
     _check_outputs,
-    _fail,
     _positive,
     _run_agent_command,
     default_completion_tokens,
+    start_command,
 )
-from .logs import configure_logging
 
 
 @click.command("bench")
@@ -158,10 +154,7 @@ def bench_command(
     from ..agent.envs import parse_tasks
     from ..agent.rollout import AgentConfig
 
-    interactive = sys.stderr.isatty() and not log_json
-    configure_logging(json=not interactive, level="warning" if interactive else "info")
-    err = Console(stderr=True, soft_wrap=True)
-    fail = functools.partial(_fail, err)
+    interactive, err, fail = start_command(log_json)
     default_train, default_test, default_policy = (
         ("twc:train:0-7", "twc:test:0-9", "llm")
         if small

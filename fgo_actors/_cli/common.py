@@ -4,6 +4,7 @@ endpoint (a URL or the local model), running trio, and failing with a message.""
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import sys
 from collections.abc import Awaitable, Callable, Iterator
@@ -20,6 +21,7 @@ from .._core.io import (
 )
 from .._llm import local
 from .._llm.gateway import GatewayConfig
+from .logs import configure_logging
 
 EXIT_BAD_INPUT = 2
 
@@ -166,6 +168,23 @@ def _probability(ctx: click.Context, param: click.Parameter, value: float) -> fl
 def _fail(err: Console, code: int, label: str, message: object) -> NoReturn:
     err.print(f"[bold red]{label}:[/] {message}", highlight=False)
     sys.exit(code)
+
+
+Fail = Callable[[int, str, object], NoReturn]
+
+
+def start_command(log_json: bool, *, tty_level: str = "warning") -> tuple[bool, Console, Fail]:
+    """Set up a command's output: (interactive, stderr console, fail).
+
+    Interactive means stderr is a terminal and --log-json was not given: the
+    command shows live progress there and logs only at ``tty_level`` and above
+    (the daemon keeps "info"); otherwise logs are JSON lines at "info".
+    ``fail(code, label, message)`` prints the message and exits with ``code``.
+    """
+    interactive = sys.stderr.isatty() and not log_json
+    configure_logging(json=not interactive, level=tty_level if interactive else "info")
+    err = Console(stderr=True, soft_wrap=True)
+    return interactive, err, functools.partial(_fail, err)
 
 
 T = TypeVar("T")

@@ -5,14 +5,12 @@ from __future__ import annotations
 import functools
 import json
 import os
-import sys
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
 import click
 import trio
-from rich.console import Console
 from rich.progress import (
     BarColumn,
     MofNCompleteColumn,
@@ -36,15 +34,14 @@ from .common import (
     _agent_endpoint_options,
     _check_endpoint,
     _check_outputs,
-    _fail,
     _positive,
     _probability,
     _run_agent_command,
     _trio_run,
     _workers_option,
     default_workers,
+    start_command,
 )
-from .logs import configure_logging
 
 
 @click.command()
@@ -119,11 +116,7 @@ def collect(
     from ..agent.rollout import AgentConfig
     from ..agent.rollout import collect as collect_rollouts
 
-    interactive = sys.stderr.isatty() and not log_json
-    configure_logging(json=not interactive, level="warning" if interactive else "info")
-    err = Console(stderr=True, soft_wrap=True)
-
-    fail = functools.partial(_fail, err)
+    interactive, err, fail = start_command(log_json)
 
     if policy == "oracle" and module_path is not None:
         raise click.UsageError("--module is for --policy llm: the oracle acts without a module")
@@ -275,11 +268,7 @@ def eval_command(
     from ..agent.eval import EvalSummary, evaluate
     from ..agent.rollout import AgentConfig
 
-    interactive = sys.stderr.isatty() and not log_json
-    configure_logging(json=not interactive, level="warning" if interactive else "info")
-    err = Console(stderr=True, soft_wrap=True)
-
-    fail = functools.partial(_fail, err)
+    _, err, fail = start_command(log_json)
 
     try:
         tasks = parse_tasks(task_spec, params)

@@ -43,8 +43,8 @@ from .common import (
     default_completion_tokens,
     gateway_config,
     optimizer_options,
+    start_command,
 )
-from .logs import configure_logging
 from .progress import log_progress, show_progress
 
 
@@ -298,12 +298,8 @@ def optimize(
     (what was finished is written, marked partial); 4 token budget exhausted
     (the partial result is written); 130 interrupted.
     """
-    interactive = sys.stderr.isatty() and not log_json
-    configure_logging(json=not interactive, level="warning" if interactive else "info")
-    err = Console(stderr=True, soft_wrap=True)
+    interactive, err, fail = start_command(log_json)
     report_path = report_path or out.with_name(out.stem + ".report.json")
-
-    fail = functools.partial(_fail, err)
     # The optimizer's gateway settings, for both modes.
     llm_options = optimizer_options(
         token_budget=token_budget,

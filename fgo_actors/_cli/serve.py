@@ -2,12 +2,10 @@
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 from typing import Any
 
 import click
-from rich.console import Console
 
 from .._core.errors import InputError, leaf_exceptions
 from .._llm import local
@@ -26,8 +24,8 @@ from .common import (
     default_completion_tokens,
     gateway_config,
     optimizer_options,
+    start_command,
 )
-from .logs import configure_logging
 
 
 @click.command("serve")
@@ -132,9 +130,7 @@ def serve_command(config_path: Path | None, log_json: bool, **flags: Any) -> Non
     from .._daemon import serve as _serve
     from .._daemon.http import LOOPBACK
 
-    interactive = sys.stderr.isatty() and not log_json
-    configure_logging(json=not interactive, level="info")
-    err = Console(stderr=True, soft_wrap=True)
+    _, err, _ = start_command(log_json, tty_level="info")
     try:
         settings = _serve.ServeSettings.load(config_path, flags)
     except (ValueError, TypeError) as e:
