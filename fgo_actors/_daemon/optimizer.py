@@ -403,7 +403,7 @@ class StreamingOptimizer:
         valid, rejected, duplicates = await trio.to_thread.run_sync(
             _validate_records, records, numbers, refused
         )
-        known = await self.store.call(self.store.sync.known_ids, [t.id for _, t, _ in valid])
+        known = await self.store.known_ids([t.id for _, t, _ in valid])
         fresh = [(n, t, b) for n, t, b in valid if t.id not in known]
         duplicates += len(valid) - len(fresh)
         rendered = await trio.to_thread.run_sync(
@@ -413,8 +413,7 @@ class StreamingOptimizer:
             self._render_max,
             self.config.run.group_key,
         )
-        added = await self.store.call(
-            self.store.sync.add_trajectories,
+        added = await self.store.add_trajectories(
             [(r, b) for r, (_, _, b) in zip(rendered, fresh, strict=True)],
             time.time(),
         )
@@ -451,10 +450,10 @@ class StreamingOptimizer:
         return None if self._latest is None else self._latest.module
 
     async def version(self, n: int) -> Version | None:
-        return await self.store.call(self.store.sync.version, n)
+        return await self.store.version(n)
 
     async def list_versions(self) -> list[Version]:
-        return await self.store.call(self.store.sync.versions)
+        return await self.store.versions()
 
     async def rollback(self, n: int) -> Version:
         """Publish version ``n``'s module again, as a new version; raises KeyError
@@ -474,9 +473,7 @@ class StreamingOptimizer:
             "trees": trees,
             "parents": [self._latest.n] if self._latest else [],
         }
-        version = await self.store.call(
-            self.store.sync.add_version, "published", target.module, lineage, time.time()
-        )
+        version = await self.store.add_version("published", target.module, lineage, time.time())
         self._latest = version
         self._published_trees = frozenset(trees)
         self._count["versions_published"] += 1
@@ -558,8 +555,7 @@ class StreamingOptimizer:
     # -- start-up ---------------------------------------------------------
     async def _resume(self) -> None:
         """Rebuild queues and forest from the store, then start the actors."""
-        sync = self.store.sync
-        counts = await self.store.call(sync.counts)
+        counts = await self.store.counts()
         self._trajectories = counts.trajectories
         self._count.update(
             subsets_done=counts.subsets_done,
@@ -567,17 +563,17 @@ class StreamingOptimizer:
             versions_published=counts.versions_published,
             versions_rejected=counts.versions_rejected,
         )
-        self._spent_before = await self.store.call(sync.tokens_spent)
-        self._latest = await self.store.call(sync.latest_version)
+        self._spent_before = await self.store.tokens_spent()
+        self._latest = await self.store.latest_version()
         if self._latest is not None:
             self._published_trees = frozenset(self._latest.lineage.get("trees", ()))
-        trees = await self.store.call(sync.forest_trees)
-        first_merge = await self.store.call(sync.max_node_number, "m") + 1
+        trees = await self.store.forest_trees()
+        first_merge = await self.store.max_node_number("m") + 1
         self._forest, jobs = MergeForest.restore(
             trees, fan_in=self.config.run.fan_in, first_id=first_merge
         )
-        pending = await self.store.call(sync.pending_subsets)
-        self._subset_number = await self.store.call(sync.next_subset_number)
+        pending = await self.store.pending_subsets()
+        self._subset_number = await self.store.next_subset_number()
         self._log.info(
             "daemon_resumed",
             trajectories=counts.trajectories,
@@ -622,7 +618,7 @@ class StreamingOptimizer:
         with out:
             while True:
                 self._stored = trio.Event()
-                rows = await self.store.call(self.store.sync.unassigned, after, FEED_BATCH)
+                rows = await self.store.unassigned(after, FEED_BATCH)
                 if not rows:
                     await self._stored.wait()
                     continue
@@ -663,7 +659,7 @@ class StreamingOptimizer:
     async def _seal(self, ids: Sequence[str], out: trio.MemorySendChannel[str]) -> None:
         subset_id = f"s{self._subset_number:06d}"
         self._subset_number += 1
-        await self.store.call(self.store.sync.create_subset, subset_id, ids, time.time())
+        await self.store.create_subset(subset_id, ids, time.time())
         self._queued -= len(ids)
         self._pending += 1
         self.events.emit("subset", subset=subset_id, trajectories=len(ids))
@@ -689,7 +685,7 @@ class StreamingOptimizer:
 
     async def _optimize(self, subset_id: str) -> MergeNode | None:
         structlog.contextvars.bind_contextvars(actor=f"optimizer/{subset_id}")
-        items = await self.store.call(self.store.sync.subset_items, subset_id)
+        items = await self.store.subset_items(subset_id)
         subset = Subset(id=subset_id, items=items)
         started = self._state.now()
         initial = self.config.initial
@@ -708,7 +704,7 @@ class StreamingOptimizer:
             except (UnitFailedError, BudgetExhaustedError) as e:
                 # Marked failed in the store (a restart tries it again); an
                 # invalid reply is also tried again in this run, after a pause.
-                await self.store.call(self.store.sync.fail_subset, subset_id, str(e))
+                await self.store.fail_subset(subset_id, str(e))
                 self._failures[subset_id] += 1
                 tries = self._failures[subset_id]
                 retry_in: float | None = None
@@ -741,7 +737,7 @@ class StreamingOptimizer:
             stats={**subset.stats(), "subsets": 1, "epochs": 1},
         )
         node = bounded(node, self.config.provenance_cap)
-        await self.store.call(self.store.sync.add_node, node, rank=0)
+        await self.store.add_node(node, rank=0)
         self._count["subsets_done"] += 1
         self.events.emit("optimize", subset=subset_id, rules=len(module.rules))
         return node
@@ -783,7 +779,7 @@ class StreamingOptimizer:
             return await self._run_merge(job, role)
 
     async def _run_merge(self, job: MergeJob, role: str) -> MergeNode:
-        children = [await self.store.call(self.store.sync.node, c) for c in job.children]
+        children = [await self.store.node(c) for c in job.children]
         missing = [c for c, n in zip(job.children, children, strict=True) if n is None]
         if missing:
             raise RuntimeError(f"merge {job.id}: children {missing} are not in the store")
@@ -803,7 +799,7 @@ class StreamingOptimizer:
                 )
                 await trio.sleep(self.config.retry_pause)
         node = bounded(node, self.config.provenance_cap)
-        await self.store.call(self.store.sync.add_node, node, rank=job.rank, role=role)
+        await self.store.add_node(node, rank=job.rank, role=role)
         self.events.emit(
             "merge", node=node.id, role=role, method=node.method, rules=len(node.module.rules)
         )
@@ -853,18 +849,18 @@ class StreamingOptimizer:
         root: MergeNode | None = None
         reused = 0
         for job in fold_plan(trees, self.config.run.fan_in):
-            root = await self.store.call(self.store.sync.node, job.id)
+            root = await self.store.node(job.id)
             if root is None:
                 root = await self._merge_node(job, role="fold")
             else:
                 reused += 1
         if root is None:  # a single tree
-            root = await self.store.call(self.store.sync.node, ids[0])
+            root = await self.store.node(ids[0])
         assert root is not None
         root_id = root.id
         self._log.info("folded", trees=len(ids), merges_reused=reused, node=root_id)
         self._published_trees = frozenset(ids)
-        stats = await self.store.call(self.store.sync.node_stats, ids)
+        stats = await self.store.node_stats(ids)
         lineage: dict[str, Any] = {
             "node": root_id,
             "trees": list(ids),
@@ -895,9 +891,7 @@ class StreamingOptimizer:
             }
             if _value(after) < _value(before):
                 status = "rejected"
-        version = await self.store.call(
-            self.store.sync.add_version, status, root.module, lineage, time.time()
-        )
+        version = await self.store.add_version(status, root.module, lineage, time.time())
         if status == "rejected":
             self._count["versions_rejected"] += 1
             self.events.emit("reject", version=version.n, node=root_id, scores=lineage["scores"])

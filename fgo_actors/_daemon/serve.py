@@ -256,20 +256,18 @@ async def watch_folder(
     while True:
         for path in sorted(await trio.to_thread.run_sync(lambda: list(folder.glob("*.jsonl")))):
             key = str(path.resolve())
-            offset, lines_read = await store.call(store.sync.offset, key)
+            offset, lines_read = await store.offset(key)
             chunk, size = await trio.to_thread.run_sync(_read_from, path, offset)
             if size < offset:
                 log.warning("file_truncated", path=str(path), offset=offset, size=size)
-                await store.call(store.sync.set_offset, key, 0, 0)
+                await store.set_offset(key, 0, 0)
                 continue
             end = chunk.rfind(b"\n") + 1
             if end == 0:
                 continue  # no complete line yet
             text = chunk[:end].decode("utf-8", errors="replace")
             await _ingest_lines(optimizer, str(path), lines_read + 1, text, max_record_bytes)
-            await store.call(
-                store.sync.set_offset, key, offset + end, lines_read + text.count("\n")
-            )
+            await store.set_offset(key, offset + end, lines_read + text.count("\n"))
         if once:
             return
         await trio.sleep(interval)

@@ -145,7 +145,7 @@ class PhaseCache(StoreCache):
 
     async def spent(self) -> dict[str, Spent]:
         """Paid calls and tokens by phase, over every run that used this file."""
-        by_role = await self.store.call(self.store.sync.tokens_spent)
+        by_role = await self.store.tokens_spent()
         out: dict[str, Spent] = {}
         for tagged, used in by_role.items():
             phase, _, role = tagged.rpartition("/")

@@ -521,6 +521,125 @@ class AsyncStore:
 
         return await trio.to_thread.run_sync(bound, limiter=self._one)
 
+    # One typed method per :class:`Store` method that async code uses, each
+    # running it through :meth:`call` (tests check that they match Store's).
+
+    # -- trajectories -----------------------------------------------------
+    async def add_trajectories(
+        self, items: Sequence[tuple[RenderedTrajectory, dict[str, Any]]], now: float
+    ) -> list[bool]:
+        """Insert trajectories with their bodies; for each, whether it was new."""
+        return await self.call(self.sync.add_trajectories, items, now)
+
+    async def known_ids(self, ids: Iterable[str]) -> set[str]:
+        return await self.call(self.sync.known_ids, ids)
+
+    async def unassigned(self, after: int = 0, limit: int = 1000) -> list[tuple[int, str, int]]:
+        """(seq, id, tokens) of up to ``limit`` trajectories in no subset, past ``after``."""
+        return await self.call(self.sync.unassigned, after, limit)
+
+    # -- subsets ----------------------------------------------------------
+    async def next_subset_number(self) -> int:
+        return await self.call(self.sync.next_subset_number)
+
+    async def create_subset(
+        self, subset_id: str, trajectory_ids: Sequence[str], now: float
+    ) -> None:
+        return await self.call(self.sync.create_subset, subset_id, trajectory_ids, now)
+
+    async def pending_subsets(self) -> list[str]:
+        """Subsets still to optimize (pending or failed), oldest first."""
+        return await self.call(self.sync.pending_subsets)
+
+    async def subset_items(self, subset_id: str) -> tuple[RenderedTrajectory, ...]:
+        return await self.call(self.sync.subset_items, subset_id)
+
+    async def fail_subset(self, subset_id: str, error: str) -> None:
+        return await self.call(self.sync.fail_subset, subset_id, error)
+
+    # -- forest nodes -----------------------------------------------------
+    async def add_node(self, node: MergeNode, *, rank: int, role: str = "forest") -> None:
+        """Record a finished node, marking its subsets done or its children merged."""
+        return await self.call(self.sync.add_node, node, rank=rank, role=role)
+
+    async def node(self, node_id: str) -> MergeNode | None:
+        return await self.call(self.sync.node, node_id)
+
+    async def node_stats(self, node_ids: Sequence[str]) -> list[dict[str, Any]]:
+        """The ``stats`` of each node (without reading their modules)."""
+        return await self.call(self.sync.node_stats, node_ids)
+
+    async def forest_trees(self) -> list[tuple[str, int]]:
+        """(node id, rank) of the forest's trees not yet merged, oldest first."""
+        return await self.call(self.sync.forest_trees)
+
+    async def max_node_number(self, prefix: str) -> int:
+        """The highest N among node ids ``{prefix}N``."""
+        return await self.call(self.sync.max_node_number, prefix)
+
+    # -- versions ---------------------------------------------------------
+    async def add_version(
+        self, status: str, module: Module, lineage: dict[str, Any], now: float
+    ) -> Version:
+        return await self.call(self.sync.add_version, status, module, lineage, now)
+
+    async def version(self, n: int) -> Version | None:
+        return await self.call(self.sync.version, n)
+
+    async def latest_version(self) -> Version | None:
+        """The newest published version."""
+        return await self.call(self.sync.latest_version)
+
+    async def versions(self) -> list[Version]:
+        return await self.call(self.sync.versions)
+
+    # -- LLM response cache and call log ----------------------------------
+    async def cached_response(self, key: str) -> dict[str, Any] | None:
+        return await self.call(self.sync.cached_response, key)
+
+    async def forget_response(self, key: str) -> None:
+        """Drop a cached response."""
+        return await self.call(self.sync.forget_response, key)
+
+    async def log_call(
+        self,
+        role: str,
+        *,
+        cached: bool,
+        prompt_tokens: int,
+        completion_tokens: int,
+        key: str | None = None,
+        response: dict[str, Any] | None = None,
+        now: float | None = None,
+    ) -> None:
+        """Log one call; with ``key`` and ``response``, also cache the response."""
+        return await self.call(
+            self.sync.log_call,
+            role,
+            cached=cached,
+            prompt_tokens=prompt_tokens,
+            completion_tokens=completion_tokens,
+            key=key,
+            response=response,
+            now=now,
+        )
+
+    async def tokens_spent(self) -> dict[str, dict[str, int]]:
+        """Tokens paid for (cache hits excluded), by role, ever."""
+        return await self.call(self.sync.tokens_spent)
+
+    # -- tailed files -----------------------------------------------------
+    async def offset(self, path: str) -> tuple[int, int]:
+        """(byte offset, lines) of ``path`` read so far."""
+        return await self.call(self.sync.offset, path)
+
+    async def set_offset(self, path: str, offset: int, line: int) -> None:
+        return await self.call(self.sync.set_offset, path, offset, line)
+
+    # -- counts -----------------------------------------------------------
+    async def counts(self) -> StoreCounts:
+        return await self.call(self.sync.counts)
+
 
 class StoreCache:
     """The store as the gateway's :class:`~fgo_actors._llm.gateway.ResponseCache`."""
@@ -530,18 +649,15 @@ class StoreCache:
 
     async def get(self, key: str, role: str) -> dict[str, Any] | None:
         """The cached response, if any; a hit is logged as a cached call."""
-        response = await self.store.call(self.store.sync.cached_response, key)
+        response = await self.store.cached_response(key)
         if response is not None:
-            await self.store.call(
-                self.store.sync.log_call, role, cached=True, prompt_tokens=0, completion_tokens=0
-            )
+            await self.store.log_call(role, cached=True, prompt_tokens=0, completion_tokens=0)
         return response
 
     async def put(self, key: str, role: str, response: dict[str, Any]) -> None:
         usage = response.get("usage")
         usage = usage if isinstance(usage, dict) else {}
-        await self.store.call(
-            self.store.sync.log_call,
+        await self.store.log_call(
             role,
             cached=False,
             prompt_tokens=int(usage.get("prompt_tokens") or 0),
@@ -551,4 +667,4 @@ class StoreCache:
         )
 
     async def forget(self, key: str) -> None:
-        await self.store.call(self.store.sync.forget_response, key)
+        await self.store.forget_response(key)
