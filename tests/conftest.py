@@ -2,52 +2,21 @@
 
 from __future__ import annotations
 
-import json
 import logging
 import re
 import select
 import subprocess
 import sys
-from collections.abc import Awaitable, Callable, Iterator
-from pathlib import Path
+from collections.abc import Iterator
 from typing import Any
 
 import pytest
 import structlog
 import trio
 
-from fgo_actors import DaemonConfig, GatewayConfig, RunConfig, Trajectory
-from fgo_actors.testing import FakeLLMServer, synthetic_trajectory
+from fgo_actors.testing import FakeLLMServer
 
-ROOT = Path(__file__).resolve().parent.parent
-EXAMPLES = ROOT / "examples" / "trajectories.jsonl"
-EXAMPLES_DIR = ROOT / "examples"
-# The small twc games the environment tests play: one room, two items, no doors.
-TWC = "numLocations=1,numItemsToPutAway=2,includeDoors=0"
-
-
-def expert_tidy() -> dict[str, Any]:
-    """The expert module's ``tidy`` function (JSON), for scripted optimizers to learn."""
-    module = json.loads((EXAMPLES_DIR / "twc_expert.json").read_text(encoding="utf-8"))
-    tidy: dict[str, Any] = module["functions"][0]
-    return tidy
-
-
-def run_fgo(
-    *args: str, env: dict[str, str] | None = None, timeout: float = 300
-) -> subprocess.CompletedProcess[str]:
-    """Run the ``fgo`` command line as a subprocess."""
-    return subprocess.run(
-        [sys.executable, "-m", "fgo_actors._cli", *args],
-        capture_output=True,
-        text=True,
-        env=env,
-        timeout=timeout,
-        check=False,
-    )
-
-
-StartLLM = Callable[..., Awaitable[tuple[FakeLLMServer, str]]]
+from .helpers import ROOT, StartLLM
 
 
 @pytest.fixture(autouse=True)
@@ -108,37 +77,6 @@ def server_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
             proc.kill()
             proc.wait(timeout=10)
         proc.stdout.close()
-
-
-def daemon_config(store: Path, url: str, **kw: Any) -> DaemonConfig:
-    """A streaming optimizer for tests: store at ``store``, the LLM at ``url``,
-    a 4k context, short waits; ``kw`` overrides any field."""
-    options: dict[str, Any] = {
-        "store": store,
-        "gateway": GatewayConfig(base_url=url, model="m", max_concurrency=4),
-        # A 400-token module cap leaves about 900 tokens of each subset for
-        # trajectories: six of make_trajectories' fit in one subset.
-        "run": RunConfig(context_tokens=4096, subset_tokens=2000, module_tokens=400),
-        "max_wait": 0.5,
-        "publish_interval": 0.0,
-        "retry_pause": 0.2,
-        **kw,
-    }
-    return DaemonConfig(**options)
-
-
-def make_trajectories(
-    n: int, *, steps: int = 4, words: int = 12, groups: int = 3, prefix: str = "t"
-) -> list[Trajectory]:
-    """Deterministic synthetic trajectories with varied sizes, groups and outcomes."""
-    return [
-        synthetic_trajectory(i, steps=steps, words=words, groups=groups, prefix=prefix)
-        for i in range(n)
-    ]
-
-
-def examples() -> list[dict[str, Any]]:
-    return [json.loads(line) for line in EXAMPLES.read_text().splitlines() if line.strip()]
 
 
 def pytest_terminal_summary(terminalreporter: Any) -> None:

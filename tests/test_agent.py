@@ -30,7 +30,7 @@ from fgo_actors._core.schemas import schema_error
 from fgo_actors.agent.envs import Task, TaskSet, TextWorldExpress
 from fgo_actors.agent.rollout import AgentConfig, collect, parse_choice, rollout, turn_message
 
-from .conftest import TWC, StartLLM, run_fgo
+from .helpers import TWC, StartLLM, run_fgo
 
 pytest.importorskip("textworld_express")
 

@@ -15,7 +15,7 @@ from fgo_actors import GatewayConfig, LLMGateway, LLMUnavailableError
 from fgo_actors._llm.aimd import Window
 from fgo_actors.testing import Fault
 
-from .conftest import StartLLM
+from .helpers import StartLLM
 
 
 @given(

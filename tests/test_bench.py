@@ -37,7 +37,7 @@ from fgo_actors.agent.envs import TaskSet
 from fgo_actors.agent.rollout import AgentConfig
 from fgo_actors.testing import schema_name_of, scripted_reply
 
-from .conftest import TWC, StartLLM, expert_tidy, run_fgo
+from .helpers import TWC, StartLLM, expert_tidy, run_fgo
 
 pytest.importorskip("textworld_express")
 

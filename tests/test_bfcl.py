@@ -43,7 +43,7 @@ from fgo_actors.agent.envs._bfcl import (
 )
 from fgo_actors.agent.rollout import AgentConfig, parse_call_reply, rollout
 
-from .conftest import StartLLM, run_fgo
+from .helpers import StartLLM, run_fgo
 
 pytest.importorskip("bfcl_eval")
 

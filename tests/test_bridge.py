@@ -10,7 +10,7 @@ import pytest
 from fgo_actors._daemon.bridge import _guests, open_optimizer_asyncio
 from fgo_actors._storage.store import StoreError
 
-from .conftest import daemon_config, make_trajectories
+from .helpers import daemon_config, make_trajectories
 
 
 def test_asyncio_program_submits_and_awaits_a_published_version(

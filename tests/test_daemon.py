@@ -20,7 +20,7 @@ from fgo_actors._daemon.optimizer import open_optimizer, parse_body
 from fgo_actors._storage.store import Store, StoreError
 from fgo_actors.testing import Fault, RecordedRequest, schema_name_of
 
-from .conftest import StartLLM, daemon_config, make_trajectories
+from .helpers import StartLLM, daemon_config, make_trajectories
 
 # ---------------------------------------------------------------- pure parts
 
@@ -139,27 +139,6 @@ def test_parse_body_json_jsonl_array_and_limits() -> None:
     assert [r.line for r in bad] == [2, 3]
     assert bad[0].reason.startswith("not JSON")
     assert "over the 50-byte limit" in bad[1].reason
-
-
-# ---------------------------------------------------------------- the store
-
-
-def test_store_rejects_a_file_that_is_not_sqlite(tmp_path: Path) -> None:
-    bogus = tmp_path / "notes.db"
-    bogus.write_text("these are my notes, not a database\n" * 50)
-    with pytest.raises(StoreError, match=r"notes\.db: cannot use as a store"):
-        Store(bogus)
-    assert bogus.read_text().startswith("these are my notes")
-
-
-def test_store_refuses_a_newer_schema(tmp_path: Path) -> None:
-    path = tmp_path / "s.db"
-    Store(path).close()
-    with sqlite3.connect(path) as db:
-        db.execute("UPDATE meta SET value = '99' WHERE key = 'schema'")
-    db.close()
-    with pytest.raises(StoreError, match="newer than this fgo"):
-        Store(path)
 
 
 # ---------------------------------------------------------------- the daemon
@@ -537,16 +516,6 @@ async def test_publish_pending_says_whether_the_latest_version_is_final(
     assert True in seen  # a version was due at some point before it came out
 
 
-def test_an_empty_store_file_is_refused_unless_asked_for(tmp_path: Path) -> None:
-    path = tmp_path / "fgo.db"
-    path.write_bytes(b"")
-    with pytest.raises(StoreError, match=r"fgo\.db: the store file is empty .* --init"):
-        Store(path, allow_empty=False)
-    assert path.read_bytes() == b""  # untouched
-    Store(path, allow_empty=True).close()  # --init: a new store in it
-    Store(path, allow_empty=False).close()  # now it holds a store
-
-
 async def test_a_damaged_store_names_itself(tmp_path: Path) -> None:
     from fgo_actors._storage.store import AsyncStore
 
@@ -576,15 +545,3 @@ async def test_the_daemon_refuses_an_empty_store(start_llm: StartLLM, tmp_path: 
             pass
     async with open_optimizer(daemon_config(tmp_path / "fgo.db", url, init=True)) as opt:
         assert opt.statistics().trajectories == 0
-
-
-@pytest.mark.parametrize(("durable", "level"), [(False, 1), (True, 2)])
-def test_durable_stores_sync_every_commit(tmp_path: Path, durable: bool, level: int) -> None:
-    """--durable is synchronous=FULL (2): a commit survives a power cut, not
-    only a crash; the default is NORMAL (1) with WAL."""
-    store = Store(tmp_path / "fgo.db", durable=durable)
-    try:
-        assert store._db.execute("PRAGMA synchronous").fetchone()[0] == level
-        assert store._db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
-    finally:
-        store.close()

@@ -15,7 +15,7 @@ from fgo_actors.agent.envs import TaskSet
 from fgo_actors.agent.rollout import AgentConfig
 from fgo_actors.testing import schema_name_of, scripted_reply
 
-from .conftest import TWC, StartLLM, expert_tidy, make_trajectories
+from .helpers import TWC, StartLLM, expert_tidy, make_trajectories
 
 pytest.importorskip("textworld_express")
 

@@ -40,7 +40,7 @@ from fgo_actors.agent.fncheck import (
 )
 from fgo_actors.testing import schema_name_of
 
-from .conftest import StartLLM
+from .helpers import StartLLM
 
 ARGS = "task, observation, valid_actions, history"
 

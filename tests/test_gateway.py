@@ -23,7 +23,7 @@ from fgo_actors import (
 from fgo_actors._storage.store import AsyncStore, Store, StoreCache
 from fgo_actors.testing import Fault
 
-from .conftest import StartLLM
+from .helpers import StartLLM
 
 MESSAGES = [{"role": "user", "content": "hello there"}]
 GOOD_OPTIMIZE = json.dumps({"actions": [{"op": "add_rule", "text": "be careful"}]})

@@ -35,7 +35,7 @@ from fgo_actors._core.prompts import PER_ITEM_SLACK, optimize_overhead_tokens, r
 from fgo_actors._core.schemas import schema_error
 from fgo_actors._llm import local
 
-from .conftest import EXAMPLES, ROOT
+from .helpers import EXAMPLES, ROOT
 
 
 @pytest.fixture

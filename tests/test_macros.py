@@ -18,7 +18,7 @@ from fgo_actors._core.schemas import schema_error
 from fgo_actors.agent.envs import Task, TextWorldExpress
 from fgo_actors.agent.rollout import AgentConfig, Macro, macros_from, offer_macros, rollout
 
-from .conftest import EXAMPLES_DIR, TWC, StartLLM
+from .helpers import EXAMPLES_DIR, TWC, StartLLM
 
 pytest.importorskip("textworld_express")
 

@@ -31,7 +31,7 @@ from fgo_actors._core.edits import (
 )
 from fgo_actors.testing import schema_name_of, scripted_reply
 
-from .conftest import StartLLM
+from .helpers import StartLLM
 
 SETTINGS = settings(max_examples=200, deadline=None)
 

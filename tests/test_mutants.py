@@ -36,7 +36,7 @@ from fgo_actors._core.stats import Z95, mean_interval
 from fgo_actors._daemon.bridge import _acquire_guest, _release_guest
 from fgo_actors.testing import Fault, synthetic_trajectory
 
-from .conftest import StartLLM
+from .helpers import StartLLM
 
 MESSAGES = [{"role": "user", "content": "hi"}]
 

@@ -26,7 +26,7 @@ from fgo_actors.agent.envs import Task, TaskSet
 from fgo_actors.agent.rollout import AgentConfig
 from fgo_actors.testing import schema_name_of, scripted_reply
 
-from .conftest import EXAMPLES_DIR, TWC, StartLLM, expert_tidy, run_fgo
+from .helpers import EXAMPLES_DIR, TWC, StartLLM, expert_tidy, run_fgo
 
 pytest.importorskip("textworld_express")
 

@@ -41,7 +41,7 @@ from fgo_actors import (
 from fgo_actors._daemon.http import make_app, serve_http
 from fgo_actors._storage.store import Store
 
-from .conftest import ROOT, StartLLM, daemon_config, make_trajectories
+from .helpers import ROOT, StartLLM, daemon_config, make_trajectories
 
 PROTOCOLS = ROOT / "protocols"
 # The spec's base URI: its relative $refs ("module.schema.json") resolve to

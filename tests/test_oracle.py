@@ -32,7 +32,7 @@ from fgo_actors.agent.envs import Environment, StepResult, Task, TaskSet, TextWo
 from fgo_actors.agent.oracle import collect_oracle, play_oracle
 from fgo_actors.agent.rollout import rollout
 
-from .conftest import TWC, StartLLM, run_fgo
+from .helpers import TWC, StartLLM, run_fgo
 from .test_agent import gold_path, numbered_actions
 
 pytest.importorskip("textworld_express")

@@ -19,16 +19,19 @@ from fgo_actors import (
     Rule,
     RunConfig,
     RunFailedError,
+    RunReport,
     RunResult,
     RunState,
     Trajectory,
     default_counter,
+    load_trajectories,
     run,
 )
 from fgo_actors._core.forest import expected_merges
 from fgo_actors._core.prompts import render_module
 from fgo_actors._core.schemas import schema_error
 from fgo_actors.testing import (
+    FakeLLMServer,
     Fault,
     RecordedRequest,
     consolidating_merge_policy,
@@ -37,7 +40,7 @@ from fgo_actors.testing import (
     scripted_reply,
 )
 
-from .conftest import StartLLM, make_trajectories
+from .helpers import EXAMPLES, MODULE_V, REPORT_V, StartLLM, errors_of, make_trajectories
 
 TRAJ_ID = re.compile(r"^### Trajectory (\S+)$", re.MULTILINE)
 
@@ -448,3 +451,53 @@ async def test_tool_calls_are_rendered_whatever_their_arguments(start_llm: Start
     async with _gw(url) as gateway:
         await run([trajectory], gateway, RunConfig(context_tokens=4096))
     assert '-> call act({"x": 1})' in _optimize_requests(server.requests)[0].prompt
+
+
+async def _run_pipeline(strategy: str, **config: Any) -> RunReport:
+    trajectories = load_trajectories(EXAMPLES)
+    server = FakeLLMServer()
+    async with trio.open_nursery() as nursery:
+        url = await nursery.start(server.serve)
+        gw_config = GatewayConfig(
+            base_url=url, model="fake", max_concurrency=3, max_completion_tokens=512
+        )
+        async with LLMGateway(gw_config) as gateway:
+            result = await run(
+                trajectories,
+                gateway,
+                RunConfig(strategy=strategy, **config),  # type: ignore[arg-type]
+            )
+        nursery.cancel_scope.cancel()
+    assert result.module is not None
+    assert errors_of(MODULE_V, result.module.to_json()) == []
+    return result.report
+
+
+@pytest.mark.parametrize(
+    ("strategy", "config"),
+    [
+        ("fgo", {"context_tokens": 3000}),
+        ("fgo", {"context_tokens": 3000, "fan_in": 3}),
+        ("batch", {"context_tokens": 3000}),
+        ("all-at-once", {}),
+    ],
+)
+async def test_pipeline_report_validates(strategy: str, config: dict[str, Any]) -> None:
+    report = await _run_pipeline(strategy, **config)
+    out = report.to_json()
+    assert errors_of(REPORT_V, out) == []
+    assert out["status"] == "ok"
+    assert out["strategy"] == strategy
+    assert out["trajectories"] == 24
+    assert out["llm_calls"]["optimize"] >= 1
+    if strategy == "fgo":
+        leaves = [n for n in out["merge_tree"] if n["kind"] == "leaf"]
+        assert len(leaves) == out["subsets"] > 1
+        root = next(n for n in out["merge_tree"] if n["id"] == out["root"])
+        assert sorted(root["subsets"]) == sorted(n["id"] for n in leaves)
+    else:
+        assert out["merge_tree"] == []
+        assert out["llm_calls"]["merge"] == 0
+    if strategy == "all-at-once":
+        assert out["cut_trajectories"] == 0
+        assert out["subsets"] == 1

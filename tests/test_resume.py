@@ -16,7 +16,7 @@ import trio
 
 from fgo_actors.testing import Fault, RecordedRequest, schema_name_of
 
-from .conftest import StartLLM
+from .helpers import StartLLM
 from .test_cli import CLI, EXAMPLES, ROOT, base_env, read_json
 
 ARGS = ["--context-tokens", "3000", "--max-concurrency", "4", "--retries", "0"]

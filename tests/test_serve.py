@@ -22,7 +22,7 @@ import trio
 
 from fgo_actors._llm.gateway import request_key
 
-from .conftest import ROOT, StartLLM, make_trajectories, run_fgo
+from .helpers import ROOT, StartLLM, make_trajectories, run_fgo
 
 LISTENING = re.compile(r"fgo serve: listening on (http://\S+)")
 

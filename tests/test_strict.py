@@ -16,7 +16,7 @@ from fgo_actors._llm.gateway import _wire_schema
 from fgo_actors._llm.strict import from_strict, strict_problems, strict_variant
 from fgo_actors.testing import Fault, scripted_reply
 
-from .conftest import StartLLM, expert_tidy, make_trajectories
+from .helpers import StartLLM, expert_tidy, make_trajectories
 
 NAMES = ("fgo_optimize", "fgo_merge")
 PROTOCOL = {"fgo_optimize": "optimize_response", "fgo_merge": "merge_response"}
