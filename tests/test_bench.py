@@ -140,7 +140,9 @@ async def test_bench_compares_every_strategy_on_the_same_held_out_seeds(
 ) -> None:
     server, url = await start_llm(policy=learns_the_tidy_function)
     config = BenchConfig(
-        train=TaskSet.parse("twc:train:0-3", params=TWC).tasks(),
+        # Enough training episodes that FGO's subsets (whose prompts show the
+        # empty initial module) cannot hold them all.
+        train=TaskSet.parse("twc:train:0-11", params=TWC).tasks(),
         test=TaskSet.parse("twc:test:0-3", params=TWC).tasks(),
         # Room for a module that holds the 2.2k-token tidy function.
         run=RunConfig(context_tokens=16384, subset_tokens=4600, module_tokens=3000),
@@ -148,15 +150,15 @@ async def test_bench_compares_every_strategy_on_the_same_held_out_seeds(
     )
     seen: list[tuple[str, int, float | None]] = []
     progress = BenchProgress(
-        episodes=4 + 4 * 4,
+        episodes=12 + 4 * 4,
         optimizations=3,
-        training_episodes=4,
+        training_episodes=12,
         on_change=lambda p: seen.append((p.phase, p.episodes_done, p.remaining_seconds())),
     )
     async with LLMGateway(GatewayConfig(base_url=url, model="m", max_concurrency=2)) as gw:
         result = await bench(config, gw, progress, out_dir=tmp_path / "early")
     # Written as they came: the training episodes and each optimized module.
-    assert len((tmp_path / "early" / "train.jsonl").read_text().splitlines()) == 4
+    assert len((tmp_path / "early" / "train.jsonl").read_text().splitlines()) == 12
     assert sorted(p.stem for p in (tmp_path / "early" / "modules").iterdir()) == [
         "all-at-once",
         "batch",
@@ -203,7 +205,7 @@ async def test_bench_compares_every_strategy_on_the_same_held_out_seeds(
     # Progress: phases in order, every episode counted, an estimate once one ended.
     phases = [phase for phase, _, _ in seen]
     assert phases.index("collect") < phases.index("optimize fgo") < phases.index("evaluate fgo")
-    assert seen[-1][:2] == ("done", 20)
+    assert seen[-1][:2] == ("done", 28)
     assert all(eta is not None for _, done, eta in seen if done > 0)
 
     paths = write_outputs(result, tmp_path / "out")

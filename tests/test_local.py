@@ -31,7 +31,12 @@ from fgo_actors import (
     default_counter,
     run,
 )
-from fgo_actors._core.prompts import PER_ITEM_SLACK, optimize_overhead_tokens, render_trajectory
+from fgo_actors._core.prompts import (
+    PER_ITEM_SLACK,
+    optimize_overhead_tokens,
+    render_module,
+    render_trajectory,
+)
 from fgo_actors._core.schemas import schema_error
 from fgo_actors._llm import local
 
@@ -257,9 +262,19 @@ async def test_real_local_model_optimizes_and_merges() -> None:
     ]
     counter = default_counter()
     module_tokens = 400
+    # Two rules to start from, so the merge has something to decide
+    # (a merge of at most one rule makes no call).
+    initial = Module(
+        rules=(
+            Rule(id="i.r1", text="Open a closed container before putting into it."),
+            Rule(id="i.r2", text="Read the task and act on its objects."),
+        )
+    )
     item = max(render_trajectory(t, counter, 10_000).tokens for t in trajectories)
     # Room for exactly one trajectory per subset: two optimize calls, one merge.
-    subset_tokens = optimize_overhead_tokens(counter, module_tokens) + item + PER_ITEM_SLACK + 8
+    # (A leaf's prompt shows the initial module, and sets aside only its size.)
+    shown = counter.count(render_module(initial))
+    subset_tokens = optimize_overhead_tokens(counter, shown) + item + PER_ITEM_SLACK + 8
     already_running = local.running()
     with local.serving() as server:
         cfg = GatewayConfig(
@@ -283,14 +298,7 @@ async def test_real_local_model_optimizes_and_merges() -> None:
                     subset_tokens=subset_tokens,
                     module_tokens=module_tokens,
                 ),
-                # Two rules to start from, so the merge has something to decide
-                # (a merge of at most one rule makes no call).
-                initial=Module(
-                    rules=(
-                        Rule(id="i.r1", text="Open a closed container before putting into it."),
-                        Rule(id="i.r2", text="Read the task and act on its objects."),
-                    )
-                ),
+                initial=initial,
             )
     report = result.report
     assert report.status == "ok"

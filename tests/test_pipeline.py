@@ -142,6 +142,37 @@ async def test_no_optimize_prompt_exceeds_subset_budget(
         assert "middle omitted" in optimize[0].body["messages"][1]["content"]
 
 
+async def test_leaf_prompts_spend_the_module_cap_on_trajectories(start_llm: StartLLM) -> None:
+    """An FGO leaf's prompt shows the initial module, so the room a grown module
+    would need goes to trajectories; batch shows a growing module and keeps it."""
+    server, url = await start_llm()
+    trajectories = make_trajectories(40)
+    subset_tokens, cap = 1600, 700
+    config = RunConfig(context_tokens=4096, subset_tokens=subset_tokens, module_tokens=cap)
+    counter = default_counter()
+
+    fgo = await _run(url, trajectories, config)
+    fgo_sizes = [
+        counter.count_messages(r.body["messages"]) for r in _optimize_requests(server.requests)
+    ]
+    assert max(fgo_sizes) <= subset_tokens
+    assert max(fgo_sizes) > subset_tokens - cap  # impossible with the cap set aside
+
+    server.requests.clear()
+    batch = await _run(
+        url,
+        trajectories,
+        RunConfig(
+            strategy="batch", context_tokens=4096, subset_tokens=subset_tokens, module_tokens=cap
+        ),
+    )
+    batch_sizes = [
+        counter.count_messages(r.body["messages"]) for r in _optimize_requests(server.requests)
+    ]
+    assert max(batch_sizes) <= subset_tokens
+    assert batch.report.subsets > fgo.report.subsets
+
+
 async def test_merge_starts_before_slowest_subset_finishes(
     start_llm: StartLLM, autojump_clock: trio.testing.MockClock
 ) -> None:

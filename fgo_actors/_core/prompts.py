@@ -353,8 +353,8 @@ def reask_message(counter: TokenCounter, error: str) -> dict[str, str]:
 
 
 def optimize_overhead_tokens(counter: TokenCounter, module_tokens: int) -> int:
-    """Tokens of an optimize prompt with no trajectories and a module of ``module_tokens``,
-    including the room reserved for a re-ask note."""
+    """Tokens of an optimize prompt with no trajectories and a module of ``module_tokens``
+    (as the prompt shows it), including the room reserved for a re-ask note."""
     empty = optimize_messages(Module(), (), module_tokens=module_tokens)
     base = counter.count_messages(empty) - counter.count(render_module(Module()))
     return base + module_tokens + REASK_TOKENS + SCORING_TOKENS + 16

@@ -174,8 +174,22 @@ def _item_budget(gateway: LLMGateway, config: RunConfig, initial: Module) -> tup
                 f"({completion}) exceeds --context-tokens ({config.context_tokens}); "
                 "lower --module-tokens or --fan-in"
             )
-    overhead = optimize_overhead_tokens(counter, module_tokens)
+    overhead = optimize_overhead_tokens(counter, _shown_module_tokens(gateway, config, initial))
     return module_tokens, item_budget(config.subset_budget, overhead)
+
+
+def _shown_module_tokens(gateway: LLMGateway, config: RunConfig, initial: Module) -> int:
+    """Room to keep for the module an optimize prompt shows.
+
+    With one epoch, every FGO leaf and the all-at-once prompt start from the
+    initial module, so that is all their prompts show: what an edit adds is in
+    the reply, not the prompt. Batch, and any later epoch, show a module that
+    may have grown to its cap.
+    """
+    cap = _module_cap(gateway, config, initial)
+    if config.epochs == 1 and config.strategy != "batch":
+        return gateway.counter.count(render_module(initial))
+    return cap
 
 
 async def _run_fgo(
@@ -288,7 +302,9 @@ async def _run_all_at_once(
 ) -> Module:
     """Baseline: one prompt per epoch with every trajectory that fits the context."""
     module_tokens = _module_cap(gateway, config, initial)
-    overhead = optimize_overhead_tokens(gateway.counter, module_tokens)
+    overhead = optimize_overhead_tokens(
+        gateway.counter, _shown_module_tokens(gateway, config, initial)
+    )
     room = item_budget(
         config.context_tokens - gateway.config.max_completion_tokens,
         overhead,
