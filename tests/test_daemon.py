@@ -486,10 +486,20 @@ def test_parse_body_refuses_a_deep_record_alone() -> None:
     records, bad = parse_body(json.dumps([{"a": 1}, medium, {"b": 2}]))
     assert records == [(1, {"a": 1}), (3, {"b": 2})]
     assert [r.line for r in bad] == [2]
-    # An array too deep to parse at all is refused whole, with a reason.
+    # An element too deep for the parser is refused alone too, by its index
+    # (a red-team round found the good ones beside it lost).
+    records, bad = parse_body("[" + ", ".join(['{"a": 1}', deep, '{"b": 2}', '{"c": nope}']) + "]")
+    assert records == [(1, {"a": 1}), (3, {"b": 2})]
+    assert [(r.line, r.reason.split(":")[0]) for r in bad] == [(2, "refused JSON"), (4, "not JSON")]
     records, bad = parse_body("[" + deep + "]")
     assert records == []
-    assert "nested more than 64" in bad[0].reason
+    assert [(r.line, r.reason) for r in bad] == [
+        (1, "refused JSON: nested more than 64 levels deep")
+    ]
+    # A deep array that is not well-bracketed is refused whole, with a reason.
+    records, bad = parse_body("[" + deep + ", ")
+    assert records == []
+    assert "not well-formed" in bad[0].reason
 
 
 async def test_publish_pending_says_whether_the_latest_version_is_final(

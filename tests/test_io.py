@@ -15,6 +15,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from fgo_actors import InputError, atomic_write_json, load_module, load_trajectories
+from fgo_actors._core.io import split_json_array
 
 from .helpers import (
     EXAMPLES,
@@ -464,3 +465,32 @@ def test_atomic_write_jsonl_writes_one_object_per_line(tmp_path: Path) -> None:
         atomic_write_jsonl(target, [{"bad": {1, 2}}])
     assert len(target.read_text().splitlines()) == 3  # untouched by the failed write
     assert sorted(p.name for p in tmp_path.iterdir()) == ["rows.jsonl"]
+
+
+# JSON values whose strings hold the characters the array scanner must see past.
+_json_values = st.recursive(
+    st.none()
+    | st.booleans()
+    | st.integers()
+    | st.text(alphabet=st.sampled_from('ab"\\[]{},: \n\u00e9'), max_size=8),
+    lambda children: (
+        st.lists(children, max_size=4)
+        | st.dictionaries(st.text(alphabet='k"\\[]{},', max_size=4), children, max_size=4)
+    ),
+    max_leaves=12,
+)
+
+
+@given(st.lists(_json_values, max_size=6), st.sampled_from([None, 1]))
+def test_split_json_array_finds_each_element(values: list[object], indent: int | None) -> None:
+    items = split_json_array(json.dumps(values, indent=indent))
+    assert items is not None
+    assert [json.loads(i) for i in items] == values
+
+
+def test_split_json_array_refuses_what_is_not_one_array() -> None:
+    for text in ['{"a": 1}', "[1, 2", "[1, 2]]", "[1, 2] x", "[1,]", "x[1]", "[1, 2}"]:
+        assert split_json_array(text) is None, text
+    assert split_json_array("[]") == []
+    deep = "[" * 2000 + "]" * 2000
+    assert split_json_array(f"[1, {deep}]") == ["1", f" {deep}"]

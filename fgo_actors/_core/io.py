@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import tempfile
 from collections.abc import Callable, Iterable
 from pathlib import Path
@@ -54,6 +55,49 @@ def json_depth(value: Any) -> int:
         deepest = max(deepest, depth)
         stack.extend((child, depth) for child in children)
     return deepest
+
+
+# A JSON string literal, or one structural character that matters for
+# finding an array's elements.
+_JSON_TOKEN = re.compile(r'"(?:[^"\\]|\\.)*"|[\[\]{},]', re.DOTALL)
+
+
+def split_json_array(text: str) -> list[str] | None:
+    """The texts of the top-level elements of the JSON array ``text`` (which
+    must start with ``[``), found by scanning its brackets and strings rather
+    than parsing it, so an element nested too deep for Python's parser is still
+    found, and can be refused alone. None when ``text`` is not one well-bracketed
+    array (the elements themselves are not checked: parse each one)."""
+    depth = 0
+    start = 0
+    items: list[str] = []
+    for m in _JSON_TOKEN.finditer(text):
+        token = m.group()
+        if token[0] == '"':
+            continue
+        if token in "[{":
+            if depth == 0 and (token != "[" or m.start() != 0):
+                return None
+            depth += 1
+            if depth == 1:
+                start = m.end()
+        elif token in "]}":
+            depth -= 1
+            if depth < 0:
+                return None
+            if depth == 0:
+                if token != "]" or text[m.end() :].strip():
+                    return None
+                last = text[start : m.start()]
+                if last.strip():
+                    items.append(last)
+                elif items:  # a trailing comma
+                    return None
+                return items
+        elif depth == 1:  # a comma between two elements
+            items.append(text[start : m.start()])
+            start = m.end()
+    return None
 
 
 def load_trajectories(path: str | os.PathLike[str]) -> list[Trajectory]:

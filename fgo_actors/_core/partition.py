@@ -144,7 +144,8 @@ def item_budget(
     if room < MIN_ITEM_ROOM:
         raise ValueError(
             f"{what} ({subset_tokens} tokens) leaves only {room} tokens for trajectories "
-            f"after the prompt template, the module and the re-ask room ({overhead_tokens} tokens); "
+            "after the prompt template, the module and the re-ask room "
+            f"({overhead_tokens} tokens); "
             f"{fix}"
         )
     return room

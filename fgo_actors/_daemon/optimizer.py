@@ -37,7 +37,14 @@ import trio
 
 from .._core.errors import BudgetExhaustedError, InputError, LLMUnavailableError, UnitFailedError
 from .._core.forest import MergeForest, MergeJob, fold_plan
-from .._core.io import MAX_JSON_DEPTH, TOO_DEEP, JSONTooDeepError, json_depth, loads
+from .._core.io import (
+    MAX_JSON_DEPTH,
+    TOO_DEEP,
+    JSONTooDeepError,
+    json_depth,
+    loads,
+    split_json_array,
+)
 from .._core.model import MergeNode, Module, RenderedTrajectory, Subset, Trajectory
 from .._core.partition import StreamPacker
 from .._core.playbook import with_plays
@@ -233,6 +240,32 @@ def _validate_records(
     return valid, rejected, duplicates
 
 
+def _parse_elements(
+    text: str, max_record_bytes: int | None
+) -> tuple[list[tuple[int, object]], list[Rejected]]:
+    """An array body parsed element by element (see ``split_json_array``), so
+    an element too deep to parse is refused alone and the rest are kept."""
+    items = split_json_array(text)
+    if items is None:
+        return [], [Rejected(1, f"refused JSON: {TOO_DEEP}, in an array that is not well-formed")]
+    kept: list[tuple[int, object]] = []
+    refused: list[Rejected] = []
+    for i, item in enumerate(items, start=1):
+        size = len(item.strip().encode())
+        if max_record_bytes is not None and size > max_record_bytes:
+            refused.append(
+                Rejected(i, f"record is {size} bytes, over the {max_record_bytes}-byte limit")
+            )
+            continue
+        try:
+            kept.append((i, loads(item)))
+        except JSONTooDeepError as e:
+            refused.append(Rejected(i, f"refused JSON: {e}"))
+        except json.JSONDecodeError as e:
+            refused.append(Rejected(i, f"not JSON: {e.msg}"))
+    return kept, refused
+
+
 def parse_body(
     text: str, *, max_record_bytes: int | None = None
 ) -> tuple[list[tuple[int, object]], list[Rejected]]:
@@ -247,8 +280,8 @@ def parse_body(
             value = json.loads(stripped)
         except json.JSONDecodeError as e:
             return [], [Rejected(e.lineno, f"not JSON: {e.msg}")]
-        except RecursionError:  # too deep to parse at all: the whole array
-            return [], [Rejected(1, f"refused JSON: {TOO_DEEP}")]
+        except RecursionError:  # an element too deep for the parser: one at a time
+            return _parse_elements(stripped, max_record_bytes)
         if isinstance(value, list):
             kept: list[tuple[int, object]] = []
             refused: list[Rejected] = []
