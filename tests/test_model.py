@@ -10,7 +10,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from fgo_actors import Failure, MergeNode, Module, RunReport, Trajectory
+from fgo_actors import Failure, MergeNode, Module, Rule, RunReport, Trajectory
 
 from .helpers import (
     MODULE_V,
@@ -253,3 +253,21 @@ def test_report_schema_rejects_bad_reports() -> None:
         assert errors_of(REPORT_V, {**out, key: value}) != [], key
     missing = {k: v for k, v in out.items() if k != "merge_tree"}
     assert errors_of(REPORT_V, missing) != []
+
+
+def test_a_leaf_is_one_subset_optimized() -> None:
+    module = Module(rules=(Rule(id="s1.r1", text="Open it first."),))
+    leaf = MergeNode.leaf(
+        "s1", module, started_at=1.0, finished_at=2.5, stats={"trajectories": 3, "subsets": 7}
+    )
+    assert (leaf.id, leaf.kind, leaf.method, leaf.children, leaf.subsets) == (
+        "s1",
+        "leaf",
+        "llm",
+        (),
+        ("s1",),
+    )
+    assert leaf.module == module
+    assert (leaf.started_at, leaf.finished_at) == (1.0, 2.5)
+    # A leaf stands for exactly one subset, whatever the caller's stats say.
+    assert leaf.stats == {"trajectories": 3, "subsets": 1}

@@ -393,6 +393,24 @@ class MergeNode:
     method: NodeMethod = "llm"
     stats: JSON = attrs.field(factory=dict, eq=False)
 
+    @classmethod
+    def leaf(
+        cls, subset_id: str, module: Module, *, started_at: float, finished_at: float, stats: JSON
+    ) -> MergeNode:
+        """The leaf of one optimized subset (batch, online and the daemon alike);
+        ``stats`` describe the subset and how it was optimized."""
+        return cls(
+            id=subset_id,
+            kind="leaf",
+            module=module,
+            children=(),
+            subsets=(subset_id,),
+            started_at=started_at,
+            finished_at=finished_at,
+            method="llm",
+            stats={**stats, "subsets": 1},
+        )
+
     def to_json(self) -> JSON:
         out: JSON = {
             "id": self.id,

@@ -759,15 +759,12 @@ class StreamingOptimizer:
                     retry_in=self.config.retry_pause,
                 )
                 await trio.sleep(self.config.retry_pause)
-        node = MergeNode(
-            id=subset_id,
-            kind="leaf",
-            module=module,
-            children=(),
-            subsets=(subset_id,),
+        node = MergeNode.leaf(
+            subset_id,
+            module,
             started_at=started,
             finished_at=self._state.now(),
-            stats={**subset.stats(), "subsets": 1, "epochs": 1},
+            stats={**subset.stats(), "epochs": 1},
         )
         node = bounded(node, self.config.provenance_cap)
         await self.store.add_node(node, rank=0)

@@ -309,16 +309,12 @@ async def optimize_online(
             if stale >= config.patience:
                 break
         state.subsets_done += 1
-        return MergeNode(
-            id=subset_id,
-            kind="leaf",
-            module=current,
-            children=(),
-            subsets=(subset_id,),
+        return MergeNode.leaf(
+            subset_id,
+            current,
             started_at=started,
             finished_at=state.now(),
-            method="llm",
-            stats={"trajectories": len(subset), "subsets": 1, "score": value[0]},
+            stats={"trajectories": len(subset), "score": value[0]},
         )
 
     async def gated_merge(job: MergeJob) -> None:

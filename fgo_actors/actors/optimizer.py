@@ -147,16 +147,12 @@ async def optimizer(
                 log.warning("subset_not_optimized", subset=subset.id)
                 await out.send((subset.id, None))
                 continue
-            node = MergeNode(
-                id=subset.id,
-                kind="leaf",
-                module=module,
-                children=(),
-                subsets=(subset.id,),
+            node = MergeNode.leaf(
+                subset.id,
+                module,
                 started_at=started,
                 finished_at=state.now(),
-                method="llm",
-                stats={**subset.stats(), "subsets": 1, "epochs": done_epochs},
+                stats={**subset.stats(), "epochs": done_epochs},
             )
             log.info("subset_optimized", subset=subset.id, rules=len(module.rules))
             await out.send((subset.id, node))
