@@ -6,6 +6,8 @@ import ast
 import json
 from typing import Any
 
+import trio
+import trio.testing
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -13,6 +15,8 @@ from fgo_actors import (
     FunctionSpec,
     GatewayConfig,
     LLMGateway,
+    MergeForest,
+    MergeJob,
     Module,
     Outcome,
     Rule,
@@ -29,6 +33,7 @@ from fgo_actors._core.edits import (
     merge_input,
     union_merge,
 )
+from fgo_actors.actors.merger import ForestRunner
 from fgo_actors.testing import schema_name_of, scripted_reply
 
 from .helpers import StartLLM
@@ -433,3 +438,32 @@ async def test_a_function_that_fails_on_a_sibling_subsets_turns_is_cut_on_record
     assert [d["id"] for d in cuts] == ["narrow"]
     assert "not written from" in cuts[0]["reason"]
     assert "only ever saw alpha rooms" in cuts[0]["reason"]
+
+
+async def test_the_forest_runner_starts_each_merge_once_as_soon_as_it_is_scheduled(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    forest = MergeForest(2)
+    started: list[tuple[str, float]] = []
+    finished: list[str] = []
+
+    async def merge(job: MergeJob) -> str:
+        started.append((job.id, trio.current_time()))
+        await trio.sleep(10)
+        return job.id
+
+    async def done(job: MergeJob, node_id: str) -> None:
+        finished.append(node_id)
+        runner.complete(job, node_id)
+
+    async with trio.open_nursery() as nursery:
+        runner = ForestRunner(forest, nursery, merge, done)
+        for i in range(5):
+            runner.add_leaf(f"s{i}")
+        assert runner.running == 2  # s0+s1 and s2+s3, at once
+        runner.close()
+    # Five leaves make four merges, each run once; the second rank waited for the first.
+    assert [t for _, t in started] == [0.0, 0.0, 10.0, 20.0]
+    assert sorted(finished) == sorted(job for job, _ in started)
+    assert runner.running == 0
+    assert forest.root() == started[-1][0]

@@ -51,7 +51,7 @@ from .._core.playbook import with_plays
 from .._core.prompts import PER_ITEM_SLACK, render_trajectory
 from .._llm.gateway import GatewayConfig, LLMGateway
 from .._storage.store import AsyncStore, Store, StoreCache, Version
-from ..actors.merger import merge_modules
+from ..actors.merger import ForestRunner, merge_modules
 from ..actors.online import module_key
 from ..actors.optimizer import optimize_subset
 from ..actors.run import _item_budget
@@ -381,6 +381,7 @@ class StreamingOptimizer:
         self._optimizing = 0
         self._in_transit = 0  # leaves sent to the merger, not yet in the forest
         self._forest: MergeForest | None = None
+        self._runner: ForestRunner | None = None  # runs the forest's merges
         self._folding = False
         self._latest: Version | None = None
         self._published_trees: frozenset[str] = frozenset()
@@ -622,7 +623,8 @@ class StreamingOptimizer:
         self._subsets_recv.close()
         self._leaves_send.close()
         n.start_soon(self._merger, self._leaves_recv)
-        self._launch(jobs)
+        self._runner = ForestRunner(self._forest, n, self._merge, self._merged)
+        self._runner.launch(jobs)
         n.start_soon(self._publisher)
         # Subsets sealed before a restart go first, then the unpacked backlog.
         subsets_send = self._subsets_send.clone()
@@ -783,22 +785,20 @@ class StreamingOptimizer:
 
     async def _merger(self, inp: trio.MemoryReceiveChannel[tuple[str, int]]) -> None:
         structlog.contextvars.bind_contextvars(actor="merger")
-        assert self._forest is not None
+        assert self._runner is not None
         with inp:
             async for node_id, _rank in inp:
-                self._launch(self._forest.add_leaf(node_id))
+                self._runner.add_leaf(node_id)
                 self._in_transit -= 1
                 self._changed.set()
                 self._poke()
 
-    def _launch(self, jobs: Sequence[MergeJob]) -> None:
-        for job in jobs:
-            self._nursery.start_soon(self._merge, job, name=f"merge {job.id}")
+    async def _merge(self, job: MergeJob) -> str:
+        return (await self._merge_node(job, role="forest")).id
 
-    async def _merge(self, job: MergeJob) -> None:
-        assert self._forest is not None
-        node = await self._merge_node(job, role="forest")
-        self._launch(self._forest.complete(job, node.id))
+    async def _merged(self, job: MergeJob, node_id: str) -> None:
+        assert self._runner is not None
+        self._runner.complete(job, node_id)
         self._changed.set()
         self._poke()
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -157,6 +157,48 @@ async def merge_modules(
     )
 
 
+@attrs.define
+class ForestRunner:
+    """Runs the merges a :class:`MergeForest` schedules, each as a task in
+    ``nursery`` from the moment the forest schedules it: the one forest
+    driver of batch runs, online runs and the daemon.
+
+    ``merge(job)`` runs one merge and returns the id of the node it made.
+    Then ``done(job, node_id)`` is awaited; by default it tells the forest
+    (:meth:`complete`), which may schedule the next merges. A caller that
+    must record or order the events first passes its own ``done`` and calls
+    :meth:`complete` from it.
+    """
+
+    forest: MergeForest
+    nursery: trio.Nursery
+    merge: Callable[[MergeJob], Awaitable[str]]
+    done: Callable[[MergeJob, str], Awaitable[None]] | None = None
+    running: int = 0  # merges started and not yet finished
+
+    def add_leaf(self, node_id: str) -> None:
+        self.launch(self.forest.add_leaf(node_id))
+
+    def complete(self, job: MergeJob, node_id: str) -> None:
+        self.launch(self.forest.complete(job, node_id))
+
+    def close(self) -> None:
+        self.launch(self.forest.close())
+
+    def launch(self, jobs: Sequence[MergeJob]) -> None:
+        for job in jobs:
+            self.running += 1
+            self.nursery.start_soon(self._run, job, name=f"merge {job.id}")
+
+    async def _run(self, job: MergeJob) -> None:
+        node_id = await self.merge(job)
+        self.running -= 1
+        if self.done is None:
+            self.complete(job, node_id)
+        else:
+            await self.done(job, node_id)
+
+
 async def merger(
     inp: trio.MemoryReceiveChannel[tuple[str, MergeNode | None]],
     *,
@@ -183,7 +225,6 @@ async def merger(
     sequencer = Sequencer()
     applied = 0
     jobs: dict[str, MergeJob] = {}
-    running = 0
     closed = False
     lock = trio.Lock()
 
@@ -202,13 +243,25 @@ async def merger(
 
     async with trio.open_nursery() as nursery:
 
-        def launch(new: list[MergeJob]) -> None:
-            nonlocal running
-            for job in new:
-                log.info("merge_started", node=job.id, children=list(job.children))
-                jobs[job.id] = job
-                running += 1
-                nursery.start_soon(run_merge, job, name=f"merge {job.id}")
+        async def run_merge(job: MergeJob) -> str:
+            log.info("merge_started", node=job.id, children=list(job.children))
+            jobs[job.id] = job
+            structlog.contextvars.bind_contextvars(actor=f"merger/{job.id}")
+            children = [state.nodes[c] for c in job.children]
+            node = await merge_modules(
+                gateway, job, children, module_tokens=module_tokens, state=state
+            )
+            state.add_node(node)
+            state.merges_done += 1
+            log.info(
+                "merge_finished", node=node.id, method=node.method, rules=len(node.module.rules)
+            )
+            return node.id
+
+        async def merged(job: MergeJob, node_id: str) -> None:
+            await happened(f"merge:{job.id}")
+
+        runner = ForestRunner(forest, nursery, run_merge, merged)
 
         async def happened(event: str) -> None:
             nonlocal applied
@@ -225,7 +278,7 @@ async def merger(
                             await journal.append_async({"event": event})
                         apply(event)
                     ready = []
-                    if closed and running == 0 and sequencer.replaying:
+                    if closed and runner.running == 0 and sequencer.replaying:
                         # Nothing left could bring the next recorded event (the
                         # data or the replies changed): go on in arrival order.
                         log.warning("merge_order_abandoned", waiting=len(sequencer.held))
@@ -234,28 +287,13 @@ async def merger(
         def apply(event: str) -> None:
             kind, _, name = event.partition(":")
             if kind == "leaf":
-                launch(forest.add_leaf(name))
+                runner.add_leaf(name)
             elif kind == "merge":
-                launch(forest.complete(jobs[name], name))
+                runner.complete(jobs[name], name)
             elif kind == "close":
                 if state.subsets_total is not None and state.subsets_done >= state.subsets_total:
                     state.phase = "merging"
-                launch(forest.close())
-
-        async def run_merge(job: MergeJob) -> None:
-            nonlocal running
-            structlog.contextvars.bind_contextvars(actor=f"merger/{job.id}")
-            children = [state.nodes[c] for c in job.children]
-            node = await merge_modules(
-                gateway, job, children, module_tokens=module_tokens, state=state
-            )
-            state.add_node(node)
-            state.merges_done += 1
-            log.info(
-                "merge_finished", node=node.id, method=node.method, rules=len(node.module.rules)
-            )
-            running -= 1
-            await happened(f"merge:{job.id}")
+                runner.close()
 
         with inp:
             async for subset_id, leaf in inp:

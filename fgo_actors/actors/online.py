@@ -43,7 +43,7 @@ from ..agent.envs import Task
 from ..agent.eval import evaluate
 from ..agent.rollout import AgentConfig
 from . import optimize_unit
-from .merger import merge_modules
+from .merger import ForestRunner, merge_modules
 from .partitioner import render_all
 from .state import RunState
 
@@ -317,7 +317,7 @@ async def optimize_online(
             stats={"trajectories": len(subset), "score": value[0]},
         )
 
-    async def gated_merge(job: MergeJob) -> None:
+    async def gated_merge(job: MergeJob) -> str:
         children = [state.nodes[c] for c in job.children]
         node = await merge_modules(
             gateway, job, children, module_tokens=config.module_tokens, state=state
@@ -347,16 +347,10 @@ async def optimize_online(
                     stats={**node.stats, "gate_kept": kept},
                 )
         state.add_node(node)
+        return node.id
 
     async with trio.open_nursery() as nursery:
-
-        def launch(jobs: list[MergeJob]) -> None:
-            for job in jobs:
-                nursery.start_soon(run_merge, job)
-
-        async def run_merge(job: MergeJob) -> None:
-            await gated_merge(job)
-            launch(forest.complete(job))
+        runner = ForestRunner(forest, nursery, gated_merge)
 
         async def run_subset(index: int, subset: list[Task]) -> None:
             subset_id = f"s{index + 1:03d}"
@@ -364,13 +358,13 @@ async def optimize_online(
                 leaf = await improve(subset_id, subset)
             state.add_node(leaf)
             tasks_of[leaf.id] = subset
-            launch(forest.add_leaf(leaf.id))
+            runner.add_leaf(leaf.id)
 
         async with trio.open_nursery() as subsets_nursery:
             for i, subset in enumerate(subsets):
                 subsets_nursery.start_soon(run_subset, i, subset)
         state.phase = "merging"
-        launch(forest.close())
+        runner.close()
     root = forest.root()
     assert root is not None
     state.phase = "done"
