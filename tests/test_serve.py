@@ -16,6 +16,7 @@ from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
+import attrs
 import httpx
 import pytest
 import trio
@@ -351,3 +352,34 @@ async def test_web_pages_cannot_post_roll_back_or_rebind(
         )
         assert reply.status_code == 202
         assert reply.json()["accepted"] == 1
+
+
+def test_the_daemon_defaults_are_written_once() -> None:
+    """DaemonConfig, ServeSettings and the help of fgo serve read one table."""
+    from click.testing import CliRunner
+
+    from fgo_actors import DaemonConfig
+    from fgo_actors._cli.main import main
+    from fgo_actors._daemon import defaults
+    from fgo_actors._daemon.serve import ServeSettings
+
+    settings = attrs.fields_dict(ServeSettings)
+    config = attrs.fields_dict(DaemonConfig)
+    for name in (
+        "max_wait",
+        "publish_interval",
+        "max_pending_subsets",
+        "max_queued",
+        "retry_pause",
+    ):
+        assert settings[name].default == config[name].default == getattr(defaults, name.upper())
+    help_text = " ".join(CliRunner().invoke(main, ["serve", "--help"]).output.split())
+    for shown in (
+        f"[default: {defaults.MAX_WAIT:g}]",
+        f"[default: {defaults.PUBLISH_INTERVAL:g}]",
+        f"[default: {defaults.MAX_PENDING_SUBSETS}]",
+        f"[default: {defaults.GRACE:g}]",
+        f"[default: {defaults.MAX_BODY_BYTES}]",
+        f"[default: {defaults.PORT};",
+    ):
+        assert shown in help_text

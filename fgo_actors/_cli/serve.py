@@ -8,6 +8,7 @@ from typing import Any
 import click
 
 from .._core.errors import InputError, leaf_exceptions
+from .._daemon import defaults
 from .._llm import local
 from .._storage.store import StoreError
 from .common import (
@@ -38,7 +39,7 @@ from .common import (
 @click.option(
     "--store",
     type=click.Path(dir_okay=False, path_type=Path),
-    help="SQLite store [default: fgo.db].",
+    help=f"SQLite store [default: {defaults.STORE}].",
 )
 @click.option(
     "--durable/--no-durable",
@@ -52,10 +53,13 @@ from .common import (
     help="Start a new store in a --store file that exists but is empty (refused otherwise: "
     "a store cut to 0 bytes would lose its history without a word).",
 )
-@click.option("--host", help="Address to bind [default: 127.0.0.1; others need a token].")
-@click.option("--port", type=int, help="Port to bind [default: 8765; 0 picks a free one].")
+@click.option("--host", help=f"Address to bind [default: {defaults.HOST}; others need a token].")
 @click.option(
-    "--token-env", help="Environment variable holding the bearer token [default: FGO_TOKEN]."
+    "--port", type=int, help=f"Port to bind [default: {defaults.PORT}; 0 picks a free one]."
+)
+@click.option(
+    "--token-env",
+    help=f"Environment variable holding the bearer token [default: {defaults.TOKEN_ENV}].",
 )
 @click.option(
     "--watch",
@@ -76,22 +80,38 @@ from .common import (
 @click.option(
     "--max-wait",
     type=float,
-    help="Seconds a partial subset waits before it is optimized anyway [default: 60].",
+    help="Seconds a partial subset waits before it is optimized anyway "
+    f"[default: {defaults.MAX_WAIT:g}].",
 )
 @click.option(
     "--publish-interval",
     type=float,
-    help="Least seconds between two published versions [default: 30].",
+    help=f"Least seconds between two published versions [default: {defaults.PUBLISH_INTERVAL:g}].",
 )
 @click.option(
     "--max-pending-subsets",
     type=int,
     callback=_positive,
-    help="Subsets waiting for an optimizer before ingest answers 429 [default: 8].",
+    help="Subsets waiting for an optimizer before ingest answers 429 "
+    f"[default: {defaults.MAX_PENDING_SUBSETS}].",
 )
-@click.option("--max-body-bytes", type=int, callback=_positive, help="Largest HTTP body.")
-@click.option("--max-record-bytes", type=int, callback=_positive, help="Largest trajectory.")
-@click.option("--grace", type=float, help="Seconds work under way gets at shutdown [default: 10].")
+@click.option(
+    "--max-body-bytes",
+    type=int,
+    callback=_positive,
+    help=f"Largest HTTP body [default: {defaults.MAX_BODY_BYTES}].",
+)
+@click.option(
+    "--max-record-bytes",
+    type=int,
+    callback=_positive,
+    help=f"Largest trajectory [default: {defaults.MAX_RECORD_BYTES}].",
+)
+@click.option(
+    "--grace",
+    type=float,
+    help=f"Seconds work under way gets at shutdown [default: {defaults.GRACE:g}].",
+)
 @click.option(
     "--validate",
     help="Validation tasks (ENV:FOLD:SEEDS): a candidate is published only if the "
@@ -102,7 +122,7 @@ from .common import (
     "--max-steps",
     type=int,
     callback=_positive,
-    help="Agent turns per validation episode [default: 8].",
+    help=f"Agent turns per validation episode [default: {defaults.VALIDATE_MAX_STEPS}].",
 )
 @click.option(
     "--base-url",

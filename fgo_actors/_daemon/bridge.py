@@ -24,6 +24,7 @@ import trio
 
 from .._core.model import Module, Trajectory
 from .._storage.store import Version
+from . import defaults
 from .optimizer import DaemonConfig, IngestResult, StreamingOptimizer, open_optimizer
 
 T = TypeVar("T")
@@ -228,7 +229,7 @@ class AsyncioOptimizer:
 
 @contextlib.asynccontextmanager
 async def open_optimizer_asyncio(
-    config: DaemonConfig, *, grace: float = 10.0
+    config: DaemonConfig, *, grace: float = defaults.GRACE
 ) -> AsyncIterator[AsyncioOptimizer]:
     """:func:`~fgo_actors.open_optimizer` for asyncio programs::
 

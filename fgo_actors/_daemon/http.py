@@ -19,6 +19,7 @@ from starlette.responses import JSONResponse, PlainTextResponse, Response, Strea
 from starlette.routing import Route
 
 from .._storage.store import StoreFullError
+from . import defaults
 from .optimizer import StreamingOptimizer
 
 # Version numbers are SQLite integers: larger ones cannot exist.
@@ -36,7 +37,7 @@ def _error(status: int, message: str, headers: dict[str, str] | None = None) -> 
 FULL_DISK_RETRY_AFTER = 30
 # A body must have arrived this many seconds after its request began: one
 # trickled a byte at a time would otherwise hold a connection for ever.
-BODY_SECONDS = 120.0
+BODY_SECONDS = defaults.BODY_SECONDS
 
 
 class BodyTooLargeError(Exception):
@@ -95,8 +96,8 @@ def make_app(
     optimizer: StreamingOptimizer,
     *,
     token: str | None = None,
-    max_body_bytes: int = 16 * 1024 * 1024,
-    max_record_bytes: int = 1024 * 1024,
+    max_body_bytes: int = defaults.MAX_BODY_BYTES,
+    max_record_bytes: int = defaults.MAX_RECORD_BYTES,
     retry_after: int = 2,
     allowed_hosts: frozenset[str] | None = None,
     body_seconds: float = BODY_SECONDS,
@@ -373,11 +374,11 @@ def _number(value: float) -> str:
 async def serve_http(
     optimizer: StreamingOptimizer,
     *,
-    host: str = "127.0.0.1",
-    port: int = 8765,
+    host: str = defaults.HOST,
+    port: int = defaults.PORT,
     token: str | None = None,
-    max_body_bytes: int = 16 * 1024 * 1024,
-    max_record_bytes: int = 1024 * 1024,
+    max_body_bytes: int = defaults.MAX_BODY_BYTES,
+    max_record_bytes: int = defaults.MAX_RECORD_BYTES,
     allowed_hosts: Sequence[str] = (),
     body_seconds: float = BODY_SECONDS,
     shutdown: trio.Event | None = None,

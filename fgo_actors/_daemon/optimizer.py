@@ -59,6 +59,7 @@ from ..actors.state import RunConfig, RunState
 from ..agent.envs import Task
 from ..agent.eval import evaluate
 from ..agent.rollout import AgentConfig
+from . import defaults
 
 # Trajectories the feeder reads from the store at once, and the packer's inbox size.
 FEED_BATCH = 256
@@ -91,15 +92,15 @@ class DaemonConfig:
     initial: Module = attrs.field(factory=Module)
     # Seconds the oldest trajectory of an open subset waits before the subset
     # is sealed anyway (a quiet stream still gets optimized).
-    max_wait: float = 60.0
+    max_wait: float = defaults.MAX_WAIT
     # Sealed subsets waiting for an optimizer before ingest pushes back (429).
-    max_pending_subsets: int = 8
+    max_pending_subsets: int = defaults.MAX_PENDING_SUBSETS
     # Trajectories stored but not yet given to the packer, before ingest
     # pushes back (they wait in the store, not in memory).
-    max_queued: int = 10_000
+    max_queued: int = defaults.MAX_QUEUED
     # Seconds to wait before retrying work that failed because the LLM endpoint
     # was unreachable (the daemon keeps running through outages).
-    retry_pause: float = 30.0
+    retry_pause: float = defaults.RETRY_PAUSE
     # A subset whose optimize reply stays invalid after the gateway's re-asks
     # is tried again this many times, after retry_pause, then twice that, and
     # so on (at most an hour apart); one still failed is tried again at the
@@ -107,7 +108,7 @@ class DaemonConfig:
     subset_retries: int = 3
     # Least seconds between two publications: each folds the forest's trees
     # (about log2 of the subsets so far) with LLM merges.
-    publish_interval: float = 30.0
+    publish_interval: float = defaults.PUBLISH_INTERVAL
     durable: bool = False  # synchronous=FULL: survive power cuts, not just crashes
     # Start a new store in a file that exists but is empty (refused otherwise:
     # a store truncated to 0 bytes would open as new, its history lost).
@@ -1029,7 +1030,7 @@ def _render_many(
 
 @asynccontextmanager
 async def open_optimizer(
-    config: DaemonConfig, *, grace: float = 10.0
+    config: DaemonConfig, *, grace: float = defaults.GRACE
 ) -> AsyncIterator[StreamingOptimizer]:
     """Run an incremental optimizer for the body of an ``async with``.
 

@@ -20,6 +20,7 @@ from .._llm.gateway import GatewayConfig
 from ..actors.state import RunConfig
 from ..agent.envs import parse_tasks
 from ..agent.rollout import AgentConfig
+from . import defaults
 from .optimizer import (
     DaemonConfig,
     StreamingOptimizer,
@@ -33,33 +34,33 @@ from .optimizer import (
 class ServeSettings:
     """Everything ``fgo serve`` takes; the TOML file uses the same names."""
 
-    store: Path = Path("fgo.db")
-    host: str = "127.0.0.1"
-    port: int = 8765
-    token_env: str = "FGO_TOKEN"
+    store: Path = Path(defaults.STORE)
+    host: str = defaults.HOST
+    port: int = defaults.PORT
+    token_env: str = defaults.TOKEN_ENV
     watch: Path | None = None
     watch_interval: float = 1.0
     stdin: bool = False
     once: bool = False
     initial_module: Path | None = None
-    max_wait: float = 60.0
-    publish_interval: float = 30.0
-    max_pending_subsets: int = 8
-    max_queued: int = 10_000
-    max_body_bytes: int = 16 * 1024 * 1024
-    max_record_bytes: int = 1024 * 1024
+    max_wait: float = defaults.MAX_WAIT
+    publish_interval: float = defaults.PUBLISH_INTERVAL
+    max_pending_subsets: int = defaults.MAX_PENDING_SUBSETS
+    max_queued: int = defaults.MAX_QUEUED
+    max_body_bytes: int = defaults.MAX_BODY_BYTES
+    max_record_bytes: int = defaults.MAX_RECORD_BYTES
     # Host names the HTTP API answers to besides the bound one (on loopback:
     # 127.0.0.1, localhost and ::1); others get 421, against DNS rebinding.
     allowed_hosts: tuple[str, ...] = ()
-    grace: float = 10.0
-    retry_pause: float = 30.0
+    grace: float = defaults.GRACE
+    retry_pause: float = defaults.RETRY_PAUSE
     durable: bool = False
     init: bool = False  # accept an existing empty --store file as a new store
     # Validation gate: publish a candidate only if the reference agent does not
     # do worse with it on these tasks (ENV:FOLD:SEEDS) than with the current version.
     validate: str | None = None
     params: str = ""
-    max_steps: int = 8
+    max_steps: int = defaults.VALIDATE_MAX_STEPS
     validate_workers: int = 1
     # The optimizer LLM.
     base_url: str | None = None
