@@ -396,6 +396,10 @@ def test_context_too_small_exits_2(server_url: str, tmp_path: Path, strategy: st
     assert proc.returncode == 2, explain(proc)
     assert "Traceback" not in proc.stderr
     assert "tokens" in flat(proc.stderr)
+    # The library names its settings; the CLI words them as its flags.
+    (message,) = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    assert "--context-tokens" in message
+    assert "context_tokens" not in message
     assert not out.exists()
 
 

@@ -464,8 +464,11 @@ async def test_merge_prompts_must_fit_the_context(start_llm: StartLLM) -> None:
     _server, url = await start_llm()
     config = RunConfig(context_tokens=4096, subset_tokens=2000, module_tokens=1500, fan_in=3)
     async with _gw(url, max_completion_tokens=1024) as gateway:
-        with pytest.raises(ValueError, match="a merge of 3 modules"):
+        with pytest.raises(ValueError, match="a merge of 3 modules") as caught:
             await run(make_trajectories(10), gateway, config)
+    # Called from Python, the error names the settings, not the CLI's flags.
+    assert "lower module_tokens or fan_in" in str(caught.value)
+    assert "--" not in str(caught.value)
 
 
 async def test_tool_calls_are_rendered_whatever_their_arguments(start_llm: StartLLM) -> None:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import os
+import re
 import sys
 from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
@@ -165,6 +166,18 @@ def _probability(ctx: click.Context, param: click.Parameter, value: float) -> fl
     return value
 
 
+# Settings that library errors name, each set by the flag of the same name.
+_SETTINGS = re.compile(
+    r"\b(subset_tokens|context_tokens|max_completion_tokens|module_tokens|fan_in)\b"
+)
+
+
+def in_flags(error: object) -> str:
+    """A library error as the CLI words it: the settings it names (RunConfig
+    and GatewayConfig fields) become the flags that set them."""
+    return _SETTINGS.sub(lambda m: "--" + m.group(1).replace("_", "-"), str(error))
+
+
 def _fail(err: Console, code: int, label: str, message: object) -> NoReturn:
     err.print(f"[bold red]{label}:[/] {message}", highlight=False)
     sys.exit(code)
@@ -226,7 +239,7 @@ def _run_agent_command(
             )
             outcome = _trio_run(go, gw_config, local_ctx)
     except ValueError as e:
-        _fail(err, EXIT_BAD_INPUT, "error", e)
+        _fail(err, EXIT_BAD_INPUT, "error", in_flags(e))
     except local.LocalLLMError as e:
         _fail(err, EXIT_LLM, "local model", e)
     except KeyboardInterrupt:
@@ -234,7 +247,7 @@ def _run_agent_command(
     if isinstance(outcome, LLMUnavailableError):
         _fail(err, EXIT_LLM, "LLM failure", f"{outcome}; {on_stop}")
     if isinstance(outcome, ValueError):
-        _fail(err, EXIT_BAD_INPUT, "error", f"{outcome}; {on_stop}")
+        _fail(err, EXIT_BAD_INPUT, "error", f"{in_flags(outcome)}; {on_stop}")
     return outcome
 
 

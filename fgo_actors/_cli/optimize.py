@@ -42,6 +42,7 @@ from .common import (
     _trio_run,
     default_completion_tokens,
     gateway_config,
+    in_flags,
     optimizer_options,
     start_command,
 )
@@ -444,7 +445,7 @@ def optimize(
             run_config, gw_config = configs(url, served_model, local_ctx)
             outcome = _trio_run(go, run_config, gw_config)
     except ValueError as e:
-        fail(EXIT_BAD_INPUT, "error", e)
+        fail(EXIT_BAD_INPUT, "error", in_flags(e))
     except local.LocalLLMError as e:
         fail(EXIT_LLM, "local model", e)
     except KeyboardInterrupt:
@@ -469,7 +470,7 @@ def optimize(
         err.print(f"report: {report_path} ({written})", highlight=False)
         fail(EXIT_LLM, "LLM failure", f"{outcome}; {resume_hint}")
     if isinstance(outcome, ValueError):  # budgets that leave no room, and the like
-        fail(EXIT_BAD_INPUT, "error", outcome)
+        fail(EXIT_BAD_INPUT, "error", in_flags(outcome))
 
     result = outcome
     assert result.module is not None

@@ -24,6 +24,7 @@ from .common import (
     _trio_run,
     default_completion_tokens,
     gateway_config,
+    in_flags,
     optimizer_options,
     start_command,
 )
@@ -195,7 +196,7 @@ def serve_command(config_path: Path | None, log_json: bool, **flags: Any) -> Non
                     raise
                 raise expected[0] from group
     except (ValueError, InputError) as e:
-        _fail(err, EXIT_BAD_INPUT, "error", e)
+        _fail(err, EXIT_BAD_INPUT, "error", in_flags(e))
     except StoreError as e:
         _fail(err, EXIT_BAD_INPUT, "store", e)
     except local.LocalLLMError as e:

@@ -137,9 +137,12 @@ def item_budget(
     overhead_tokens: int,
     *,
     what: str = "the subset budget",
-    fix: str = "raise --subset-tokens/--context-tokens or lower --module-tokens",
+    fix: str = "raise subset_tokens/context_tokens or lower module_tokens",
 ) -> int:
-    """Tokens left for trajectories once template, module and re-ask room are set aside."""
+    """Tokens left for trajectories once template, module and re-ask room are set aside.
+
+    Errors name the settings (RunConfig and GatewayConfig fields); the CLI
+    words them as its flags."""
     room = subset_tokens - overhead_tokens
     if room < MIN_ITEM_ROOM:
         raise ValueError(

@@ -159,8 +159,8 @@ def _item_budget(gateway: LLMGateway, config: RunConfig, initial: Module) -> tup
     completion = gateway.config.max_completion_tokens
     if config.subset_budget + completion > config.context_tokens:
         raise ValueError(
-            f"--subset-tokens ({config.subset_budget}) plus --max-completion-tokens "
-            f"({completion}) exceed --context-tokens ({config.context_tokens})"
+            f"subset_tokens ({config.subset_budget}) plus max_completion_tokens "
+            f"({completion}) exceed context_tokens ({config.context_tokens})"
         )
     if config.strategy == "fgo":
         empty = merge_messages(
@@ -170,9 +170,9 @@ def _item_budget(gateway: LLMGateway, config: RunConfig, initial: Module) -> tup
         if merge_prompt + completion > config.context_tokens:
             raise ValueError(
                 f"a merge of {config.fan_in} modules of up to {module_tokens} tokens "
-                f"(about {merge_prompt} prompt tokens) plus --max-completion-tokens "
-                f"({completion}) exceeds --context-tokens ({config.context_tokens}); "
-                "lower --module-tokens or --fan-in"
+                f"(about {merge_prompt} prompt tokens) plus max_completion_tokens "
+                f"({completion}) exceeds context_tokens ({config.context_tokens}); "
+                "lower module_tokens or fan_in"
             )
     overhead = optimize_overhead_tokens(counter, _shown_module_tokens(gateway, config, initial))
     return module_tokens, item_budget(config.subset_budget, overhead)
@@ -309,10 +309,10 @@ async def _run_all_at_once(
         config.context_tokens - gateway.config.max_completion_tokens,
         overhead,
         what=(
-            f"--context-tokens ({config.context_tokens}) minus --max-completion-tokens "
+            f"context_tokens ({config.context_tokens}) minus max_completion_tokens "
             f"({gateway.config.max_completion_tokens})"
         ),
-        fix="raise --context-tokens or lower --max-completion-tokens/--module-tokens",
+        fix="raise context_tokens or lower max_completion_tokens/module_tokens",
     )
     state.phase = "partitioning"
     rendered = await render_all(
