@@ -7,6 +7,7 @@ the wrong way fails here, named with its file and line.
 from __future__ import annotations
 
 import ast
+import sys
 from pathlib import Path
 
 import pytest
@@ -113,3 +114,11 @@ def test_relative_imports_resolve_as_python_does() -> None:
     merger = {t for _, t in imports(PACKAGE / "actors" / "merger.py")}
     assert "fgo_actors._core.edits" in merger
     assert "fgo_actors.actors.state" in merger
+
+
+def test_the_sandbox_runner_imports_only_the_standard_library() -> None:
+    """``agent/sandbox_child.py`` runs in the sandboxed interpreter (``-I -c``),
+    where nothing of ours is imported."""
+    path = PACKAGE / "agent" / "sandbox_child.py"
+    tops = {target.split(".")[0] for _, target in imports(path)}
+    assert tops - {"__future__"} <= set(sys.stdlib_module_names), tops

@@ -61,6 +61,7 @@ import stat
 import subprocess
 import sys
 import tempfile
+from importlib import resources
 from typing import Any
 
 import attrs
@@ -144,171 +145,10 @@ class SandboxResult:
         }
 
 
-# The child's program, passed with ``-c``; argv carries the limits.
-#
-# The result channel: the parent reads the child's stdout pipe for the result
-# and its stderr pipe for everything else. The runner's first act is to keep a
-# private duplicate of fd 1 (``os.dup``, not inherited by grandchildren) and
-# then point fd 1 at the stderr pipe, so every way the code can print (print,
-# sys.__stdout__, os.write(1, ...), C extensions, child processes) lands in
-# the captured output and cannot corrupt the single JSON line the runner
-# writes to its duplicate at the end.
-#
-# The limits are set here, before the request is read or any of its code
-# runs, rather than in a ``preexec_fn``: trio starts processes from a worker
-# thread, and Python code between fork and exec in a threaded process is
-# documented as unsafe (it can deadlock the child). Soft and hard limits are
-# set together, so the code cannot raise them again (CPU keeps one second of
-# headroom so SIGXCPU comes before SIGKILL); a limit we are not allowed to
-# raise to the asked-for value is only ever lowered.
-#
-# After reporting, the runner leaves with os._exit: the code's threads and
-# atexit handlers do not get to run on.
-_RUNNER = r"""
-import io, json, linecache, os, resource, sys, traceback, types
-
-mem_mb, cpu_s, nofile, fsize_mb, out_cap = (int(a) for a in sys.argv[1:6])
-result_fd = os.dup(1)
-os.dup2(2, 1)
-sys.stdout = sys.__stdout__ = io.TextIOWrapper(
-    io.FileIO(1, "w", closefd=False), encoding="utf-8", errors="backslashreplace",
-    write_through=True,
-)
-sys.stderr = sys.__stderr__ = io.TextIOWrapper(
-    io.FileIO(2, "w", closefd=False), encoding="utf-8", errors="backslashreplace",
-    write_through=True,
-)
-
-def lower(which, soft, hard):
-    old_hard = resource.getrlimit(which)[1]
-    if old_hard != resource.RLIM_INFINITY:
-        soft, hard = min(soft, old_hard), min(hard, old_hard)
-    resource.setrlimit(which, (soft, hard))
-
-lower(resource.RLIMIT_CORE, 0, 0)
-lower(resource.RLIMIT_AS, mem_mb << 20, mem_mb << 20)
-lower(resource.RLIMIT_CPU, cpu_s, cpu_s + 1)
-lower(resource.RLIMIT_NOFILE, nofile, nofile)
-lower(resource.RLIMIT_FSIZE, fsize_mb << 20, fsize_mb << 20)
-
-def describe(exc):
-    kind = type(exc).__name__
-    try:
-        message = str(exc)
-    except BaseException:
-        message = "<the exception's message could not be printed>"
-    if isinstance(exc, MemoryError) and not message:
-        message = f"out of memory (the sandbox allows {mem_mb} MB of address space)"
-    elif isinstance(exc, SystemExit):
-        message = f"the code called sys.exit({exc.code!r})"
-    if len(message) > 1000:
-        message = message[:1000] + "..."
-    return f"{kind}: {message}" if message else kind
-
-def show_traceback(exc):
-    tb = exc.__traceback__
-    while tb is not None and tb.tb_frame.f_code.co_filename != "<tool>":
-        tb = tb.tb_next
-    depth, t = 0, tb
-    while t is not None:
-        depth, t = depth + 1, t.tb_next
-    if depth > 40:  # runaway recursion: formatting every frame takes seconds
-        for _ in range(depth - 40):
-            tb = tb.tb_next
-        print(f"[traceback: {depth - 40} outer frames left out]", file=sys.stderr)
-    try:
-        traceback.print_exception(type(exc), exc, tb, file=sys.stderr)
-    except BaseException:
-        pass
-
-def run(request):
-    code, name = request["code"], request["name"]
-    linecache.cache["<tool>"] = (len(code), None, code.splitlines(True), "<tool>")
-    namespace = {"__name__": "__tool__"}
-    exec(compile(code, "<tool>", "exec"), namespace)
-    func = namespace.get(name)
-    if func is None:
-        defined = sorted(k for k, v in namespace.items() if callable(v) and not k.startswith("_"))
-        listed = ", ".join(defined[:20]) if defined else "nothing callable"
-        return {"ok": False, "error": f"NameError: the code defines no function named {name!r} "
-                f"(it defines: {listed})"}
-    if not callable(func):
-        return {"ok": False, "error": f"TypeError: {name!r} is a {type(func).__name__}, "
-                "not a function"}
-    value = func(**request["arguments"])
-    if isinstance(value, types.CoroutineType):
-        value.close()
-        return {"ok": False, "error": f"TypeError: {name!r} is an async function; "
-                "tool functions must be plain def functions"}
-    try:
-        text = json.dumps(value, allow_nan=False)
-    except (TypeError, ValueError, RecursionError) as exc:
-        return {"ok": False, "error": "TypeError: the return value is not JSON-serialisable: "
-                + str(exc)}
-    if len(text) > out_cap:
-        return {"ok": False, "error": f"ValueError: the return value is {len(text)} bytes "
-                f"of JSON, over the sandbox's cap of {out_cap} bytes"}
-    return text
-
-def write_all(fd, line):
-    data = memoryview(line.encode("utf-8"))
-    while data:
-        data = data[os.write(fd, data):]
-
-# The code runs in a child of this runner, which holds the result channel:
-# the child has no descriptor for it (closed after the fork), only a pipe
-# for its own outcome, so whatever it writes is at most its own return
-# value. The runner reports; in a PID namespace it is init there, which its
-# descendants cannot kill.
-request = json.loads(sys.stdin.buffer.read())
-read_end, write_end = os.pipe()
-pid = os.fork()
-if pid == 0:
-    os.close(read_end)
-    os.close(result_fd)
-    try:
-        outcome = run(request)
-    except BaseException as exc:
-        if isinstance(exc, MemoryError):
-            exc.__traceback__ = None  # let go of the frames that hold the memory
-        elif not isinstance(exc, SystemExit):
-            show_traceback(exc)
-        outcome = {"ok": False, "error": describe(exc)}
-    if isinstance(outcome, str):
-        line = '{"ok": true, "value": ' + outcome + "}\n"
-    else:
-        line = json.dumps(outcome) + "\n"
-    try:
-        write_all(write_end, line)
-    except OSError:
-        os._exit(3)
-    for stream in (sys.stdout, sys.stderr):  # in case the code swapped in buffered ones
-        try:
-            stream.flush()
-        except BaseException:
-            pass
-    os._exit(0)
-os.close(write_end)
-chunks = []
-while chunk := os.read(read_end, 65536):
-    chunks.append(chunk)
-_, status = os.waitpid(pid, 0)
-reported = b"".join(chunks)
-if os.WIFSIGNALED(status):  # killed, reported or not (CPU limit, memory)
-    write_all(result_fd, json.dumps({"ok": False, "signal": os.WTERMSIG(status)}) + "\n")
-    os._exit(0)
-if os.WEXITSTATUS(status) != 0 or not reported:
-    os._exit(os.WEXITSTATUS(status) or 3)
-if reported.count(b"\n") != 1 or not reported.endswith(b"\n"):
-    # The epilogue writes one line; more means the code wrote there too.
-    reported = (json.dumps({"ok": False, "error": "RuntimeError: the code wrote to the "
-                "sandbox's own result pipe"}) + "\n").encode()
-try:
-    write_all(result_fd, reported.decode("utf-8"))
-except (OSError, UnicodeDecodeError):
-    os._exit(3)
-os._exit(0)
-"""
+# The child's program (``sandbox_child.py``, a module of its own so that it is
+# linted and type-checked), passed with ``-c``; argv carries the limits. Its
+# docstring says how the result channel and the limits work.
+_RUNNER = resources.files("fgo_actors.agent").joinpath("sandbox_child.py").read_text("utf-8")
 
 
 @attrs.define

@@ -1,0 +1,226 @@
+"""The sandbox's runner: the program a sandboxed interpreter runs.
+
+FGO never imports this module. ``sandbox.py`` reads its text and passes it to
+``python -I -c``, with the limits in argv (memory MB, CPU seconds, open
+files, file size MB, result cap in bytes) and the request (code, function
+name, arguments) as JSON on stdin. It uses only the standard library, so the
+child imports nothing of ours. It lives in a file of its own so that it is
+linted and type-checked like the rest of the package.
+
+The result channel: the parent reads the child's stdout pipe for the result
+and its stderr pipe for everything else. The runner's first act is to keep a
+private duplicate of fd 1 (``os.dup``, not inherited by grandchildren) and
+then point fd 1 at the stderr pipe, so every way the code can print (print,
+sys.__stdout__, os.write(1, ...), C extensions, child processes) lands in the
+captured output and cannot corrupt the single JSON line the runner writes to
+its duplicate at the end.
+
+The limits are set first, before the request is read or any of its code
+runs, rather than in a ``preexec_fn``: trio starts processes from a worker
+thread, and Python code between fork and exec in a threaded process is
+documented as unsafe (it can deadlock the child). Soft and hard limits are set
+together, so the code cannot raise them again (CPU keeps one second of
+headroom so SIGXCPU comes before SIGKILL); a limit we are not allowed to raise
+to the asked-for value is only ever lowered.
+
+The code runs in a child of this runner, which holds the result channel: the
+child has no descriptor for it (closed after the fork), only a pipe for its
+own outcome, so whatever it writes is at most its own return value. The
+runner reports; in a PID namespace it is init there, which its descendants
+cannot kill. It leaves with ``os._exit``: the code's threads and atexit
+handlers do not get to run on.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import linecache
+import os
+import resource
+import sys
+import traceback
+import types
+from typing import Any, NoReturn
+
+
+def lower(which: int, soft: int, hard: int) -> None:
+    """Set a limit, never above the hard limit we already have."""
+    old_hard = resource.getrlimit(which)[1]
+    if old_hard != resource.RLIM_INFINITY:
+        soft, hard = min(soft, old_hard), min(hard, old_hard)
+    resource.setrlimit(which, (soft, hard))
+
+
+def describe(exc: BaseException, mem_mb: int) -> str:
+    """One line naming what went wrong."""
+    kind = type(exc).__name__
+    try:
+        message = str(exc)
+    except BaseException:
+        message = "<the exception's message could not be printed>"
+    if isinstance(exc, MemoryError) and not message:
+        message = f"out of memory (the sandbox allows {mem_mb} MB of address space)"
+    elif isinstance(exc, SystemExit):
+        message = f"the code called sys.exit({exc.code!r})"
+    if len(message) > 1000:
+        message = message[:1000] + "..."
+    return f"{kind}: {message}" if message else kind
+
+
+def show_traceback(exc: BaseException) -> None:
+    """The traceback from the code's first frame on, its innermost 40 frames at most."""
+    tb = exc.__traceback__
+    while tb is not None and tb.tb_frame.f_code.co_filename != "<tool>":
+        tb = tb.tb_next
+    depth, t = 0, tb
+    while t is not None:
+        depth, t = depth + 1, t.tb_next
+    if depth > 40:  # runaway recursion: formatting every frame takes seconds
+        for _ in range(depth - 40):
+            assert tb is not None
+            tb = tb.tb_next
+        print(f"[traceback: {depth - 40} outer frames left out]", file=sys.stderr)
+    with contextlib.suppress(BaseException):
+        traceback.print_exception(type(exc), exc, tb, file=sys.stderr)
+
+
+def run(request: dict[str, Any], out_cap: int) -> str | dict[str, Any]:
+    """Run the request's function: its return value as JSON text, or a failure."""
+    code, name = request["code"], request["name"]
+    linecache.cache["<tool>"] = (len(code), None, code.splitlines(True), "<tool>")
+    namespace: dict[str, Any] = {"__name__": "__tool__"}
+    exec(compile(code, "<tool>", "exec"), namespace)
+    func = namespace.get(name)
+    if func is None:
+        defined = sorted(k for k, v in namespace.items() if callable(v) and not k.startswith("_"))
+        listed = ", ".join(defined[:20]) if defined else "nothing callable"
+        return {
+            "ok": False,
+            "error": f"NameError: the code defines no function named {name!r} "
+            f"(it defines: {listed})",
+        }
+    if not callable(func):
+        return {
+            "ok": False,
+            "error": f"TypeError: {name!r} is a {type(func).__name__}, not a function",
+        }
+    value = func(**request["arguments"])
+    if isinstance(value, types.CoroutineType):
+        value.close()
+        return {
+            "ok": False,
+            "error": f"TypeError: {name!r} is an async function; "
+            "tool functions must be plain def functions",
+        }
+    try:
+        text = json.dumps(value, allow_nan=False)
+    except (TypeError, ValueError, RecursionError) as exc:
+        return {
+            "ok": False,
+            "error": "TypeError: the return value is not JSON-serialisable: " + str(exc),
+        }
+    if len(text) > out_cap:
+        return {
+            "ok": False,
+            "error": f"ValueError: the return value is {len(text)} bytes "
+            f"of JSON, over the sandbox's cap of {out_cap} bytes",
+        }
+    return text
+
+
+def write_all(fd: int, line: str) -> None:
+    data = memoryview(line.encode("utf-8"))
+    while data:
+        data = data[os.write(fd, data) :]
+
+
+def call_in_child(request: dict[str, Any], result_fd: int, mem_mb: int, out_cap: int) -> bytes:
+    """Fork; the child runs the code and writes its outcome to a pipe. Returns
+    what the child wrote, or exits at once when the child died or failed."""
+    read_end, write_end = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        os.close(read_end)
+        os.close(result_fd)
+        child(request, write_end, mem_mb, out_cap)
+    os.close(write_end)
+    chunks = []
+    while chunk := os.read(read_end, 65536):
+        chunks.append(chunk)
+    _, status = os.waitpid(pid, 0)
+    if os.WIFSIGNALED(status):  # killed, reported or not (CPU limit, memory)
+        write_all(result_fd, json.dumps({"ok": False, "signal": os.WTERMSIG(status)}) + "\n")
+        os._exit(0)
+    if os.WEXITSTATUS(status) != 0 or not chunks:
+        os._exit(os.WEXITSTATUS(status) or 3)
+    return b"".join(chunks)
+
+
+def child(request: dict[str, Any], write_end: int, mem_mb: int, out_cap: int) -> NoReturn:
+    try:
+        outcome = run(request, out_cap)
+    except BaseException as exc:
+        if isinstance(exc, MemoryError):
+            exc.__traceback__ = None  # let go of the frames that hold the memory
+        elif not isinstance(exc, SystemExit):
+            show_traceback(exc)
+        outcome = {"ok": False, "error": describe(exc, mem_mb)}
+    if isinstance(outcome, str):
+        line = '{"ok": true, "value": ' + outcome + "}\n"
+    else:
+        line = json.dumps(outcome) + "\n"
+    try:
+        write_all(write_end, line)
+    except OSError:
+        os._exit(3)
+    for stream in (sys.stdout, sys.stderr):  # in case the code swapped in buffered ones
+        with contextlib.suppress(BaseException):
+            stream.flush()
+    os._exit(0)
+
+
+def main() -> NoReturn:
+    mem_mb, cpu_s, nofile, fsize_mb, out_cap = (int(a) for a in sys.argv[1:6])
+    result_fd = os.dup(1)
+    os.dup2(2, 1)
+    # Unbuffered text streams on fds 1 (now the stderr pipe) and 2, also as
+    # sys.__stdout__/__stderr__, so code that "restores" them still lands there.
+    for fd, name in ((1, "stdout"), (2, "stderr")):
+        stream = io.TextIOWrapper(
+            io.FileIO(fd, "w", closefd=False),
+            encoding="utf-8",
+            errors="backslashreplace",
+            write_through=True,
+        )
+        setattr(sys, name, stream)
+        setattr(sys, f"__{name}__", stream)
+    lower(resource.RLIMIT_CORE, 0, 0)
+    lower(resource.RLIMIT_AS, mem_mb << 20, mem_mb << 20)
+    lower(resource.RLIMIT_CPU, cpu_s, cpu_s + 1)
+    lower(resource.RLIMIT_NOFILE, nofile, nofile)
+    lower(resource.RLIMIT_FSIZE, fsize_mb << 20, fsize_mb << 20)
+
+    request = json.loads(sys.stdin.buffer.read())
+    reported = call_in_child(request, result_fd, mem_mb, out_cap)
+    if reported.count(b"\n") != 1 or not reported.endswith(b"\n"):
+        # The epilogue writes one line; more means the code wrote there too.
+        reported = (
+            json.dumps(
+                {
+                    "ok": False,
+                    "error": "RuntimeError: the code wrote to the sandbox's own result pipe",
+                }
+            )
+            + "\n"
+        ).encode()
+    try:
+        write_all(result_fd, reported.decode("utf-8"))
+    except (OSError, UnicodeDecodeError):
+        os._exit(3)
+    os._exit(0)
+
+
+if __name__ == "__main__":
+    main()
