@@ -57,7 +57,7 @@ from ._core.stats import PairedComparison, paired
 from ._llm.gateway import LLMGateway
 from ._storage.diskcache import Journal, JournalError, PhaseCache, Spent, remove_files
 from ._storage.store import StoreError
-from .actors.run import RunFailedError, _item_budget, run
+from .actors.run import RunFailedError, prompt_budgets, run
 from .actors.state import RunConfig
 from .agent.envs import Environment, Task
 from .agent.eval import EvalSummary
@@ -984,7 +984,7 @@ async def bench(
     # Budgets that leave no room fail here, before any episode is paid for.
     for strategy in config.strategies:
         if strategy != "all-at-once":
-            _item_budget(gateway, attrs.evolve(config.run, strategy=strategy), config.base)
+            prompt_budgets(gateway, attrs.evolve(config.run, strategy=strategy), config.base)
     ws = _Workspace(config, gateway, out_dir)
     ws.open(fresh=fresh)
     try:

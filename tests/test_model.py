@@ -271,3 +271,11 @@ def test_a_leaf_is_one_subset_optimized() -> None:
     assert (leaf.started_at, leaf.finished_at) == (1.0, 2.5)
     # A leaf stands for exactly one subset, whatever the caller's stats say.
     assert leaf.stats == {"trajectories": 3, "subsets": 1}
+
+
+def test_a_module_digest_follows_its_content() -> None:
+    a = Module(rules=(Rule(id="s1.r1", text="Open it first."),))
+    assert a.digest() == Module.from_json(a.to_json()).digest()
+    assert len(a.digest()) == 16
+    assert a.digest() != Module(rules=(Rule(id="s1.r1", text="Open it last."),)).digest()
+    assert a.digest() != Module().digest()

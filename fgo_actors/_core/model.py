@@ -7,6 +7,8 @@ unknown fields of trajectories survive a round trip.
 
 from __future__ import annotations
 
+import hashlib
+import json
 from collections.abc import Iterable, Mapping
 from typing import Any, Literal
 
@@ -229,6 +231,11 @@ class Module:
 
     def function(self, name: str) -> FunctionSpec | None:
         return next((f for f in self.functions if f.name == name), None)
+
+    def digest(self) -> str:
+        """A short key of the module's content (its JSON, metadata included)."""
+        text = json.dumps(self.to_json(), sort_keys=True, ensure_ascii=False)
+        return hashlib.sha256(text.encode()).hexdigest()[:16]
 
     def to_json(self) -> JSON:
         out: JSON = {

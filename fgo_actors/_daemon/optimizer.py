@@ -52,9 +52,8 @@ from .._core.prompts import PER_ITEM_SLACK, render_trajectory
 from .._llm.gateway import GatewayConfig, LLMGateway
 from .._storage.store import AsyncStore, Store, StoreCache, Version
 from ..actors.merger import ForestRunner, merge_modules
-from ..actors.online import module_key
 from ..actors.optimizer import optimize_subset
-from ..actors.run import _item_budget
+from ..actors.run import prompt_budgets
 from ..actors.state import RunConfig, RunState
 from ..agent.envs import Task
 from ..agent.eval import evaluate
@@ -361,7 +360,7 @@ class StreamingOptimizer:
         self._nursery = nursery
         self._log = structlog.get_logger()
         self._state = RunState(started_at=trio.current_time(), fan_in=config.run.fan_in)
-        self._module_tokens, budget = _item_budget(gateway, config.run, config.initial)
+        self._module_tokens, budget = prompt_budgets(gateway, config.run, config.initial)
         self._item_budget = budget
         self._render_max = budget - PER_ITEM_SLACK
         # The packer's inbox: (id, tokens) fed from the store, or ("", 0) to flush.
@@ -954,7 +953,7 @@ class StreamingOptimizer:
         lineage (after a restart), or played now."""
         validation = self.config.validation
         assert validation is not None
-        key = module_key(module)
+        key = module.digest()
         if key not in self._values:
             recorded = version.lineage.get("scores") if version else None
             if isinstance(recorded, dict) and "candidate" in recorded:

@@ -24,8 +24,6 @@ on their own; the rest is a thin async shell over the agent and the engine.
 
 from __future__ import annotations
 
-import hashlib
-import json
 import random
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -162,12 +160,6 @@ def trajectory_room(
     return context_tokens - completion_tokens - optimize_overhead_tokens(counter, module_tokens)
 
 
-def module_key(module: Module) -> str:
-    return hashlib.sha256(
-        json.dumps(module.to_json(), sort_keys=True, ensure_ascii=False).encode()
-    ).hexdigest()[:16]
-
-
 # -- the async shell -----------------------------------------------------------
 @attrs.frozen
 class OnlineResult:
@@ -219,7 +211,7 @@ class _Episodes:
 
     async def play(self, module: Module, tasks: Sequence[Task]) -> tuple[Value, list[Trajectory]]:
         """The module's value on ``tasks`` and their episodes (played now or before)."""
-        key = module_key(module)
+        key = module.digest()
         todo = [t for t in tasks if (key, t.id) not in self.episodes]
         if todo:
             _, played = await evaluate(

@@ -148,7 +148,7 @@ def _module_cap(gateway: LLMGateway, config: RunConfig, initial: Module) -> int:
     return max(config.module_budget, gateway.counter.count(render_module(initial)))
 
 
-def _item_budget(gateway: LLMGateway, config: RunConfig, initial: Module) -> tuple[int, int]:
+def prompt_budgets(gateway: LLMGateway, config: RunConfig, initial: Module) -> tuple[int, int]:
     """(module token cap, token room for trajectories in one optimize prompt).
 
     Also checks that an optimize prompt and a merge prompt, each with its reply,
@@ -200,7 +200,7 @@ async def _run_fgo(
     state: RunState,
     resume_dir: Path | None,
 ) -> tuple[Module, str | None]:
-    module_tokens, budget = _item_budget(gateway, config, initial)
+    module_tokens, budget = prompt_budgets(gateway, config, initial)
     forest = MergeForest(config.fan_in, eager=config.eager_merge)
     state.fan_in = config.fan_in
     workers = config.optimizers or gateway.config.max_concurrency
@@ -261,7 +261,7 @@ async def _run_batch(
     state: RunState,
 ) -> Module:
     """Baseline: sequential minibatches of subset size update one module; no merging."""
-    module_tokens, budget = _item_budget(gateway, config, initial)
+    module_tokens, budget = prompt_budgets(gateway, config, initial)
     state.phase = "partitioning"
     rendered = await render_all(
         trajectories, gateway.counter, budget - PER_ITEM_SLACK, config.group_key
