@@ -136,6 +136,8 @@ def test_oracle_refuses_an_environment_without_a_gold_path() -> None:
         """A real, tiny environment with valid actions but no ``gold_actions``."""
 
         name = "walk"
+        task_description = "Walk to the end."
+        functions = ()
 
         def reset(self, task: Task) -> StepResult:
             return StepResult(observation="A corridor.", valid_actions=("go north",))

@@ -72,7 +72,7 @@ def play_oracle(
             f"the oracle policy picks among listed valid actions, and environment "
             f"{env.name!r} (tasks {task.env!r}) lists none"
         )
-    description = getattr(env, "task_description", "") or task.id
+    description = env.task_description or task.id
     recorded: list[Step] = [Step(role="system", content=system_prompt(Module()))]
     observation = result.observation
     steps = on_path = random_actions = 0

@@ -403,7 +403,7 @@ async def rollout(
     config = config or AgentConfig()
     log = structlog.get_logger()
     result: StepResult = await trio.to_thread.run_sync(env.reset, task)
-    description = getattr(env, "task_description", "") or task.id
+    description = env.task_description or task.id
     if not result.valid_actions and not result.done:
         return await _call_rollout(
             env, task, module, gateway, config, result, description, trajectory_id
@@ -511,7 +511,7 @@ async def _call_rollout(
 ) -> Trajectory:
     """``rollout`` in tool-call mode, from the reset's ``result``: each reply is
     one function call (or ``done``) for the environment to parse and run."""
-    functions = tuple(str(f) for f in getattr(env, "functions", ()))
+    functions = tuple(env.functions)
     system = call_system_prompt(module, description, functions)
     record = call_system_prompt(module, description, functions, names_only=True)
     recorded: list[Step] = [Step(role="system", content=record)]

@@ -11,6 +11,7 @@ and test, and a seed names one reproducible episode.
 from __future__ import annotations
 
 import re
+from collections.abc import Sequence
 from typing import Any, Literal, Protocol
 
 import attrs
@@ -68,6 +69,17 @@ class Environment(Protocol):
     """A task environment. Not thread-safe: one episode at a time, one thread."""
 
     name: str
+
+    @property
+    def task_description(self) -> str:
+        """What the current task asks, in words ("" when only the observation says it)."""
+        ...
+
+    @property
+    def functions(self) -> Sequence[str]:
+        """The functions the agent may call now, one line each (``name(arg: type):
+        description``); empty for an environment of text commands."""
+        ...
 
     def reset(self, task: Task) -> StepResult: ...
 

@@ -68,6 +68,10 @@ class TextWorldExpress:
     def task_description(self) -> str:
         return self._task_description
 
+    @property
+    def functions(self) -> tuple[str, ...]:
+        return ()  # text commands, offered as valid actions
+
     @staticmethod
     def _result(obs: str, reward: float, done: bool, infos: dict[str, Any]) -> StepResult:
         success = bool(infos.get("tasksuccess", False))
