@@ -240,30 +240,31 @@ def _validate_records(
     return valid, rejected, duplicates
 
 
-def _parse_elements(
-    text: str, max_record_bytes: int | None
-) -> tuple[list[tuple[int, object]], list[Rejected]]:
-    """An array body parsed element by element (see ``split_json_array``), so
-    an element too deep to parse is refused alone and the rest are kept."""
-    items = split_json_array(text)
-    if items is None:
-        return [], [Rejected(1, f"refused JSON: {TOO_DEEP}, in an array that is not well-formed")]
-    kept: list[tuple[int, object]] = []
-    refused: list[Rejected] = []
-    for i, item in enumerate(items, start=1):
-        size = len(item.strip().encode())
-        if max_record_bytes is not None and size > max_record_bytes:
-            refused.append(
-                Rejected(i, f"record is {size} bytes, over the {max_record_bytes}-byte limit")
-            )
-            continue
-        try:
-            kept.append((i, loads(item)))
-        except JSONTooDeepError as e:
-            refused.append(Rejected(i, f"refused JSON: {e}"))
-        except json.JSONDecodeError as e:
-            refused.append(Rejected(i, f"not JSON: {e.msg}"))
-    return kept, refused
+def _array_values(text: str) -> tuple[list[tuple[int, object]], list[Rejected]]:
+    """The elements of an array body, by 1-based index, and those refused as
+    not JSON. One element too deep for the parser does not sink the others:
+    the array is then split by :func:`split_json_array` and each element
+    parsed alone."""
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as e:
+        return [], [Rejected(e.lineno, f"not JSON: {e.msg}")]
+    except RecursionError:
+        items = split_json_array(text)
+        if items is None:
+            reason = f"refused JSON: {TOO_DEEP}, in an array that is not well-formed"
+            return [], [Rejected(1, reason)]
+        values: list[tuple[int, object]] = []
+        refused: list[Rejected] = []
+        for i, item in enumerate(items, start=1):
+            try:
+                values.append((i, json.loads(item)))
+            except RecursionError:
+                refused.append(Rejected(i, f"refused JSON: {TOO_DEEP}"))
+            except json.JSONDecodeError as e:
+                refused.append(Rejected(i, f"not JSON: {e.msg}"))
+        return values, refused
+    return list(enumerate(value, start=1)) if isinstance(value, list) else [(1, value)], []
 
 
 def parse_body(
@@ -276,27 +277,20 @@ def parse_body(
     if not stripped:
         return [], []
     if stripped.startswith("["):
-        try:
-            value = json.loads(stripped)
-        except json.JSONDecodeError as e:
-            return [], [Rejected(e.lineno, f"not JSON: {e.msg}")]
-        except RecursionError:  # an element too deep for the parser: one at a time
-            return _parse_elements(stripped, max_record_bytes)
-        if isinstance(value, list):
-            kept: list[tuple[int, object]] = []
-            refused: list[Rejected] = []
-            for i, v in enumerate(value, start=1):
-                if json_depth(v) > MAX_JSON_DEPTH:
-                    refused.append(Rejected(i, f"refused JSON: {TOO_DEEP}"))
-                elif max_record_bytes is not None and (n := len(json.dumps(v).encode())) > (
-                    max_record_bytes
-                ):
-                    refused.append(
-                        Rejected(i, f"record is {n} bytes, over the {max_record_bytes}-byte limit")
-                    )
-                else:
-                    kept.append((i, v))
-            return kept, refused
+        values, refused = _array_values(stripped)
+        kept: list[tuple[int, object]] = []
+        for i, v in values:
+            if json_depth(v) > MAX_JSON_DEPTH:
+                refused.append(Rejected(i, f"refused JSON: {TOO_DEEP}"))
+            elif max_record_bytes is not None and (n := len(json.dumps(v).encode())) > (
+                max_record_bytes
+            ):
+                refused.append(
+                    Rejected(i, f"record is {n} bytes, over the {max_record_bytes}-byte limit")
+                )
+            else:
+                kept.append((i, v))
+        return kept, sorted(refused, key=lambda r: r.line)
     records: list[tuple[int, object]] = []
     rejected: list[Rejected] = []
     for number, line in enumerate(text.splitlines(), start=1):
