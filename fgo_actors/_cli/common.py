@@ -58,23 +58,57 @@ _workers_option = click.option(
 )
 
 
-def _agent_endpoint_options(f: Any) -> Any:
-    """The endpoint options shared by the commands that run the reference agent."""
+def endpoint_options(*, concurrency: str, settings_file: bool = False) -> Callable[[Any], Any]:
+    """The LLM endpoint's options, declared once for every command:
+    --base-url, --model, --api-key-env, --max-concurrency, and --log-json.
+
+    ``concurrency`` says the default of --max-concurrency against a remote
+    endpoint. With ``settings_file`` (fgo serve) no option has a click
+    default, so that a value left out can come from the settings file; the
+    help says the default either way.
+    """
+
+    def default(value: str) -> str | None:
+        return None if settings_file else value
+
     options = [
-        click.option("--base-url", envvar="FGO_BASE_URL", help="OpenAI-compatible base URL."),
-        click.option("--model", envvar="FGO_MODEL", default="default", show_default=True),
-        click.option("--api-key-env", default="FGO_API_KEY", show_default=True),
+        click.option(
+            "--base-url",
+            envvar="FGO_BASE_URL",
+            help="OpenAI-compatible base URL, up to /v1 [env FGO_BASE_URL; default: the "
+            "embedded local model].",
+        ),
+        click.option(
+            "--model",
+            envvar="FGO_MODEL",
+            default=default("default"),
+            help="Model name sent to the server [env FGO_MODEL; default: default]; "
+            "ignored for the local model.",
+        ),
+        click.option(
+            "--api-key-env",
+            default=default("FGO_API_KEY"),
+            help="Environment variable holding the API key [default: FGO_API_KEY].",
+        ),
         click.option(
             "--max-concurrency",
             type=int,
             callback=_positive,
-            help="LLM calls in flight at once [default: --workers; local model: 1].",
+            help=f"LLM calls in flight at once [default: {concurrency}; with the local model: 1].",
         ),
         click.option("--log-json", is_flag=True, help="JSON logs on stderr even on a terminal."),
     ]
-    for option in reversed(options):
-        f = option(f)
-    return f
+
+    def decorate(f: Any) -> Any:
+        for option in reversed(options):
+            f = option(f)
+        return f
+
+    return decorate
+
+
+# The agent commands' endpoint: as many calls in flight as episodes by default.
+_agent_endpoint_options = endpoint_options(concurrency="--workers")
 
 
 def default_workers(local_ctx: int | None) -> int:

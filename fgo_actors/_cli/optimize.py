@@ -33,6 +33,7 @@ from .common import (
     EXIT_BUDGET,
     EXIT_INTERRUPTED,
     EXIT_LLM,
+    REMOTE_CONCURRENCY,
     _check_endpoint,
     _check_module_and_report,
     _endpoint,
@@ -41,6 +42,7 @@ from .common import (
     _run_agent_command,
     _trio_run,
     default_completion_tokens,
+    endpoint_options,
     gateway_config,
     in_flags,
     optimizer_options,
@@ -121,24 +123,6 @@ from .progress import log_progress, show_progress
     help="Module to start from (default: empty).",
 )
 @click.option(
-    "--base-url",
-    envvar="FGO_BASE_URL",
-    help="OpenAI-compatible base URL, up to /v1 [env FGO_BASE_URL].",
-)
-@click.option(
-    "--model",
-    envvar="FGO_MODEL",
-    default="default",
-    show_default=True,
-    help="Model name sent to the server [env FGO_MODEL]; ignored for the local model.",
-)
-@click.option(
-    "--api-key-env",
-    default="FGO_API_KEY",
-    show_default=True,
-    help="Name of the environment variable holding the API key.",
-)
-@click.option(
     "--context-tokens",
     type=int,
     callback=_positive,
@@ -155,12 +139,6 @@ from .progress import log_progress, show_progress
     type=int,
     callback=_positive,
     help="Size cap of a module (default: a quarter of --subset-tokens).",
-)
-@click.option(
-    "--max-concurrency",
-    type=int,
-    callback=_positive,
-    help="LLM calls in flight at once [default: 4; with the local model: 1].",
 )
 @click.option(
     "--fan-in",
@@ -250,7 +228,7 @@ from .progress import log_progress, show_progress
     "for the calls not yet answered [default: .fgo-cache next to --out].",
 )
 @click.option("--no-cache", is_flag=True, help="Keep no response cache.")
-@click.option("--log-json", is_flag=True, help="JSON logs on stderr even on a terminal.")
+@endpoint_options(concurrency=str(REMOTE_CONCURRENCY))
 def optimize(
     trajectories: Path | None,
     env_spec: str | None,

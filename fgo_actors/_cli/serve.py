@@ -16,6 +16,7 @@ from .common import (
     EXIT_BAD_INPUT,
     EXIT_INTERRUPTED,
     EXIT_LLM,
+    REMOTE_CONCURRENCY,
     _check_endpoint,
     _check_outputs,
     _endpoint,
@@ -23,6 +24,7 @@ from .common import (
     _positive,
     _trio_run,
     default_completion_tokens,
+    endpoint_options,
     gateway_config,
     in_flags,
     optimizer_options,
@@ -125,20 +127,12 @@ from .common import (
     callback=_positive,
     help=f"Agent turns per validation episode [default: {defaults.VALIDATE_MAX_STEPS}].",
 )
-@click.option(
-    "--base-url",
-    envvar="FGO_BASE_URL",
-    help="OpenAI-compatible base URL [env FGO_BASE_URL; default: the local model].",
-)
-@click.option("--model", envvar="FGO_MODEL", help="Model name sent to the server.")
-@click.option("--api-key-env", help="Environment variable holding the LLM API key.")
-@click.option("--max-concurrency", type=int, callback=_positive, help="LLM calls in flight.")
 @click.option("--context-tokens", type=int, callback=_positive, help="Optimizer LLM context.")
 @click.option("--subset-tokens", type=int, callback=_positive, help="Subset token budget.")
 @click.option("--module-tokens", type=int, callback=_positive, help="Module size cap.")
 @click.option("--fan-in", type=int, help="Trees merged at once [default: 2].")
 @click.option("--token-budget", type=int, callback=_positive, help="Hard cap on tokens.")
-@click.option("--log-json", is_flag=True, help="JSON logs on stderr even on a terminal.")
+@endpoint_options(concurrency=str(REMOTE_CONCURRENCY), settings_file=True)
 def serve_command(config_path: Path | None, log_json: bool, **flags: Any) -> None:
     """Run the optimization daemon: take trajectories over HTTP (POST
     /v1/trajectories), from a watched folder or from stdin; optimize them
