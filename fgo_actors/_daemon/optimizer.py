@@ -59,6 +59,7 @@ from ..agent.envs import Task
 from ..agent.eval import evaluate
 from ..agent.rollout import AgentConfig
 from . import defaults
+from .state import Flow
 
 # Trajectories the feeder reads from the store at once, and the packer's inbox size.
 FEED_BATCH = 256
@@ -369,11 +370,7 @@ class StreamingOptimizer:
         )
         self._changed = trio.Event()  # the forest's trees changed
         self._stored = trio.Event()  # new trajectories are in the store
-        self._queued = 0  # accepted, not yet in a sealed subset
-        self._unfed = 0  # accepted, still only in the store (not yet given to the packer)
-        self._pending = 0
-        self._optimizing = 0
-        self._in_transit = 0  # leaves sent to the merger, not yet in the forest
+        self._flow = Flow()  # where the work is, as counts
         self._forest: MergeForest | None = None
         self._runner: ForestRunner | None = None  # runs the forest's merges
         self._folding = False
@@ -448,8 +445,7 @@ class StreamingOptimizer:
         accepted = sum(added)
         duplicates += len(added) - accepted  # stored by another request meanwhile
         self._trajectories += accepted
-        self._queued += accepted
-        self._unfed += accepted
+        self._flow.accepted(accepted)
         if accepted:
             self._stored.set()
         result = IngestResult(accepted, duplicates, tuple(sorted(rejected, key=lambda r: r.line)))
@@ -459,10 +455,7 @@ class StreamingOptimizer:
     @property
     def saturated(self) -> bool:
         """True when the pipeline is full: ingest should push back."""
-        return (
-            self._pending >= self.config.max_pending_subsets
-            or self._unfed >= self.config.max_queued
-        )
+        return self._flow.saturated(self.config.max_pending_subsets, self.config.max_queued)
 
     @property
     def publish_pending(self) -> bool:
@@ -527,21 +520,18 @@ class StreamingOptimizer:
         """Wait until everything received so far is packed, optimized, merged and
         published (flushing the open subset). For tests, batch feeds and stdin."""
         while not self._idle():
-            if self._queued and not self._unfed:
+            if self._flow.flush_due():
                 await self.flush()  # all fed: seal the open subset now
             await self._activity.wait()
 
     def _idle(self) -> bool:
-        return (
-            self._queued == 0
-            and self._pending == 0
-            and self._optimizing == 0
-            and self._in_transit == 0
-            and self._forest is not None
-            and not self._forest.in_flight()
-            and not self._folding
-            and not self._changed.is_set()
+        merging = (
+            self._forest is None
+            or bool(self._forest.in_flight())
+            or self._folding
+            or self._changed.is_set()
         )
+        return self._flow.idle(merging=merging)
 
     def statistics(self) -> DaemonStatistics:
         gw = self.gateway.statistics()
@@ -550,11 +540,11 @@ class StreamingOptimizer:
         count = self._count
         return DaemonStatistics(
             trajectories=self._trajectories,
-            queued=self._queued,
-            subsets_pending=self._pending,
+            queued=self._flow.queued,
+            subsets_pending=self._flow.pending,
             subsets_done=count["subsets_done"],
             subsets_failed=count["subsets_failed"],
-            optimizing=self._optimizing,
+            optimizing=self._flow.optimizing,
             merges_in_flight=len(forest.in_flight()) if forest else 0,
             trees=len(forest.trees()) if forest else 0,
             versions_published=count["versions_published"],
@@ -622,10 +612,9 @@ class StreamingOptimizer:
         n.start_soon(self._publisher)
         # Subsets sealed before a restart go first, then the unpacked backlog.
         subsets_send = self._subsets_send.clone()
-        self._pending += len(pending)
         n.start_soon(self._feed_pending, pending, subsets_send)
         n.start_soon(self._packer, self._queue_recv, self._subsets_send)
-        self._queued = self._unfed = counts.unassigned
+        self._flow.resumed(counts.unassigned, len(pending))
         n.start_soon(self._feeder, self._queue_send.clone())
         if trees and {t for t, _ in trees} != self._published_trees:
             self._changed.set()
@@ -654,7 +643,7 @@ class StreamingOptimizer:
                 for seq, trajectory_id, tokens in rows:
                     await out.send((trajectory_id, tokens + PER_ITEM_SLACK))
                     after = seq
-                    self._unfed -= 1
+                    self._flow.fed()
                 self._poke()
 
     async def _packer(
@@ -689,8 +678,7 @@ class StreamingOptimizer:
         subset_id = f"s{self._subset_number:06d}"
         self._subset_number += 1
         await self.store.create_subset(subset_id, ids, time.time())
-        self._queued -= len(ids)
-        self._pending += 1
+        self._flow.sealed(len(ids))
         self.events.emit("subset", subset=subset_id, trajectories=len(ids))
         await out.send(subset_id)
 
@@ -701,15 +689,14 @@ class StreamingOptimizer:
             async for subset_id in inp:
                 if self._stopping:
                     continue  # left pending in the store for the next start
-                self._optimizing += 1
+                self._flow.started()
+                node = None
                 try:
                     node = await self._optimize(subset_id)
                 finally:
-                    self._optimizing -= 1
-                    self._pending -= 1
+                    self._flow.finished(leaf=node is not None)
                     self._poke()
                 if node is not None:
-                    self._in_transit += 1
                     await out.send((node.id, 0))
 
     async def _optimize(self, subset_id: str) -> MergeNode | None:
@@ -739,7 +726,7 @@ class StreamingOptimizer:
                 retry_in: float | None = None
                 if isinstance(e, UnitFailedError) and tries <= self.config.subset_retries:
                     retry_in = min(self.config.retry_pause * 2 ** (tries - 1), MAX_RETRY_PAUSE)
-                    self._pending += 1  # waiting for its retry is work still to do
+                    self._flow.retry_scheduled()  # waiting for its retry is work still to do
                     self._nursery.start_soon(self._retry_later, subset_id, retry_in)
                 else:
                     self._count["subsets_failed"] += 1
@@ -773,7 +760,7 @@ class StreamingOptimizer:
         self._log.info("subset_retry_scheduled", subset=subset_id, retry_in=delay)
         await trio.sleep(delay)
         if self._stopping:
-            self._pending -= 1
+            self._flow.retry_dropped()
             return  # still failed in the store: the next start tries it
         await self._retry_send.send(subset_id)
 
@@ -783,7 +770,7 @@ class StreamingOptimizer:
         with inp:
             async for node_id, _rank in inp:
                 self._runner.add_leaf(node_id)
-                self._in_transit -= 1
+                self._flow.leaf_arrived()
                 self._changed.set()
                 self._poke()
 
@@ -976,11 +963,11 @@ class StreamingOptimizer:
         self._stopping = True
         self._queue_send.close()
         with trio.move_on_after(grace):
-            while self._optimizing or (self._forest is not None and self._forest.in_flight()):
+            while self._flow.optimizing or (self._forest is not None and self._forest.in_flight()):
                 await self._activity.wait()
         self._log.info(
             "daemon_stopped",
-            optimizing=self._optimizing,
+            optimizing=self._flow.optimizing,
             merges_in_flight=len(self._forest.in_flight()) if self._forest else 0,
         )
 
