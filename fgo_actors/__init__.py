@@ -54,9 +54,9 @@ from ._core.tokens import TokenCounter as TokenCounter
 from ._core.tokens import default_counter as default_counter
 from ._daemon.bridge import AsyncioOptimizer as AsyncioOptimizer
 from ._daemon.bridge import open_optimizer_asyncio as open_optimizer_asyncio
+from ._daemon.ingest import IngestResult as IngestResult
 from ._daemon.optimizer import DaemonConfig as DaemonConfig
 from ._daemon.optimizer import DaemonStatistics as DaemonStatistics
-from ._daemon.optimizer import IngestResult as IngestResult
 from ._daemon.optimizer import StreamingOptimizer as StreamingOptimizer
 from ._daemon.optimizer import open_optimizer as open_optimizer
 from ._llm.gateway import GatewayConfig as GatewayConfig

@@ -16,7 +16,8 @@ from hypothesis import strategies as st
 from fgo_actors import GatewayConfig, LLMGateway, MergeForest, RunConfig
 from fgo_actors._core.forest import expected_merges
 from fgo_actors._core.partition import StreamPacker
-from fgo_actors._daemon.optimizer import open_optimizer, parse_body
+from fgo_actors._daemon.ingest import parse_body
+from fgo_actors._daemon.optimizer import open_optimizer
 from fgo_actors._storage.store import Store, StoreError
 from fgo_actors.testing import Fault, RecordedRequest, schema_name_of
 

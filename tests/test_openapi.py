@@ -328,7 +328,9 @@ def test_the_spec_is_well_formed_and_resolves_offline() -> None:
 
 
 def test_every_event_the_daemon_emits_is_documented() -> None:
-    source = (ROOT / "fgo_actors" / "_daemon" / "optimizer.py").read_text("utf-8")
+    source = "\n".join(
+        path.read_text("utf-8") for path in sorted((ROOT / "fgo_actors" / "_daemon").glob("*.py"))
+    )
     emitted = set(re.findall(r"\.emit\(\s*\"(\w+)\"", source))
     documented = set(_spec()["components"]["schemas"]["Event"]["discriminator"]["mapping"])
     assert emitted == documented

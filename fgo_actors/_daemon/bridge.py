@@ -25,7 +25,8 @@ import trio
 from .._core.model import Module, Trajectory
 from .._storage.store import Version
 from . import defaults
-from .optimizer import DaemonConfig, IngestResult, StreamingOptimizer, open_optimizer
+from .ingest import IngestResult
+from .optimizer import DaemonConfig, StreamingOptimizer, open_optimizer
 
 T = TypeVar("T")
 

@@ -22,7 +22,6 @@ queues from the store and replays finished calls instead of paying again.
 from __future__ import annotations
 
 import functools
-import json
 import math
 import time
 from collections import Counter
@@ -35,20 +34,12 @@ import attrs
 import structlog
 import trio
 
-from .._core.errors import BudgetExhaustedError, InputError, LLMUnavailableError, UnitFailedError
+from .._core.errors import BudgetExhaustedError, LLMUnavailableError, UnitFailedError
 from .._core.forest import MergeForest, MergeJob, fold_plan
-from .._core.io import (
-    MAX_JSON_DEPTH,
-    TOO_DEEP,
-    JSONTooDeepError,
-    json_depth,
-    loads,
-    split_json_array,
-)
-from .._core.model import MergeNode, Module, RenderedTrajectory, Subset, Trajectory
+from .._core.model import MergeNode, Module, Subset, Trajectory
 from .._core.partition import StreamPacker
 from .._core.playbook import with_plays
-from .._core.prompts import PER_ITEM_SLACK, render_trajectory
+from .._core.prompts import PER_ITEM_SLACK
 from .._llm.gateway import GatewayConfig, LLMGateway
 from .._storage.store import AsyncStore, Store, StoreCache, Version
 from ..actors.merger import ForestRunner, merge_modules
@@ -59,6 +50,8 @@ from ..agent.envs import Task
 from ..agent.eval import evaluate
 from ..agent.rollout import AgentConfig
 from . import defaults
+from .events import EventBus
+from .ingest import IngestResult, Rejected, _render_many, _validate_records, parse_body
 from .state import Flow
 
 # Trajectories the feeder reads from the store at once, and the packer's inbox size.
@@ -130,32 +123,6 @@ class DaemonConfig:
 
 
 @attrs.frozen
-class Rejected:
-    """A record ingest refused: where it was (1-based line or index) and why."""
-
-    line: int
-    reason: str
-
-    def to_json(self) -> dict[str, Any]:
-        return {"line": self.line, "reason": self.reason}
-
-
-@attrs.frozen
-class IngestResult:
-    accepted: int
-    duplicate: int
-    rejected: tuple[Rejected, ...] = ()
-
-    def to_json(self) -> dict[str, Any]:
-        return {
-            "accepted": self.accepted,
-            "duplicate": self.duplicate,
-            "rejected": len(self.rejected),
-            "errors": [r.to_json() for r in self.rejected],
-        }
-
-
-@attrs.frozen
 class DaemonStatistics:
     """A snapshot for ``/metrics``, progress and tests."""
 
@@ -178,161 +145,6 @@ class DaemonStatistics:
     events_dropped: int
     saturated: bool
     publish_pending: bool
-
-
-class EventBus:
-    """Fan-out of events to subscribers (SSE clients, ``versions()``). A slow
-    subscriber loses events rather than slowing the daemon; losses are counted."""
-
-    def __init__(self, buffer: int = 256) -> None:
-        self._buffer = buffer
-        self._subscribers: set[trio.MemorySendChannel[dict[str, Any]]] = set()
-        self._seq = 0
-        self.dropped = 0
-
-    def emit(self, kind: str, **data: Any) -> None:
-        self._seq += 1
-        event = {"id": self._seq, "type": kind, "at": round(time.time(), 3), **data}
-        structlog.get_logger().info(kind, **data)
-        for send in list(self._subscribers):
-            try:
-                send.send_nowait(event)
-            except trio.WouldBlock:
-                self.dropped += 1
-            except trio.BrokenResourceError:
-                self._subscribers.discard(send)
-
-    @asynccontextmanager
-    async def subscribe(self) -> AsyncIterator[trio.MemoryReceiveChannel[dict[str, Any]]]:
-        send, receive = trio.open_memory_channel[dict[str, Any]](self._buffer)
-        self._subscribers.add(send)
-        try:
-            with receive:
-                yield receive
-        finally:
-            self._subscribers.discard(send)
-            send.close()
-
-
-def _validate_records(
-    records: Sequence[Trajectory | object], numbers: Sequence[int], refused: Sequence[Rejected]
-) -> tuple[list[tuple[int, Trajectory, dict[str, Any]]], list[Rejected], int]:
-    """The valid trajectories among ``records`` (first of each id), the
-    records rejected (with ``refused``), and how many repeated an id."""
-    rejected: list[Rejected] = list(refused)
-    valid: list[tuple[int, Trajectory, dict[str, Any]]] = []
-    seen: set[str] = set()
-    duplicates = 0
-    for number, record in zip(numbers, records, strict=True):
-        try:
-            if isinstance(record, Trajectory):
-                trajectory, body = record, record.to_json()
-            else:
-                trajectory = Trajectory.from_json(record)
-                body = dict(record) if isinstance(record, dict) else {}
-        except InputError as e:
-            rejected.append(Rejected(number, str(e)))
-            continue
-        if trajectory.id in seen:
-            duplicates += 1
-            continue
-        seen.add(trajectory.id)
-        valid.append((number, trajectory, body))
-    return valid, rejected, duplicates
-
-
-def _array_values(text: str) -> tuple[list[tuple[int, object]], list[Rejected]]:
-    """The elements of an array body, by 1-based index, and those refused as
-    not JSON. One element too deep for the parser does not sink the others:
-    the array is then split by :func:`split_json_array` and each element
-    parsed alone."""
-    try:
-        value = json.loads(text)
-    except json.JSONDecodeError as e:
-        return [], [Rejected(e.lineno, f"not JSON: {e.msg}")]
-    except RecursionError:
-        items = split_json_array(text)
-        if items is None:
-            reason = f"refused JSON: {TOO_DEEP}, in an array that is not well-formed"
-            return [], [Rejected(1, reason)]
-        values: list[tuple[int, object]] = []
-        refused: list[Rejected] = []
-        for i, item in enumerate(items, start=1):
-            try:
-                values.append((i, json.loads(item)))
-            except RecursionError:
-                refused.append(Rejected(i, f"refused JSON: {TOO_DEEP}"))
-            except json.JSONDecodeError as e:
-                refused.append(Rejected(i, f"not JSON: {e.msg}"))
-        return values, refused
-    return list(enumerate(value, start=1)) if isinstance(value, list) else [(1, value)], []
-
-
-def parse_body(
-    text: str, *, max_record_bytes: int | None = None
-) -> tuple[list[tuple[int, object]], list[Rejected]]:
-    """Records in a JSON or JSONL body: one JSON value (an object, or an array
-    of objects) or one object per line. Returns (1-based line or array index,
-    value) pairs and the records refused: not JSON, or over ``max_record_bytes``."""
-    stripped = text.strip()
-    if not stripped:
-        return [], []
-    if stripped.startswith("["):
-        values, refused = _array_values(stripped)
-        kept: list[tuple[int, object]] = []
-        for i, v in values:
-            if json_depth(v) > MAX_JSON_DEPTH:
-                refused.append(Rejected(i, f"refused JSON: {TOO_DEEP}"))
-            elif max_record_bytes is not None and (n := len(json.dumps(v).encode())) > (
-                max_record_bytes
-            ):
-                refused.append(
-                    Rejected(i, f"record is {n} bytes, over the {max_record_bytes}-byte limit")
-                )
-            else:
-                kept.append((i, v))
-        return kept, sorted(refused, key=lambda r: r.line)
-    records: list[tuple[int, object]] = []
-    rejected: list[Rejected] = []
-    for number, line in enumerate(text.splitlines(), start=1):
-        if not line.strip():
-            continue
-        size = len(line.encode())
-        if max_record_bytes is not None and size > max_record_bytes:
-            rejected.append(
-                Rejected(number, f"record is {size} bytes, over the {max_record_bytes}-byte limit")
-            )
-            continue
-        try:
-            records.append((number, loads(line)))
-        except JSONTooDeepError as e:
-            rejected.append(Rejected(number, f"refused JSON: {e}"))
-        except json.JSONDecodeError as e:
-            # A pretty-printed single object spans lines: try the whole body.
-            if not records and not rejected and stripped.startswith("{"):
-                whole = _whole_object(stripped, number, max_record_bytes)
-                if whole is not None:
-                    return whole
-            rejected.append(Rejected(number, f"not JSON: {e.msg} (column {e.colno})"))
-    return records, rejected
-
-
-def _whole_object(
-    text: str, line: int, max_record_bytes: int | None
-) -> tuple[list[tuple[int, object]], list[Rejected]] | None:
-    """``text`` as one JSON value starting on ``line``, or None if it is not JSON."""
-    try:
-        value = loads(text)
-    except JSONTooDeepError as e:
-        return [], [Rejected(line, f"refused JSON: {e}")]
-    except json.JSONDecodeError:
-        return None
-    size = len(text.encode())
-    if max_record_bytes is not None and size > max_record_bytes:
-        return [], [
-            Rejected(line, f"record is {size} bytes, over the {max_record_bytes}-byte limit")
-        ]
-    return [(line, value)], []
 
 
 class StreamingOptimizer:
@@ -1000,12 +812,6 @@ def bounded(node: MergeNode, cap: int) -> MergeNode:
 def _value(result: dict[str, Any]) -> tuple[float, float]:
     """What the gate compares: mean score first, then success rate."""
     return (float(result["score"]), float(result["success_rate"]))
-
-
-def _render_many(
-    trajectories: Sequence[Trajectory], counter: Any, max_tokens: int, group_key: str
-) -> list[RenderedTrajectory]:
-    return [render_trajectory(t, counter, max_tokens, group_key=group_key) for t in trajectories]
 
 
 @asynccontextmanager

@@ -21,13 +21,8 @@ from ..actors.state import RunConfig
 from ..agent.envs import parse_tasks
 from ..agent.rollout import AgentConfig
 from . import defaults
-from .optimizer import (
-    DaemonConfig,
-    StreamingOptimizer,
-    ValidationConfig,
-    open_optimizer,
-    parse_body,
-)
+from .ingest import parse_body
+from .optimizer import DaemonConfig, StreamingOptimizer, ValidationConfig, open_optimizer
 
 
 @attrs.frozen
