@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import os
+import sys
 import textwrap
 from collections.abc import Callable
 from pathlib import Path
@@ -12,7 +14,13 @@ from typing import Any
 import pytest
 import trio
 
-from fgo_actors.agent.sandbox import SandboxLimits, SandboxResult, isolation, run_function
+from fgo_actors.agent.sandbox import (
+    SandboxLimits,
+    SandboxResult,
+    confines_files,
+    isolation,
+    run_function,
+)
 
 
 def _code(source: str) -> str:
@@ -213,7 +221,7 @@ async def test_infinite_loop_times_out_and_leaves_no_process_behind(tmp_path: Pa
     )
     limits = SandboxLimits(timeout=1.0)
     start = trio.current_time()
-    result = await run_function(code, "spin", {"path": str(beat)}, limits)
+    result = await run_function(code, "spin", {"path": str(beat)}, limits, writable=[str(tmp_path)])
     elapsed = trio.current_time() - start
     assert result.timed_out
     assert not result.ok
@@ -358,11 +366,14 @@ async def test_cancelling_a_call_kills_the_child_and_removes_its_directory(
     )
     async with trio.open_nursery() as nursery:
         nursery.start_soon(
-            run_function,
-            code,
-            "wait",
-            {"path": str(info), "beat": str(beat)},
-            SandboxLimits(timeout=30),
+            functools.partial(
+                run_function,
+                code,
+                "wait",
+                {"path": str(info), "beat": str(beat)},
+                SandboxLimits(timeout=30),
+                writable=[str(tmp_path)],
+            )
         )
         assert await _eventually(info.exists, within=5)
         nursery.cancel_scope.cancel()
@@ -472,7 +483,7 @@ async def test_a_detached_grandchild_dies_with_the_call(tmp_path: Path) -> None:
             return "left it running"
         """
     )
-    result = await run_function(code, "detach", {"path": str(beat)})
+    result = await run_function(code, "detach", {"path": str(beat)}, writable=[str(tmp_path)])
     assert result.ok, result.error
     assert beat.exists()
     assert await _stopped(beat), "a setsid grandchild outlived the call"
@@ -519,3 +530,88 @@ async def test_the_open_files_limit_holds() -> None:
     opened, errno_ = result.value
     assert opened < 16  # stdin, stdout, stderr and the runner's pipe count too
     assert errno_ == 24  # EMFILE
+
+
+HERE = Path(__file__).resolve()
+confined = pytest.mark.skipif(
+    not confines_files(), reason="the file system cannot be confined here (no mount namespace)"
+)
+
+
+@confined
+async def test_the_code_sees_no_file_outside_its_scratch_and_python(tmp_path: Path) -> None:
+    secret = tmp_path / "secret.txt"
+    secret.write_text("sk-demo")
+    code = _code(
+        """
+        import os
+
+        def look(paths):
+            found = {}
+            for p in paths:
+                try:
+                    found[p] = open(p).read()[:20]
+                except OSError as e:
+                    found[p] = type(e).__name__
+            return [sorted(os.listdir("/")), found]
+        """
+    )
+    here = str(HERE)
+    paths = [str(secret), here, "/etc/hostname", "/etc/passwd", "/root/.bashrc", os.__file__]
+    result = await run_function(code, "look", {"paths": paths})
+    assert result.ok, result.error
+    top, found = result.value
+    # Our files, the project and the system's settings are out of reach ...
+    assert found[str(secret)] == "FileNotFoundError"
+    assert found[here] == "FileNotFoundError"
+    assert found["/etc/hostname"] == "FileNotFoundError"
+    assert found["/etc/passwd"] == "FileNotFoundError"
+    assert found["/root/.bashrc"] == "FileNotFoundError"
+    # ... the Python it runs on is not.
+    assert found[os.__file__] != "FileNotFoundError"
+    assert "etc" not in top
+    assert "home" not in top
+    assert "tmp" in top  # it holds the scratch directory
+
+
+@confined
+async def test_the_code_cannot_write_outside_its_scratch_or_undo_the_mounts(
+    tmp_path: Path,
+) -> None:
+    code = _code(
+        """
+        import ctypes, os, sys
+
+        def write(targets, shared):
+            out = {}
+            for p in targets:
+                try:
+                    with open(p, "w") as f:
+                        f.write("x")
+                    out[p] = "written"
+                except OSError as e:
+                    out[p] = type(e).__name__
+            libc = ctypes.CDLL(None, use_errno=True)
+            # Remount the Python installation read-write: refused without capabilities.
+            rc = libc.mount(None, sys.base_prefix.encode(), None, 32 | 4096, None)
+            out["remount"] = ctypes.get_errno() if rc else "remounted"
+            out["umount"] = "detached" if libc.umount2(b"/usr", 2) == 0 else "refused"
+            with open(os.path.join(shared, "ok"), "w") as f:
+                f.write("shared")
+            with open("scratch-file", "w") as f:
+                f.write("mine")
+            return out
+        """
+    )
+    targets = [os.path.join(sys.base_prefix, "evil.py"), "/usr/evil", "/evil", "/tmp/evil"]
+    result = await run_function(
+        code, "write", {"targets": targets, "shared": str(tmp_path)}, writable=[str(tmp_path)]
+    )
+    assert result.ok, result.error
+    out = result.value
+    for p in targets:
+        assert out[p] in ("OSError", "PermissionError", "FileNotFoundError"), (p, out[p])
+        assert not await trio.Path(p).exists()
+    assert out["remount"] == 1  # EPERM
+    assert out["umount"] == "refused"
+    assert (tmp_path / "ok").read_text() == "shared"  # a directory it was given is writable

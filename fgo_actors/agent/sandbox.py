@@ -32,15 +32,22 @@ does protect:
   code cannot report success and then die, or write a second report;
 - **our working directory**: the child's cwd is a fresh scratch directory that
   is deleted after the call;
+- **our files**: where a mount namespace can be had too
+  (:func:`confines_files`), the runner makes an empty tmpfs its root and
+  binds in only the scratch directory (and ``writable`` ones), read-only the
+  Python installation, its virtual environment and the system's libraries,
+  and a few devices; then it drops every capability and sets no_new_privs,
+  so the code can neither read the rest of the machine nor undo the mounts;
 - **runaway CPU, memory, files and time**: rlimits on address space
   (``RLIMIT_AS``), CPU seconds, open files and file size, a wall-clock
   timeout after which the whole process tree is killed, and caps on how
   much output and result we read back.
 
-What it does *not* do: there is no seccomp filter, no mount namespace over
-the files and no chroot. The code runs as our user, so it can read any file
-we can read (``~/.ssh``, the project) and write anywhere we can write. The
-limits are per process: code that forks gets them again in each child, for
+What it does *not* do: there is no seccomp filter, so every system call is
+open to it. Without a mount namespace (``sandbox_files_not_confined`` is
+logged), the code runs as our user and can read any file we can read
+(``~/.ssh``, the project) and write anywhere we can write. The limits are
+per process: code that forks gets them again in each child, for
 as long as the timeout lets it run. Without ``unshare`` (logged once as
 ``sandbox_not_isolated``), it can also open network connections, see our
 processes and outlive the call with ``setsid``. For code from an adversary,
@@ -61,6 +68,7 @@ import stat
 import subprocess
 import sys
 import tempfile
+from collections.abc import Sequence
 from importlib import resources
 from typing import Any
 
@@ -181,8 +189,15 @@ async def run_function(
     name: str,
     arguments: dict[str, Any],
     limits: SandboxLimits = DEFAULT_LIMITS,
+    *,
+    writable: Sequence[str] = (),
 ) -> SandboxResult:
     """Define ``code`` in a fresh sandboxed process and call ``name(**arguments)`` there.
+
+    Where namespaces allow (:func:`confines_files`), the code sees only its
+    scratch directory (its cwd, writable), ``writable`` (directories it may
+    also write), and read-only the Python it runs on and the system's
+    libraries.
 
     Whatever the code does (raise, loop, exhaust memory, print, exit, return
     something odd) comes back as a ``SandboxResult`` with ``ok=False`` and a
@@ -197,6 +212,8 @@ async def run_function(
         raise TypeError(f"run_function: arguments must be a dict, got {type(arguments).__name__}")
     if not isinstance(limits, SandboxLimits):
         raise TypeError(f"run_function: limits must be SandboxLimits, got {type(limits).__name__}")
+    if any(not isinstance(w, str) or not w.startswith("/") for w in writable):
+        raise ValueError(f"run_function: writable paths must be absolute, got {list(writable)}")
     if not sys.executable:
         raise RuntimeError("run_function: sys.executable is unknown, so no Python can be started")
     try:
@@ -204,11 +221,13 @@ async def run_function(
     except (TypeError, ValueError) as e:
         raise TypeError(f"run_function: arguments must be JSON-serialisable: {e}") from e
     scratch = tempfile.mkdtemp(prefix="fgo-sandbox-")
+    root = tempfile.mkdtemp(prefix="fgo-sandbox-root-")  # stays empty out here
     try:
-        return await _run_in(scratch, request.encode("utf-8"), limits)
+        return await _run_in(scratch, root, request.encode("utf-8"), limits, list(writable))
     finally:
         with trio.CancelScope(shield=True):
             await trio.to_thread.run_sync(_remove_tree, scratch)
+            await trio.to_thread.run_sync(_remove_tree, root)
 
 
 # util-linux's unshare puts the child in new namespaces: no network but a
@@ -223,7 +242,11 @@ _UNSHARE = ("--net", "--pid", "--fork", "--kill-child", "--mount-proc", "--ipc",
 def isolation() -> tuple[str, ...]:
     """The command prefix that isolates a sandboxed process, or () where
     namespaces are not available here (then only the rlimits, the empty
-    environment and the process group hold; this is logged once)."""
+    environment and the process group hold; this is logged once).
+
+    A user namespace is asked for first, also as root: its root holds no
+    privilege over the machine (no devices, no mounts of real file systems).
+    """
     unshare = shutil.which("unshare") or next(
         (p for p in ("/usr/bin/unshare", "/bin/unshare") if os.access(p, os.X_OK)), None
     )
@@ -231,26 +254,73 @@ def isolation() -> tuple[str, ...]:
     if unshare is None:
         log.warning("sandbox_not_isolated", reason="no unshare (util-linux) on this machine")
         return ()
-    prefix = (unshare, *(() if os.geteuid() == 0 else ("--map-root-user",)), *_UNSHARE, "--")
-    try:
-        probe = subprocess.run(
-            [*prefix, sys.executable, "-I", "-c", "pass"],
-            env={},
-            capture_output=True,
-            timeout=30,
-            check=False,
-        )
-    except (OSError, subprocess.TimeoutExpired) as e:
-        log.warning("sandbox_not_isolated", reason=f"unshare failed: {e}")
-        return ()
-    if probe.returncode != 0:
-        reason = probe.stderr.decode("utf-8", "replace").strip()[:300]
-        log.warning("sandbox_not_isolated", reason=f"unshare refused: {reason}")
-        return ()
-    return prefix
+    candidates: list[tuple[str, ...]] = [(unshare, "--map-root-user", *_UNSHARE, "--")]
+    if os.geteuid() == 0:
+        candidates.append((unshare, *_UNSHARE, "--"))
+    reason = ""
+    for prefix in candidates:
+        try:
+            probe = subprocess.run(
+                [*prefix, sys.executable, "-I", "-c", "pass"],
+                env={},
+                capture_output=True,
+                timeout=30,
+                check=False,
+            )
+        except (OSError, subprocess.TimeoutExpired) as e:
+            reason = f"unshare failed: {e}"
+            continue
+        if probe.returncode == 0:
+            return prefix
+        reason = "unshare refused: " + probe.stderr.decode("utf-8", "replace").strip()[:300]
+    log.warning("sandbox_not_isolated", reason=reason)
+    return ()
 
 
-async def _run_in(scratch: str, request: bytes, limits: SandboxLimits) -> SandboxResult:
+def _read_only_paths() -> list[str]:
+    """What the code may read: the Python it runs on (its installation and its
+    virtual environment) and the system's programs and libraries. Nothing else
+    of the machine: no /etc, /home, /root, /tmp, no project files."""
+    paths = [sys.base_prefix, sys.prefix, "/usr", "/lib", "/lib64", "/lib32", "/bin", "/sbin"]
+    return list(dict.fromkeys(paths))
+
+
+@functools.cache
+def confines_files() -> bool:
+    """Whether the runner can confine the code's file system here (a mount
+    namespace from :func:`isolation`); probed once, logged when not."""
+    prefix = isolation()
+    if not prefix:
+        return False
+    with tempfile.TemporaryDirectory(prefix="fgo-sandbox-probe-") as top:
+        scratch, root = os.path.join(top, "scratch"), os.path.join(top, "root")
+        os.mkdir(scratch)
+        os.mkdir(root)
+        jail = json.dumps({"root": root, "read_only": _read_only_paths(), "writable": []})
+        request = json.dumps({"code": "def f():\n    return 1\n", "name": "f", "arguments": {}})
+        try:
+            probe = subprocess.run(
+                [*prefix, sys.executable, "-I", "-c", _RUNNER, "256", "5", "64", "1", "1000", jail],
+                input=request.encode(),
+                env={},
+                cwd=scratch,
+                capture_output=True,
+                timeout=30,
+                check=False,
+            )
+        except (OSError, subprocess.TimeoutExpired) as e:
+            structlog.get_logger().warning("sandbox_files_not_confined", reason=str(e))
+            return False
+    if probe.returncode != 0 or json.loads(probe.stdout or b"{}").get("value") != 1:
+        reason = probe.stderr.decode("utf-8", "replace").strip()[-300:]
+        structlog.get_logger().warning("sandbox_files_not_confined", reason=reason)
+        return False
+    return True
+
+
+async def _run_in(
+    scratch: str, root: str, request: bytes, limits: SandboxLimits, writable: Sequence[str]
+) -> SandboxResult:
     prefix = await trio.to_thread.run_sync(isolation)
     argv = [
         *prefix,
@@ -264,6 +334,9 @@ async def _run_in(scratch: str, request: bytes, limits: SandboxLimits) -> Sandbo
         str(limits.file_size_mb),
         str(limits.output_bytes),
     ]
+    if await trio.to_thread.run_sync(confines_files):
+        jail = {"root": root, "read_only": _read_only_paths(), "writable": list(writable)}
+        argv.append(json.dumps(jail))
     started = trio.current_time()
     proc = await trio.lowlevel.open_process(
         argv,

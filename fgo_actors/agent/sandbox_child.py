@@ -34,15 +34,116 @@ handlers do not get to run on.
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import io
 import json
 import linecache
 import os
+import platform
 import resource
 import sys
 import traceback
 import types
 from typing import Any, NoReturn
+
+# Linux mount(2) flags, and the syscalls glibc has no wrapper for, by machine.
+MS_RDONLY, MS_NOSUID, MS_NODEV, MS_NOEXEC = 1, 2, 4, 8
+MS_REMOUNT, MS_BIND, MS_REC, MS_PRIVATE = 32, 4096, 16384, 1 << 18
+MNT_DETACH = 2
+PR_SET_NO_NEW_PRIVS = 38
+SYSCALLS = {
+    "x86_64": {"pivot_root": 155, "capset": 126},
+    "aarch64": {"pivot_root": 41, "capset": 91},
+}
+DEVICES = ("null", "zero", "urandom", "random")
+
+
+class JailError(OSError):
+    """The file system could not be confined (the runner then reports nothing: exit 4)."""
+
+
+def _libc() -> ctypes.CDLL:
+    return ctypes.CDLL(None, use_errno=True)
+
+
+def _check(result: int, what: str) -> None:
+    if result != 0:
+        errno = ctypes.get_errno()
+        raise JailError(errno, f"{what}: {os.strerror(errno)}")
+
+
+def _mount(
+    libc: ctypes.CDLL,
+    source: str | None,
+    target: str,
+    fstype: str | None,
+    flags: int,
+    data: str | None = None,
+) -> None:
+    def enc(s: str | None) -> bytes | None:
+        return None if s is None else s.encode()
+
+    _check(
+        libc.mount(enc(source), enc(target), enc(fstype), flags, enc(data)),
+        f"mount {source} on {target}",
+    )
+
+
+def _bind(libc: ctypes.CDLL, path: str, target: str, *, writable: bool) -> None:
+    """Bind ``path`` at ``target``, read-only unless ``writable``. The flags the
+    kernel locks on a mount we did not make (nosuid, nodev, noexec) are kept."""
+    if os.path.isdir(path):
+        os.makedirs(target, exist_ok=True)
+    else:
+        os.makedirs(os.path.dirname(target), exist_ok=True)
+        with open(target, "a"):
+            pass
+    _mount(libc, path, target, None, MS_BIND | MS_REC)
+    kept = os.statvfs(path).f_flag & (MS_NOSUID | MS_NODEV | MS_NOEXEC)
+    flags = MS_BIND | MS_REMOUNT | kept | (0 if writable else MS_RDONLY)
+    _mount(libc, None, target, None, flags)
+
+
+def confine(root: str, read_only: list[str], writable: list[str]) -> None:
+    """Make the empty directory ``root`` this process's whole file system:
+    ``read_only`` and ``writable`` paths bound in at their own paths (a path
+    that is a symlink is recreated as one), a few devices, a fresh /proc; the
+    rest of the machine's files are out of reach. Then drop every capability
+    and forbid gaining any (no_new_privs), so the code cannot undo the mounts.
+    Needs its own mount namespace (``unshare``); raises JailError otherwise."""
+    calls = SYSCALLS.get(platform.machine())
+    if calls is None:
+        raise JailError(0, f"no syscall table for {platform.machine()}")
+    libc = _libc()
+    _mount(libc, None, "/", None, MS_REC | MS_PRIVATE)
+    _mount(libc, "tmpfs", root, "tmpfs", MS_NOSUID | MS_NODEV, "size=1m,mode=755")
+    for path in read_only:
+        target = root + path
+        if os.path.islink(path):
+            os.makedirs(os.path.dirname(target), exist_ok=True)
+            if not os.path.lexists(target):
+                os.symlink(os.readlink(path), target)
+        elif os.path.exists(path) and not os.path.exists(target):
+            _bind(libc, path, target, writable=False)
+    for path in writable:
+        _bind(libc, path, root + path, writable=True)
+    for name in DEVICES:
+        if os.path.exists(f"/dev/{name}"):
+            _bind(libc, f"/dev/{name}", f"{root}/dev/{name}", writable=True)
+    os.makedirs(f"{root}/proc", exist_ok=True)
+    _mount(libc, "proc", f"{root}/proc", "proc", MS_NOSUID | MS_NODEV | MS_NOEXEC)
+    os.chdir(root)
+    os.mkdir(".old")
+    _check(libc.syscall(calls["pivot_root"], b".", b".old"), "pivot_root")
+    os.chdir("/")
+    _check(libc.umount2(b"/.old", MNT_DETACH), "umount the old root")
+    os.rmdir("/.old")
+    _mount(libc, None, "/", None, MS_REMOUNT | MS_RDONLY | MS_NOSUID | MS_NODEV)
+    # No capabilities, now or after an exec, and no way back to them.
+    _check(libc.prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0), "no_new_privs")
+    header = (ctypes.c_uint32 * 2)(0x20080522, 0)  # _LINUX_CAPABILITY_VERSION_3, this process
+    data = (ctypes.c_uint32 * 6)()  # effective, permitted, inheritable: none, twice 32 bits
+    _check(libc.syscall(calls["capset"], header, data), "capset")
 
 
 def lower(which: int, soft: int, hard: int) -> None:
@@ -183,6 +284,15 @@ def child(request: dict[str, Any], write_end: int, mem_mb: int, out_cap: int) ->
 
 def main() -> NoReturn:
     mem_mb, cpu_s, nofile, fsize_mb, out_cap = (int(a) for a in sys.argv[1:6])
+    if len(sys.argv) > 6:  # {"root": dir, "read_only": [...], "writable": [...]}
+        jail = json.loads(sys.argv[6])
+        scratch = os.getcwd()
+        try:
+            confine(jail["root"], jail["read_only"], [scratch, *jail["writable"]])
+        except OSError as e:
+            print(f"sandbox: cannot confine the file system: {e}", file=sys.stderr)
+            os._exit(4)
+        os.chdir(scratch)
     result_fd = os.dup(1)
     os.dup2(2, 1)
     # Unbuffered text streams on fds 1 (now the stderr pipe) and 2, also as
