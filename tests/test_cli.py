@@ -17,6 +17,8 @@ from typing import Any
 import jsonschema
 import pytest
 
+from fgo_actors import Module
+
 ROOT = Path(__file__).resolve().parent.parent
 EXAMPLES = ROOT / "examples" / "trajectories.jsonl"
 PROTOCOLS = ROOT / "protocols"
@@ -510,3 +512,28 @@ def test_out_that_is_not_a_regular_file_is_refused(tmp_path: Path) -> None:
     assert proc.returncode == 2, explain(proc)
     assert "not a regular file" in flat(proc.stderr)
     assert stat.S_ISFIFO(fifo.stat().st_mode)  # left as it was
+
+
+def test_render_prints_the_module_in_each_form(tmp_path: Path) -> None:
+    path = ROOT / "examples" / "twc_expert.json"
+    module = Module.from_json(json.loads(path.read_text()))
+    # CliRunner, not a subprocess: render starts no server and holds no state.
+    from click.testing import CliRunner
+
+    from fgo_actors._cli.main import main
+
+    runner = CliRunner()
+    prompt = runner.invoke(main, ["render", str(path)])
+    assert prompt.exit_code == 0, prompt.output
+    assert prompt.output == module.system_prompt() + "\n"
+    tools = runner.invoke(main, ["render", str(path), "--as", "openai-tools"])
+    assert json.loads(tools.output) == module.openai_tools()
+    page = runner.invoke(main, ["render", str(path), "--as", "markdown"])
+    assert page.output.startswith("# twc_expert.json\n")
+    assert all(f"**{r.id}**" in page.output for r in module.rules)
+    bad = tmp_path / "bad.json"
+    bad.write_text('{"rules": 3}')
+    refused = runner.invoke(main, ["render", str(bad)])
+    assert refused.exit_code == 2, refused.output
+    assert "bad.json" in refused.output
+    assert refused.exception is None or isinstance(refused.exception, SystemExit)

@@ -10,7 +10,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from fgo_actors import Failure, MergeNode, Module, Rule, RunReport, Trajectory
+from fgo_actors import Failure, FunctionSpec, MergeNode, Module, Rule, RunReport, Trajectory
 
 from .helpers import (
     MODULE_V,
@@ -279,3 +279,38 @@ def test_a_module_digest_follows_its_content() -> None:
     assert len(a.digest()) == 16
     assert a.digest() != Module(rules=(Rule(id="s1.r1", text="Open it last."),)).digest()
     assert a.digest() != Module().digest()
+
+
+def test_a_module_renders_as_an_agent_loads_it() -> None:
+    from fgo_actors._core.render import module_markdown
+    from fgo_actors.agent.rollout import call_system_prompt, system_prompt
+
+    spec = {"type": "object", "properties": {"x": {"type": "string"}}}
+    module = Module(
+        instructions="  Tidy the house.  ",
+        rules=(
+            Rule(id="s1.r1", text="Open it first.", subsets=("s1",), trajectories=("t1", "t2")),
+            Rule(id="m1.r1", text="Put it back.", merged_from=("s1.r2", "s2.r1")),
+        ),
+        functions=(FunctionSpec(name="f", description="Does f.", parameters=spec, code="x=1"),),
+    )
+    prompt = module.system_prompt()
+    assert prompt == (
+        "Instructions:\nTidy the house.\n\n"
+        "Rules learned from experience:\n- Open it first.\n- Put it back."
+    )
+    # Exactly what the reference agent puts after its own opening, in both modes.
+    assert system_prompt(module).endswith("\n\n" + prompt)
+    assert "\n\n" + prompt + "\n\nTask: t" in call_system_prompt(module, "t", ())
+    assert Module().system_prompt() == ""
+    assert module.openai_tools() == [
+        {
+            "type": "function",
+            "function": {"name": "f", "description": "Does f.", "parameters": spec},
+        }
+    ]
+    page = module_markdown(module, title="m.json")
+    assert page.startswith("# m.json\n")
+    assert "- **s1.r1**: Open it first.\n  - 1 subsets; 2 trajectories; e.g. t1, t2" in page
+    assert "merged from s1.r2, s2.r1" in page
+    assert "```python\nx=1\n```" in page

@@ -127,6 +127,9 @@ class Conformance:
             if value is not None:
                 typed = int(value) if header["schema"].get("type") == "integer" else value
                 Draft202012Validator(header["schema"]).validate(typed)
+        if "content" not in doc:  # a 304: no body
+            assert not response.content
+            return None
         media = response.headers["content-type"].split(";")[0].strip()
         assert media in doc["content"], f"{method.upper()} {template} {status}: {media}"
         if not read:
@@ -480,6 +483,22 @@ async def test_live_api_conforms_to_the_spec(start_llm: StartLLM, tmp_path: Path
 
             latest = conformance.check(await client.get("/v1/module"), "/v1/module")
             assert (latest["version"], latest["status"]) == (3, "published")
+            # The module as agents load it, and a poll that costs nothing.
+            module = Module.from_json(latest["module"])
+            forms = {}
+            for form in ("system-prompt", "openai-tools", "markdown"):
+                answer = await client.get("/v1/module", params={"as": form})
+                forms[form] = conformance.check(answer, "/v1/module")
+                assert form in answer.headers["etag"]
+            assert forms["system-prompt"] == module.system_prompt() + "\n"
+            assert forms["openai-tools"] == module.openai_tools()
+            assert forms["markdown"].startswith("# Module version 3\n")
+            tag = (await client.get("/v1/module")).headers["etag"]
+            unchanged = await client.get("/v1/module", headers={"If-None-Match": tag})
+            assert unchanged.status_code == 304
+            conformance.check(unchanged, "/v1/module")
+            bad = await client.get("/v1/module", params={"as": "yaml"})
+            assert "system-prompt" in conformance.check(bad, "/v1/module")["error"]
             assert latest["lineage"]["trajectories"] == 12
             assert latest["lineage"]["parents"] == [2]
             second = conformance.check(

@@ -8,6 +8,7 @@ from .bench import bench_command
 from .episodes import collect, eval_command
 from .local_llm import local_llm
 from .optimize import optimize
+from .render import render_command
 from .serve import serve_command
 
 
@@ -17,7 +18,15 @@ def main() -> None:
     """FGO Actors: optimize LLM agent modules from execution trajectories."""
 
 
-for command in (optimize, collect, eval_command, bench_command, serve_command, local_llm):
+for command in (
+    optimize,
+    collect,
+    eval_command,
+    bench_command,
+    serve_command,
+    render_command,
+    local_llm,
+):
     main.add_command(command)
 
 if __name__ == "__main__":  # pragma: no cover

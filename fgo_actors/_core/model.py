@@ -232,6 +232,35 @@ class Module:
     def function(self, name: str) -> FunctionSpec | None:
         return next((f for f in self.functions if f.name == name), None)
 
+    def system_prompt(self) -> str:
+        """The module as an agent's system prompt takes it: its instructions and
+        its rules, worded exactly as the reference agent puts them after its own
+        opening. Empty for a module with neither."""
+        parts = []
+        if self.instructions.strip():
+            parts.append("Instructions:\n" + self.instructions.strip())
+        if self.rules:
+            parts.append(
+                "Rules learned from experience:\n" + "\n".join(f"- {r.text}" for r in self.rules)
+            )
+        return "\n\n".join(parts)
+
+    def openai_tools(self) -> list[JSON]:
+        """The module's functions as OpenAI tool definitions
+        (``{"type": "function", "function": {name, description, parameters}}``);
+        their code stays here, for a runtime that runs it in a sandbox."""
+        return [
+            {
+                "type": "function",
+                "function": {
+                    "name": f.name,
+                    "description": f.description,
+                    "parameters": f.parameters,
+                },
+            }
+            for f in self.functions
+        ]
+
     def digest(self) -> str:
         """A short key of the module's content (its JSON, metadata included)."""
         text = json.dumps(self.to_json(), sort_keys=True, ensure_ascii=False)

@@ -18,6 +18,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
 from starlette.routing import Route
 
+from .._core.render import module_markdown
 from .._storage.store import StoreFullError
 from . import defaults
 from .optimizer import StreamingOptimizer
@@ -26,6 +27,11 @@ from .optimizer import StreamingOptimizer
 MAX_VERSION = 2**63
 LOOPBACK = frozenset({"127.0.0.1", "::1", "localhost"})
 SSE_HEARTBEAT = 15.0
+
+
+# What GET /v1/module?as= serves: the version as JSON, or its module as an
+# agent loads it (see fgo render).
+MODULE_FORMS = ("json", "system-prompt", "openai-tools", "markdown")
 
 
 def _error(status: int, message: str, headers: dict[str, str] | None = None) -> JSONResponse:
@@ -190,10 +196,27 @@ def make_app(
         return JSONResponse(result.to_json(), status_code=202)
 
     async def get_module(request: Request) -> Response:
+        form = request.query_params.get("as", "json")
+        if form not in MODULE_FORMS:
+            return _error(400, f"as must be one of {', '.join(MODULE_FORMS)}, not {_shown(form)!r}")
         version = optimizer.latest_version()
         if version is None:
             return _error(404, "no version has been published yet")
-        return JSONResponse(version.to_json())
+        # One tag per version, content and form: an agent polling with
+        # If-None-Match gets a 304 until a new version is published.
+        etag = f'"v{version.n}-{version.module.digest()}-{form}"'
+        headers = {"ETag": etag, "Cache-Control": "no-cache"}
+        asked = {tag.strip() for tag in request.headers.get("if-none-match", "").split(",")}
+        if etag in asked or "*" in asked:
+            return Response(status_code=304, headers=headers)
+        if form == "system-prompt":
+            return PlainTextResponse(version.module.system_prompt() + "\n", headers=headers)
+        if form == "openai-tools":
+            return JSONResponse(version.module.openai_tools(), headers=headers)
+        if form == "markdown":
+            text = module_markdown(version.module, title=f"Module version {version.n}")
+            return Response(text, media_type="text/markdown; charset=utf-8", headers=headers)
+        return JSONResponse(version.to_json(), headers=headers)
 
     async def list_versions(request: Request) -> Response:
         versions = await optimizer.list_versions()

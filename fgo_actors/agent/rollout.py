@@ -110,18 +110,14 @@ class Macro:
 
 
 def system_prompt(module: Module, *, macros: bool = False) -> str:
+    """The reference agent's system prompt: its opening, then the module's own
+    part (``Module.system_prompt``, what any agent can load)."""
     parts = [AGENT_SYSTEM]
     if macros and module.functions:
         parts.append(MACRO_NOTE)
-    if module.instructions.strip():
-        parts.append("Instructions:\n" + module.instructions.strip())
-    if module.rules:
-        parts.append("Rules learned from experience:\n" + _rule_lines(module))
+    if own := module.system_prompt():
+        parts.append(own)
     return "\n\n".join(parts)
-
-
-def _rule_lines(module: Module) -> str:
-    return "\n".join(f"- {r.text}" for r in module.rules)
 
 
 _WORD = re.compile(r"[a-z]{4,}")
@@ -346,10 +342,8 @@ def call_system_prompt(
     instructions and rules, then the episode's task and functions (their names
     only with ``names_only``, for the compact record)."""
     parts = [CALL_SYSTEM]
-    if module.instructions.strip():
-        parts.append("Instructions:\n" + module.instructions.strip())
-    if module.rules:
-        parts.append("Rules learned from experience:\n" + _rule_lines(module))
+    if own := module.system_prompt():
+        parts.append(own)
     parts.append(f"Task: {task}")
     if functions and names_only:
         names = ", ".join(f.split("(", 1)[0] for f in functions)
