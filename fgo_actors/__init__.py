@@ -22,7 +22,7 @@ below it; ``tests/test_layout.py`` checks this):
 - ``actors``: ``partitioner``, ``optimizer``, ``merger``; ``run`` (the batch
   pipeline), ``state`` (RunConfig, RunState), ``online`` (rollout epochs).
 - ``_daemon``: ``optimizer`` (the streaming optimizer behind ``fgo serve``),
-  ``http``, ``serve``, ``bridge`` (asyncio hosts), ``ingest``, ``events``, ``state``,
+  ``http``, ``serve``, ``bridge`` (asyncio hosts), ``ingest``, ``events``, ``flow``,
   ``defaults``; ``_bench`` (``fgo bench``);
   ``testing`` (the scripted loopback LLM server).
 - ``_cli``: the ``fgo`` command. Nothing imports it.

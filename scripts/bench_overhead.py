@@ -301,7 +301,9 @@ async def gateway_overhead(
 def _partition_budgets(
     counter: TokenCounter, context_tokens: int, max_tokens: int
 ) -> tuple[int, int]:
-    """(item budget, per-trajectory max tokens) the way ``run()`` derives them for FGO."""
+    """(item budget, per-trajectory max tokens) as ``prompt_budgets`` derives
+    them for the daemon, which sets aside the module cap (a batch FGO run with
+    an empty initial module has more room). Only throughput is measured here."""
     cfg = RunConfig(context_tokens=context_tokens)
     budget = item_budget(cfg.subset_budget, optimize_overhead_tokens(counter, cfg.module_budget))
     return budget, min(max_tokens, budget - PER_ITEM_SLACK)

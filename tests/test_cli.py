@@ -537,3 +537,16 @@ def test_render_prints_the_module_in_each_form(tmp_path: Path) -> None:
     assert refused.exit_code == 2, refused.output
     assert "bad.json" in refused.output
     assert refused.exception is None or isinstance(refused.exception, SystemExit)
+
+
+def test_library_errors_name_only_the_flags_a_command_has() -> None:
+    from fgo_actors._cli.common import in_flags
+
+    error = "subset_tokens (9) plus max_completion_tokens (2) exceed context_tokens (8)"
+    assert in_flags(error) == (
+        "--subset-tokens (9) plus --max-completion-tokens (2) exceed --context-tokens (8)"
+    )
+    # fgo bench has no --max-completion-tokens: the setting keeps its name.
+    assert in_flags(error, ("context_tokens", "subset_tokens")) == (
+        "--subset-tokens (9) plus max_completion_tokens (2) exceed --context-tokens (8)"
+    )

@@ -494,3 +494,7 @@ def test_split_json_array_refuses_what_is_not_one_array() -> None:
     assert split_json_array("[]") == []
     deep = "[" * 2000 + "]" * 2000
     assert split_json_array(f"[1, {deep}]") == ["1", f" {deep}"]
+    # A string left open: found in one pass (a review found the scan quadratic
+    # here: minutes for this, days at the body limit).
+    assert split_json_array("[" * 2000 + '"' + '\\"' * 200_000) is None
+    assert split_json_array('["a\\"b", "c\\\\", 1]') == ['"a\\"b"', ' "c\\\\"', " 1"]

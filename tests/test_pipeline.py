@@ -30,6 +30,7 @@ from fgo_actors import (
 from fgo_actors._core.forest import expected_merges
 from fgo_actors._core.prompts import render_module
 from fgo_actors._core.schemas import schema_error
+from fgo_actors.actors.run import prompt_budgets
 from fgo_actors.testing import (
     FakeLLMServer,
     Fault,
@@ -171,6 +172,68 @@ async def test_leaf_prompts_spend_the_module_cap_on_trajectories(start_llm: Star
     ]
     assert max(batch_sizes) <= subset_tokens
     assert batch.report.subsets > fgo.report.subsets
+
+
+def _grows_the_module(body: dict[str, Any]) -> str:
+    """Optimize: the first reply adds one long rule (most of a 300-token cap),
+    later ones change nothing; merges as scripted."""
+    if schema_name_of(body) != "fgo_optimize":
+        return scripted_reply(body)
+    prompt = str(body["messages"][1]["content"])
+    actions = []
+    if "Always check the" not in prompt:
+        text = "Always check the " + " ".join(f"item{i} shelf" for i in range(80)) + "."
+        actions = [{"op": "add_rule", "text": text}]
+    return json.dumps({"analysis": "grow", "actions": actions})
+
+
+@pytest.mark.parametrize("strategy", ["fgo", "all-at-once"])
+async def test_a_later_epoch_shows_a_grown_module_and_still_fits(
+    start_llm: StartLLM, strategy: str
+) -> None:
+    """With two epochs the second prompt shows the module the first one grew,
+    near its cap, so the cap must have been set aside."""
+    server, url = await start_llm(policy=_grows_the_module)
+    subset_tokens = 1600
+    config = RunConfig(
+        strategy=strategy,  # type: ignore[arg-type]
+        context_tokens=4096,
+        subset_tokens=subset_tokens,
+        module_tokens=300,
+        epochs=2,
+    )
+    result = await _run(url, make_trajectories(60), config, max_completion_tokens=1024)
+    assert result.report.failures == ()
+    counter = default_counter()
+    sizes = [
+        counter.count_messages(r.body["messages"]) for r in _optimize_requests(server.requests)
+    ]
+    grown = [
+        s
+        for s, r in zip(sizes, _optimize_requests(server.requests), strict=True)
+        if "Always check the" in r.body["messages"][1]["content"]
+    ]
+    assert grown, "no prompt showed the grown module"
+    # FGO's prompts fit the subset budget; all-at-once's one prompt, the context.
+    limit = subset_tokens if strategy == "fgo" else config.context_tokens - 1024
+    assert max(sizes) <= limit
+
+
+async def test_the_daemon_budget_does_not_shrink_with_a_larger_initial_module(
+    start_llm: StartLLM,
+) -> None:
+    """The daemon measures and seals against its room once, and keeps both in
+    its store: a restart with a larger initial module must find the same room."""
+    _server, url = await start_llm()
+    config = RunConfig(context_tokens=8192, module_tokens=1000)
+    bigger = Module(rules=tuple(Rule(id=f"i.r{i}", text=f"Rule number {i}.") for i in range(30)))
+    async with _gw(url) as gateway:
+        small_room = prompt_budgets(gateway, config, Module(), streaming=True)
+        big_room = prompt_budgets(gateway, config, bigger, streaming=True)
+        batch_small = prompt_budgets(gateway, config, Module())
+        batch_big = prompt_budgets(gateway, config, bigger)
+    assert small_room == big_room
+    assert batch_small[1] > batch_big[1] > small_room[1]  # batch shows the initial module only
 
 
 async def test_merge_starts_before_slowest_subset_finishes(

@@ -260,6 +260,7 @@ def bench_command(
         max_concurrency=max_concurrency,
         workers=workers,
         on_stop=f"what is done is kept in {out_dir}: run the same command again to continue",
+        flags=("context_tokens", "subset_tokens"),
     )
     if isinstance(result, BenchStateError):
         fail(EXIT_BAD_INPUT, "error", result)

@@ -8,7 +8,7 @@ import functools
 import os
 import re
 import sys
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Awaitable, Callable, Collection, Iterator
 from pathlib import Path
 from typing import Any, NoReturn, TypeVar
 
@@ -200,16 +200,20 @@ def _probability(ctx: click.Context, param: click.Parameter, value: float) -> fl
     return value
 
 
-# Settings that library errors name, each set by the flag of the same name.
-_SETTINGS = re.compile(
-    r"\b(subset_tokens|context_tokens|max_completion_tokens|module_tokens|fan_in)\b"
-)
+# Settings that library errors name (RunConfig and GatewayConfig fields).
+SETTINGS = ("subset_tokens", "context_tokens", "max_completion_tokens", "module_tokens", "fan_in")
+_SETTING = re.compile(r"\b(" + "|".join(SETTINGS) + r")\b")
 
 
-def in_flags(error: object) -> str:
-    """A library error as the CLI words it: the settings it names (RunConfig
-    and GatewayConfig fields) become the flags that set them."""
-    return _SETTINGS.sub(lambda m: "--" + m.group(1).replace("_", "-"), str(error))
+def in_flags(error: object, flags: Collection[str] = SETTINGS) -> str:
+    """A library error as the CLI words it: each setting it names that the
+    command has a flag for (``flags``) becomes that flag; others stay as named."""
+
+    def flag(m: re.Match[str]) -> str:
+        name = m.group(1)
+        return "--" + name.replace("_", "-") if name in flags else name
+
+    return _SETTING.sub(flag, str(error))
 
 
 def _fail(err: Console, code: int, label: str, message: object) -> NoReturn:
@@ -247,6 +251,7 @@ def _run_agent_command(
     max_concurrency: int | None,
     workers: int | None,
     on_stop: str,
+    flags: Collection[str] = (),
 ) -> T:
     """Run ``play(gateway config, local model context or None)`` under trio
     against the endpoint (given, or the local model's server for the duration);
@@ -273,7 +278,7 @@ def _run_agent_command(
             )
             outcome = _trio_run(go, gw_config, local_ctx)
     except ValueError as e:
-        _fail(err, EXIT_BAD_INPUT, "error", in_flags(e))
+        _fail(err, EXIT_BAD_INPUT, "error", in_flags(e, flags))
     except local.LocalLLMError as e:
         _fail(err, EXIT_LLM, "local model", e)
     except KeyboardInterrupt:
@@ -281,7 +286,7 @@ def _run_agent_command(
     if isinstance(outcome, LLMUnavailableError):
         _fail(err, EXIT_LLM, "LLM failure", f"{outcome}; {on_stop}")
     if isinstance(outcome, ValueError):
-        _fail(err, EXIT_BAD_INPUT, "error", f"{in_flags(outcome)}; {on_stop}")
+        _fail(err, EXIT_BAD_INPUT, "error", f"{in_flags(outcome, flags)}; {on_stop}")
     return outcome
 
 

@@ -34,6 +34,7 @@ from .common import (
     EXIT_INTERRUPTED,
     EXIT_LLM,
     REMOTE_CONCURRENCY,
+    SETTINGS,
     _check_endpoint,
     _check_module_and_report,
     _endpoint,
@@ -533,6 +534,7 @@ def _optimize_online(
         max_concurrency=max_concurrency,
         workers=1,
         on_stop="nothing was written",
+        flags=SETTINGS,
     )
     atomic_write_json(out, result.module.to_json())
     atomic_write_json(report_path, result.report())

@@ -190,7 +190,13 @@ def serve_command(config_path: Path | None, log_json: bool, **flags: Any) -> Non
                     raise
                 raise expected[0] from group
     except (ValueError, InputError) as e:
-        _fail(err, EXIT_BAD_INPUT, "error", in_flags(e))
+        # Its flags; max_completion_tokens is set in the settings file only.
+        _fail(
+            err,
+            EXIT_BAD_INPUT,
+            "error",
+            in_flags(e, ("subset_tokens", "context_tokens", "module_tokens", "fan_in")),
+        )
     except StoreError as e:
         _fail(err, EXIT_BAD_INPUT, "store", e)
     except local.LocalLLMError as e:

@@ -59,7 +59,16 @@ def json_depth(value: Any) -> int:
 
 # A JSON string literal, or one structural character that matters for
 # finding an array's elements.
-_JSON_TOKEN = re.compile(r'"(?:[^"\\]|\\.)*"|[\[\]{},]', re.DOTALL)
+_JSON_TOKEN = re.compile(r'"(?:[^"\\]|\\.)*"?|[\[\]{},]', re.DOTALL)
+
+
+def _closed(string_token: str) -> bool:
+    """Whether a string token from _JSON_TOKEN ends with its own closing quote
+    (not an escaped one)."""
+    if not string_token.endswith('"'):
+        return False
+    backslashes = len(string_token) - 1 - len(string_token[1:-1].rstrip("\\")) - 1
+    return backslashes % 2 == 0
 
 
 def split_json_array(text: str) -> list[str] | None:
@@ -74,6 +83,11 @@ def split_json_array(text: str) -> list[str] | None:
     for m in _JSON_TOKEN.finditer(text):
         token = m.group()
         if token[0] == '"':
+            # The closing quote is optional in the pattern, so that a string
+            # left open is found in one pass (else each later quote is tried
+            # again, in time quadratic in the body): such a text is no array.
+            if len(token) == 1 or not _closed(token):
+                return None
             continue
         if token in "[{":
             if depth == 0 and (token != "[" or m.start() != 0):

@@ -137,7 +137,8 @@ def item_budget(
     overhead_tokens: int,
     *,
     what: str = "the subset budget",
-    fix: str = "raise subset_tokens/context_tokens or lower module_tokens",
+    fix: str = "raise subset_tokens/context_tokens, or lower module_tokens (or the initial "
+    "module's size)",
 ) -> int:
     """Tokens left for trajectories once template, module and re-ask room are set aside.
 

@@ -1,7 +1,7 @@
 """The playbook: action sequences that earned score in recorded runs, offered again by analogy.
 
 This file is the source of the ``playbook`` module function that FGO writes
-(``_playbook.to_function``). It is never imported by FGO itself: its text is
+(``playbook.to_function``). It is never imported by FGO itself: its text is
 copied into the module, with ``PLAYS`` replaced by what the trajectories
 taught, and it runs in the agent's sandbox like every module function. It
 knows nothing about any environment; everything it offers comes from ``PLAYS``.

@@ -49,7 +49,7 @@ class IngestResult:
         }
 
 
-def _validate_records(
+def validate_records(
     records: Sequence[Trajectory | object], numbers: Sequence[int], refused: Sequence[Rejected]
 ) -> tuple[list[tuple[int, Trajectory, dict[str, Any]]], list[Rejected], int]:
     """The valid trajectories among ``records`` (first of each id), the
@@ -103,6 +103,12 @@ def _array_values(text: str) -> tuple[list[tuple[int, object]], list[Rejected]]:
     return list(enumerate(value, start=1)) if isinstance(value, list) else [(1, value)], []
 
 
+def _size(value: object) -> int:
+    """Bytes of ``value`` as compact JSON in UTF-8: what the record would take
+    as one line of JSONL."""
+    return len(json.dumps(value, ensure_ascii=False, separators=(",", ":")).encode())
+
+
 def parse_body(
     text: str, *, max_record_bytes: int | None = None
 ) -> tuple[list[tuple[int, object]], list[Rejected]]:
@@ -118,9 +124,7 @@ def parse_body(
         for i, v in values:
             if json_depth(v) > MAX_JSON_DEPTH:
                 refused.append(Rejected(i, f"refused JSON: {TOO_DEEP}"))
-            elif max_record_bytes is not None and (n := len(json.dumps(v).encode())) > (
-                max_record_bytes
-            ):
+            elif max_record_bytes is not None and (n := _size(v)) > (max_record_bytes):
                 refused.append(
                     Rejected(i, f"record is {n} bytes, over the {max_record_bytes}-byte limit")
                 )
@@ -170,7 +174,7 @@ def _whole_object(
     return [(line, value)], []
 
 
-def _render_many(
+def render_many(
     trajectories: Sequence[Trajectory], counter: Any, max_tokens: int, group_key: str
 ) -> list[RenderedTrajectory]:
     return [render_trajectory(t, counter, max_tokens, group_key=group_key) for t in trajectories]

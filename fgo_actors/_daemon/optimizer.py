@@ -51,8 +51,8 @@ from ..agent.eval import evaluate
 from ..agent.rollout import AgentConfig
 from . import defaults
 from .events import EventBus
-from .ingest import IngestResult, Rejected, _render_many, _validate_records, parse_body
-from .state import Flow
+from .flow import Flow
+from .ingest import IngestResult, Rejected, parse_body, render_many, validate_records
 
 # Trajectories the feeder reads from the store at once, and the packer's inbox size.
 FEED_BATCH = 256
@@ -167,7 +167,9 @@ class StreamingOptimizer:
         self._nursery = nursery
         self._log = structlog.get_logger()
         self._state = RunState(started_at=trio.current_time(), fan_in=config.run.fan_in)
-        self._module_tokens, budget = prompt_budgets(gateway, config.run, config.initial)
+        self._module_tokens, budget = prompt_budgets(
+            gateway, config.run, config.initial, streaming=True
+        )
         self._item_budget = budget
         self._render_max = budget - PER_ITEM_SLACK
         # The packer's inbox: (id, tokens) fed from the store, or ("", 0) to flush.
@@ -238,13 +240,13 @@ class StreamingOptimizer:
             raise RuntimeError("the optimizer is closed")
         numbers = list(lines) if lines is not None else list(range(1, len(records) + 1))
         valid, rejected, duplicates = await trio.to_thread.run_sync(
-            _validate_records, records, numbers, refused
+            validate_records, records, numbers, refused
         )
         known = await self.store.known_ids([t.id for _, t, _ in valid])
         fresh = [(n, t, b) for n, t, b in valid if t.id not in known]
         duplicates += len(valid) - len(fresh)
         rendered = await trio.to_thread.run_sync(
-            _render_many,
+            render_many,
             [t for _, t, _ in fresh],
             self.gateway.counter,
             self._render_max,

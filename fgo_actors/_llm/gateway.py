@@ -69,7 +69,7 @@ class GatewayConfig:
     temperature: float = 0.2
     structured_output: StructuredMode = "auto"
     strict: bool = True
-    # AIMD (``_aimd``): a 429 or 503 cuts the calls in flight by a quarter, successes
+    # AIMD (``aimd``): a 429 or 503 cuts the calls in flight by a quarter, successes
     # raise them again up to max_concurrency; refusals while the window
     # shrinks spend no retries.
     adaptive: bool = True
@@ -241,7 +241,7 @@ def _wire_schema(name: str) -> dict[str, Any]:
 
 @functools.cache
 def _strict_wire_schema(name: str) -> tuple[dict[str, Any], frozenset[str]]:
-    """``_wire_schema(name)`` in its strict-mode variant (``_strict``), made once."""
+    """``_wire_schema(name)`` in its strict-mode variant (``strict``), made once."""
     return strict_variant(_wire_schema(name))
 
 

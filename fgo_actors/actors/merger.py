@@ -174,7 +174,7 @@ class ForestRunner:
     nursery: trio.Nursery
     merge: Callable[[MergeJob], Awaitable[str]]
     done: Callable[[MergeJob, str], Awaitable[None]] | None = None
-    running: int = 0  # merges started and not yet finished
+    running: int = attrs.field(default=0, init=False)  # merges started, not yet finished
 
     def add_leaf(self, node_id: str) -> None:
         self.launch(self.forest.add_leaf(node_id))

@@ -61,7 +61,7 @@ class OnlineConfig:
     subsets_at_once: int = 1  # subsets improved concurrently (the local model: 1)
     agent: AgentConfig = attrs.field(factory=AgentConfig)
     workers: int = 1  # episodes played at once
-    playbook: bool = True  # add each round's scored plays to the playbook (``_playbook``)
+    playbook: bool = True  # add each round's scored plays to the playbook (``_core.playbook``)
 
     def __attrs_post_init__(self) -> None:
         for name in ("tasks_per_subset", "rounds", "patience", "subsets_at_once", "workers"):

@@ -30,7 +30,7 @@ async def optimize_subset(
     """One optimize call: the edited module, or UnitFailedError after bounded re-asks.
 
     Every function the reply adds or revises is checked before the reply is
-    kept (``_fncheck``): statically, then replayed in the sandbox (with
+    kept (``agent.fncheck``): statically, then replayed in the sandbox (with
     ``function_limits``, by default the agent's) on the subset's recorded
     turns, if any. A failing function rejects the reply, and the re-ask names
     the function, the trajectory and turn, and the error.
@@ -77,7 +77,7 @@ async def optimize_unit(
     """One optimize unit, its outcome recorded in ``state``.
 
     With ``playbook``, the plays that earned score in ``items`` are first
-    added to the module's playbook function (``_playbook``; no LLM). Callers
+    added to the module's playbook function (``_core.playbook``; no LLM). Callers
     ask for it once per set of items: a second epoch over the same items
     would count their plays twice.
     Returns the edited module, or, when the unit failed cleanly (bad replies

@@ -148,11 +148,17 @@ def _module_cap(gateway: LLMGateway, config: RunConfig, initial: Module) -> int:
     return max(config.module_budget, gateway.counter.count(render_module(initial)))
 
 
-def prompt_budgets(gateway: LLMGateway, config: RunConfig, initial: Module) -> tuple[int, int]:
+def prompt_budgets(
+    gateway: LLMGateway, config: RunConfig, initial: Module, *, streaming: bool = False
+) -> tuple[int, int]:
     """(module token cap, token room for trajectories in one optimize prompt).
 
     Also checks that an optimize prompt and a merge prompt, each with its reply,
     fit the context: a prompt the server cannot take would fail at run time.
+    ``streaming`` (the daemon) always sets aside the module cap: its
+    trajectories are measured and its subsets sealed against this room, and
+    kept in the store, so the room must not shrink when a restart brings a
+    larger initial module.
     """
     counter = gateway.counter
     module_tokens = _module_cap(gateway, config, initial)
@@ -174,7 +180,8 @@ def prompt_budgets(gateway: LLMGateway, config: RunConfig, initial: Module) -> t
                 f"({completion}) exceeds context_tokens ({config.context_tokens}); "
                 "lower module_tokens or fan_in"
             )
-    overhead = optimize_overhead_tokens(counter, _shown_module_tokens(gateway, config, initial))
+    shown = module_tokens if streaming else _shown_module_tokens(gateway, config, initial)
+    overhead = optimize_overhead_tokens(counter, shown)
     return module_tokens, item_budget(config.subset_budget, overhead)
 
 

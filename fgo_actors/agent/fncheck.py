@@ -2,7 +2,7 @@
 
 A module function is LLM-written code: the reference agent calls it every turn
 as ``name(task, observation, valid_actions, history)`` (keyword arguments) and
-offers each action list it returns as one macro (``_agent.offer_macros``).
+offers each action list it returns as one macro (``rollout.offer_macros``).
 Two checks guard that contract, both worded for a re-ask to the LLM:
 
 - ``static_problems``: pure, no I/O, the code is only ever compiled, never
@@ -12,7 +12,7 @@ Two checks guard that contract, both worded for a re-ask to the LLM:
 - ``replay_problems``: calls the function in the sandbox (``run_function``,
   a fresh ``python -I`` per call) on a bounded, deterministic sample of the
   subset's recorded turns (``RenderedTrajectory.turns``). It must not fail,
-  must return what the agent can use (``_agent.macros_from`` judges the
+  must return what the agent can use (``rollout.macros_from`` judges the
   shape), and on the successful trajectories its macros must start with the
   action the run actually played on at least one sampled turn.
   Trajectories with no recorded turns (other runtimes, the daemon's store)

@@ -11,7 +11,7 @@ same point on the next turn. Each episode draws its own ε uniformly from
 failures. All randomness is seeded from ``seed`` and the task id: an episode
 comes out the same whatever the other tasks and the number of workers.
 
-Episodes are recorded in the reference agent's format (``_agent.rollout``),
+Episodes are recorded in the reference agent's format (``rollout.rollout``),
 so ``fgo optimize`` reads them the same way: the system prompt, one (user,
 assistant) pair per turn with the turn record ``turns_of`` reads back (the
 user step's ``valid_actions``, the assistant step's ``played`` and

@@ -7,7 +7,7 @@ Built so that a module can steer a small model:
   number, with no fuzzy mapping that could change what the model meant; a
   reply that names no listed number is an invalid turn, recorded as such;
 - the module's functions act as macro-actions: each turn, every function is
-  called in a sandboxed subprocess (``_sandbox.run_function``) with the
+  called in a sandboxed subprocess (``sandbox.run_function``) with the
   keyword arguments ``task``, ``observation``, ``valid_actions`` and
   ``history``, and returns a list of macros (each a list of environment
   actions); each macro is offered as one numbered option, ahead of the plain
@@ -505,7 +505,7 @@ async def _call_rollout(
 ) -> Trajectory:
     """``rollout`` in tool-call mode, from the reset's ``result``: each reply is
     one function call (or ``done``) for the environment to parse and run."""
-    functions = tuple(env.functions)
+    functions = tuple(str(f) for f in env.functions)
     system = call_system_prompt(module, description, functions)
     record = call_system_prompt(module, description, functions, names_only=True)
     recorded: list[Step] = [Step(role="system", content=record)]

@@ -1,4 +1,4 @@
-"""The daemon's counts of work under way (``_daemon/state.Flow``) and the
+"""The daemon's counts of work under way (``_daemon/flow.Flow``) and the
 decisions read off them, checked against a plain model of each item's life."""
 
 from __future__ import annotations
@@ -6,7 +6,7 @@ from __future__ import annotations
 from hypothesis import given
 from hypothesis import strategies as st
 
-from fgo_actors._daemon.state import Flow
+from fgo_actors._daemon.flow import Flow
 
 OPS = ("accept", "feed", "seal", "start", "finish_leaf", "finish_none", "retry", "drop", "arrive")
 
