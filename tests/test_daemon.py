@@ -556,3 +556,15 @@ async def test_the_daemon_refuses_an_empty_store(start_llm: StartLLM, tmp_path: 
             pass
     async with open_optimizer(daemon_config(tmp_path / "fgo.db", url, init=True)) as opt:
         assert opt.statistics().trajectories == 0
+
+
+def test_an_array_record_is_measured_as_its_jsonl_line_would_be() -> None:
+    record = {"id": "t", "text": "é" * 300_000}  # 600 KB of UTF-8, 1.8 MB as \\u escapes
+    line = json.dumps(record, ensure_ascii=False)
+    limit = 1024 * 1024
+    as_line, refused_line = parse_body(line, max_record_bytes=limit)
+    as_array, refused_array = parse_body(f"[{line}]", max_record_bytes=limit)
+    assert (len(as_line), refused_line) == (1, [])
+    assert (len(as_array), refused_array) == (1, [])
+    too_big = parse_body(f"[{line}]", max_record_bytes=500_000)[1]
+    assert [r.line for r in too_big] == [1]
