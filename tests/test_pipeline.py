@@ -230,10 +230,11 @@ async def test_the_daemon_budget_does_not_shrink_with_a_larger_initial_module(
     async with _gw(url) as gateway:
         small_room = prompt_budgets(gateway, config, Module(), streaming=True)
         big_room = prompt_budgets(gateway, config, bigger, streaming=True)
-        batch_small = prompt_budgets(gateway, config, Module())
-        batch_big = prompt_budgets(gateway, config, bigger)
+        run_small = prompt_budgets(gateway, config, Module())
+        run_big = prompt_budgets(gateway, config, bigger)
     assert small_room == big_room
-    assert batch_small[1] > batch_big[1] > small_room[1]  # batch shows the initial module only
+    # A batch FGO run (one epoch) sets aside only the initial module it shows.
+    assert run_small[1] > run_big[1] > small_room[1]
 
 
 async def test_merge_starts_before_slowest_subset_finishes(
