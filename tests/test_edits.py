@@ -13,7 +13,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from fgo_actors import FunctionSpec, Module, Rule
-from fgo_actors._core.edits import apply_actions
+from fgo_actors._core.edits import apply_actions, match_evidence
 
 SETTINGS = settings(max_examples=150, deadline=None)
 
@@ -175,24 +175,20 @@ def test_function_ops() -> None:
     assert compute.code == "return 1"
 
 
-# -- apply_actions: errors are reported, never silently applied -------------------------
+# -- apply_actions: what is meant is read as meant, the rest is reported -----------------
 
 
 @pytest.mark.parametrize(
     ("action", "needle"),
     [
-        ({"op": "revise_rule", "id": "ghost.r9", "text": "x"}, "'ghost.r9'"),
-        ({"op": "remove_rule", "id": "ghost.r9"}, "'ghost.r9'"),
-        ({"op": "revise_function", "function": fn_json("ghost_fn")}, "'ghost_fn'"),
-        ({"op": "remove_function", "name": "ghost_fn"}, "'ghost_fn'"),
-        ({"op": "add_function", "function": fn_json("lookup", "other")}, "'lookup'"),
-        ({"op": "add_rule", "text": "check THE input   first."}, "'r1'"),
-        ({"op": "add_rule", "text": "New.", "evidence": ["t1", "t99"]}, "t99"),
-        ({"op": "revise_rule", "id": "r1", "text": "Be careful.", "evidence": ["t99"]}, "t99"),
         ({"op": "frobnicate"}, "'frobnicate'"),
+        ({"op": "add_rule", "text": "Use add_rule here."}, "add_rule"),
+        ({"op": "revise_rule", "id": "r1", "text": "Follow s001.r3."}, "s001.r3"),
     ],
 )
-def test_bad_action_is_an_error_naming_it(action: dict[str, Any], needle: str) -> None:
+def test_an_action_that_is_no_edit_is_an_error_naming_it(
+    action: dict[str, Any], needle: str
+) -> None:
     new, errors, applied = apply(
         [{"op": "set_instructions", "text": "Changed."}, action, {"op": "add_rule", "text": "Z."}]
     )
@@ -205,9 +201,102 @@ def test_bad_action_is_an_error_naming_it(action: dict[str, Any], needle: str) -
     assert new.rules[: len(BASE.rules)] == BASE.rules
     assert [r.text for r in new.rules[len(BASE.rules) :]] == ["Z."]
     assert new.functions == BASE.functions
-    lookup = new.function("lookup")
-    assert lookup is not None
-    assert lookup.code == "pass"
+
+
+def result_of(actions: Sequence[dict[str, Any]], **kw: Any) -> Any:
+    kw.setdefault("subset_id", "s001")
+    kw.setdefault("trajectory_ids", TRAJ)
+    return apply_actions(BASE, actions, **kw)
+
+
+def test_revise_of_an_unknown_rule_adds_it() -> None:
+    result = result_of([{"op": "revise_rule", "id": "ghost.r9", "text": "Look first."}])
+    assert result.errors == ()
+    assert result.applied == 1
+    assert result.module.rules[-1] == Rule(
+        id="s001.r4", text="Look first.", subsets=("s001",), trajectories=TRAJ
+    )
+    assert result.module.rule("ghost.r9") is None
+    assert any("'ghost.r9'" in n for n in result.notes)
+
+
+def test_function_ops_under_the_wrong_name_are_read_as_meant() -> None:
+    result = result_of(
+        [
+            {"op": "revise_function", "function": fn_json("ghost_fn", "return 3")},
+            {"op": "add_function", "function": fn_json("lookup", "return 4")},
+        ]
+    )
+    assert result.errors == ()
+    assert result.applied == 2
+    functions = {f.name: f.code for f in result.module.functions}
+    assert functions == {"lookup": "return 4", "search": "pass", "ghost_fn": "return 3"}
+    assert len(result.notes) == 2
+
+
+@pytest.mark.parametrize(
+    "action",
+    [
+        {"op": "remove_rule", "id": "ghost.r9"},
+        {"op": "remove_function", "name": "ghost_fn"},
+        {"op": "add_rule", "text": "check THE input   first."},
+        {"op": "revise_rule", "id": "r1", "text": "retry on  timeout."},
+    ],
+)
+def test_an_action_that_changes_nothing_is_noted_not_an_error(action: dict[str, Any]) -> None:
+    result = result_of([action])
+    assert result.errors == ()
+    assert (result.applied, result.unchanged) == (0, 1)
+    assert result.module == BASE
+    assert len(result.notes) == 1
+    assert result.notes[0].startswith("actions[0]:")
+    assert not result.worth_reask
+
+
+@pytest.mark.parametrize(
+    ("evidence", "expected"),
+    [
+        (["trajectory t2"], ("t2",)),
+        (["t3 (score 1.0)", "t1"], ("t3", "t1")),
+        (["t1", "t99"], ("t1",)),
+        (["t99"], TRAJ),
+    ],
+)
+def test_evidence_is_matched_to_the_subsets_ids(
+    evidence: list[str], expected: tuple[str, ...]
+) -> None:
+    result = result_of([{"op": "add_rule", "text": "New.", "evidence": evidence}])
+    assert result.errors == ()
+    assert result.module.rules[-1].trajectories == expected
+    assert bool(result.notes) == (list(expected) != evidence)
+
+
+@pytest.mark.parametrize(
+    ("given", "meant"),
+    [
+        ("twc/train/50", "twc/train/50"),
+        ("trajectory twc/train/50", "twc/train/50"),
+        ("twc/train/50.", "twc/train/50"),
+        ("train/5", "twc/train/5"),
+        ("5", "twc/train/5"),  # the one id that ends with it after a separator
+        ("twc/train/7", None),
+        ("", None),
+    ],
+)
+def test_match_evidence(given: str, meant: str | None) -> None:
+    known = ["twc/train/5", "twc/train/50", "twc/test/15"]
+    assert match_evidence(given, known) == meant
+
+
+def test_match_evidence_does_not_guess_between_two_ids() -> None:
+    assert match_evidence("5", ["a/5", "b/5"]) is None
+
+
+def test_a_reply_is_worth_a_reask_only_when_nothing_went_in() -> None:
+    bad = {"op": "add_rule", "text": "  "}
+    assert result_of([bad]).worth_reask
+    assert not result_of([bad, {"op": "add_rule", "text": "Z."}]).worth_reask
+    assert not result_of([]).worth_reask
 
 
 @pytest.mark.parametrize(
@@ -227,23 +316,22 @@ def test_blank_rule_text_is_an_error(action: dict[str, Any]) -> None:
     assert Module.from_json(new.to_json()) == new
 
 
-def test_duplicate_within_one_reply_is_an_error() -> None:
-    new, errors, applied = apply(
+def test_duplicate_within_one_reply_is_added_once() -> None:
+    result = result_of(
         [{"op": "add_rule", "text": "Use tools."}, {"op": "add_rule", "text": "use  tools."}]
     )
-    assert applied == 1
-    assert len(errors) == 1
-    assert "'s001.r4'" in errors[0]
-    assert [r.text for r in new.rules].count("Use tools.") == 1
+    assert (result.applied, result.unchanged, result.errors) == (1, 1, ())
+    assert "'s001.r4'" in result.notes[0]
+    assert [r.text for r in result.module.rules].count("Use tools.") == 1
 
 
-def test_remove_then_revise_same_rule_is_an_error() -> None:
-    new, errors, _ = apply(
-        [{"op": "remove_rule", "id": "r1"}, {"op": "revise_rule", "id": "r1", "text": "x"}]
+def test_remove_then_revise_same_rule_adds_it_back_under_a_new_id() -> None:
+    result = result_of(
+        [{"op": "remove_rule", "id": "r1"}, {"op": "revise_rule", "id": "r1", "text": "x y z"}]
     )
-    assert len(errors) == 1
-    assert "'r1'" in errors[0]
-    assert new.rule("r1") is None
+    assert result.errors == ()
+    assert result.module.rule("r1") is None
+    assert result.module.rules[-1].text == "x y z"
 
 
 # -- apply_actions: random action lists ------------------------------------------------
@@ -284,8 +372,9 @@ actions_st = st.lists(
 @SETTINGS
 @given(actions=actions_st)
 def test_random_actions_are_each_applied_or_reported(actions: list[dict[str, Any]]) -> None:
-    new, errors, applied = apply(actions)
-    assert applied + len(errors) == len(actions)
+    result = result_of(actions)
+    new, errors, applied = result.module, result.errors, result.applied
+    assert applied + result.unchanged + len(errors) == len(actions)
     for e in errors:
         assert re.match(r"actions\[\d+\]: ", e)
     ids = [r.id for r in new.rules]

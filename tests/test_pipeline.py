@@ -479,16 +479,38 @@ async def test_reasked_prompts_stay_within_the_subset_budget(start_llm: StartLLM
 
 
 async def test_check_errors_are_reasked_with_their_message(start_llm: StartLLM) -> None:
-    bad = json.dumps({"actions": [{"op": "remove_rule", "id": "nope.r9"}]})
+    # A reply whose only action is no edit (a rule about the editing, not the task).
+    bad = json.dumps({"actions": [{"op": "add_rule", "text": "Use remove_rule on nope.r9."}]})
     server, url = await start_llm(faults=[Fault(content=bad)])
     config = RunConfig(context_tokens=4096, subset_tokens=1600, module_tokens=700)
     result = await _run(url, make_trajectories(8), config, max_concurrency=1)
     assert result.report.status == "ok"
     reask = server.requests[1].body["messages"][-1]["content"]
-    assert "unknown rule id 'nope.r9'" in reask
+    assert "actions[0]: add_rule text names 'remove_rule'" in reask
     # The rejected action was not applied silently, and the retry's edit was.
     assert result.module is not None
     assert result.module.rules
+
+
+async def test_a_reply_with_usable_actions_is_kept_without_a_reask(start_llm: StartLLM) -> None:
+    mixed = json.dumps(
+        {
+            "actions": [
+                {"op": "revise_rule", "id": "nope.r9", "text": "Read the task twice."},
+                {"op": "remove_rule", "id": "nope.r8"},
+                {"op": "add_rule", "text": "Use add_rule."},
+            ]
+        }
+    )
+    _server, url = await start_llm(faults=[Fault(content=mixed)])
+    config = RunConfig(context_tokens=4096, subset_tokens=1600, module_tokens=700)
+    result = await _run(url, make_trajectories(8), config, max_concurrency=1)
+    assert result.report.llm_calls["reasks"] == 0
+    assert result.module is not None
+    # The unknown id's revision went in as a new rule; the echo did not.
+    texts = [r.text for r in result.module.rules]
+    assert "Read the task twice." in texts
+    assert "Use add_rule." not in texts
 
 
 async def test_reports_count_only_their_own_run_on_a_shared_gateway(start_llm: StartLLM) -> None:

@@ -1,8 +1,8 @@
 """Pure functions that apply LLM replies to modules.
 
 Optimizer replies are lists of edit actions, checked against the current
-module: an action that names an unknown rule id or function name is an error
-to report back to the LLM, never a silent no-op. Merge replies are decisions
+module: an action is applied, read the way it clearly means (and noted), or
+skipped with its reason; never a silent no-op. Merge replies are decisions
 over the children's rule ids, applied by code so that nothing the reply does
 not mention is lost (see ``apply_merge``). Nothing here does I/O.
 """
@@ -70,9 +70,46 @@ def _not_a_lesson(text: str, rules: Mapping[str, Rule]) -> str | None:
 
 @attrs.frozen
 class EditResult:
+    """What an optimizer reply did to a module.
+
+    ``errors`` are the actions skipped, one message each (``actions[i]: why``):
+    nothing in them could be applied as written or read another way. ``notes``
+    are the actions read another way than written, deterministically (an
+    unknown rule id revised becomes an added rule, an evidence id is matched
+    to the subset's). A reply with usable actions is kept whatever it skipped;
+    ``worth_reask`` says when a re-ask could give more.
+    """
+
     module: Module
     errors: tuple[str, ...]
     applied: int
+    notes: tuple[str, ...] = ()
+    unchanged: int = 0  # actions that would change nothing (noted), neither applied nor errors
+
+    @property
+    def worth_reask(self) -> bool:
+        """True when the reply's actions were all skipped: it asked for edits and
+        got none in. A re-ask costs the whole prompt again, so a reply that
+        applied something is kept, and its skips are recorded instead."""
+        return bool(self.errors) and self.applied == 0
+
+
+def match_evidence(given: str, known: Sequence[str]) -> str | None:
+    """The subset trajectory id that an evidence entry means, or None.
+
+    Small models decorate ids (``trajectory twc/train/50``, ``twc/train/50
+    (score 1.0)``) or shorten them (``train/50``). An exact id wins; else the
+    longest known id that the entry contains; else the one known id that ends
+    with the entry after a separator. Anything looser would guess.
+    """
+    if given in known:
+        return given
+    inside = [k for k in known if k and k in given]
+    if inside:
+        return max(inside, key=len)
+    tail = given.strip()
+    ends = [k for k in known if tail and re.search(rf"[^\w]{re.escape(tail)}$", k)]
+    return ends[0] if len(ends) == 1 else None
 
 
 def apply_actions(
@@ -88,99 +125,103 @@ def apply_actions(
     New rules get ids ``<id_prefix>.r<n>`` (``id_prefix`` defaults to the
     subset id) and provenance from the subset: the trajectories named in the
     action's optional ``evidence``, or else all of the subset's trajectories.
-    Each action that cannot be applied adds one error message that names the
-    action by index; the caller decides whether to re-ask.
+
+    What a small model gets wrong but means clearly is read as meant, and
+    noted: ``revise_rule`` of an unknown id adds the rule; ``revise_function``
+    of an unknown name adds the function and ``add_function`` of an existing
+    one revises it; evidence ids are matched to the subset's
+    (``match_evidence``), unmatched ones left out. What changes nothing is
+    skipped and noted: removing what is not there, adding a rule the module
+    already has. What is no edit at all (an empty rule, a rule that is not a
+    lesson about the task, an unknown op, an edit of the playbook) is skipped
+    as an error that names the action by index.
     """
     prefix = id_prefix or subset_id
     ids = _next_ids(module, prefix)
-    known_traj = set(trajectory_ids)
     instructions = module.instructions
     rules: dict[str, Rule] = {r.id: r for r in module.rules}
     functions: dict[str, FunctionSpec] = {f.name: f for f in module.functions}
     errors: list[str] = []
+    notes: list[str] = []
     applied = 0
+    unchanged = 0
 
-    def evidence_of(i: int, action: Mapping[str, Any]) -> tuple[str, ...] | None:
-        evidence = action.get("evidence")
-        if not evidence:
-            return tuple(trajectory_ids)
-        unknown = [e for e in evidence if e not in known_traj]
+    def evidence_of(i: int, action: Mapping[str, Any]) -> tuple[str, ...]:
+        evidence = [str(e) for e in action.get("evidence") or ()]
+        matched = {e: match_evidence(e, trajectory_ids) for e in evidence}
+        for e, m in matched.items():
+            if m is not None and m != e:
+                notes.append(f"actions[{i}]: evidence {e!r} read as {m!r}")
+        unknown = [e for e, m in matched.items() if m is None]
+        found = _union(m for m in matched.values() if m is not None)
         if unknown:
-            errors.append(
-                f"actions[{i}]: evidence names unknown trajectory ids {unknown}; "
-                f"known ids: {sorted(known_traj)[:20]}"
+            notes.append(
+                f"actions[{i}]: evidence names unknown trajectory ids {unknown}, left out"
+                + ("" if found else "; the whole subset is the evidence")
             )
-            return None
-        return _union(evidence)
+        return found or tuple(trajectory_ids)
+
+    def lesson_problem(text: str) -> str | None:
+        if not text:
+            return "text is empty"
+        problem = _not_a_lesson(text, rules)
+        return None if problem is None else f"text {problem}"
+
+    def duplicate_of(text: str, besides: str | None = None) -> str | None:
+        return next(
+            (r.id for r in rules.values() if r.id != besides and _norm(r.text) == _norm(text)),
+            None,
+        )
+
+    def add_rule(i: int, action: Mapping[str, Any], text: str) -> bool:
+        dup = duplicate_of(text)
+        if dup is not None:
+            notes.append(f"actions[{i}]: the module already has this rule as {dup!r}; skipped")
+            return False
+        rid = next(ids)
+        rules[rid] = Rule(
+            id=rid, text=text, subsets=(subset_id,), trajectories=evidence_of(i, action)
+        )
+        return True
 
     for i, action in enumerate(actions):
         op = action.get("op")
         if op == "set_instructions":
             instructions = str(action["text"])
-        elif op == "add_rule":
-            text = str(action["text"]).strip()
-            if not text:
-                errors.append(f"actions[{i}]: add_rule text is empty")
-                continue
-            problem = _not_a_lesson(text, rules)
+        elif op in ("add_rule", "revise_rule"):
+            text = str(action.get("text", "")).strip()
+            problem = lesson_problem(text)
             if problem is not None:
-                errors.append(f"actions[{i}]: add_rule text {problem}")
+                hint = "; use remove_rule" if op == "revise_rule" and not text else ""
+                errors.append(f"actions[{i}]: {op} {problem}{hint}")
                 continue
-            dup = next((r.id for r in rules.values() if _norm(r.text) == _norm(text)), None)
-            if dup is not None:
-                errors.append(
-                    f"actions[{i}]: add_rule repeats existing rule {dup!r}; "
-                    "use revise_rule to change it or leave it out"
-                )
-                continue
-            ev = evidence_of(i, action)
-            if ev is None:
-                continue
-            rid = next(ids)
-            rules[rid] = Rule(id=rid, text=text, subsets=(subset_id,), trajectories=ev)
-        elif op == "revise_rule":
-            rid = str(action["id"])
-            old = rules.get(rid)
+            rid = str(action.get("id", ""))
+            old = rules.get(rid) if op == "revise_rule" else None
             if old is None:
-                errors.append(
-                    f"actions[{i}]: revise_rule names unknown rule id {rid!r}; "
-                    f"existing ids: {list(rules)}"
+                if op == "revise_rule":
+                    notes.append(f"actions[{i}]: revise_rule of unknown rule id {rid!r} adds it")
+                if not add_rule(i, action, text):
+                    unchanged += 1
+                    continue
+            else:
+                dup = duplicate_of(text, besides=rid)
+                if dup is not None:
+                    notes.append(
+                        f"actions[{i}]: revise_rule would make {rid!r} repeat {dup!r}; skipped"
+                    )
+                    unchanged += 1
+                    continue
+                rules[rid] = attrs.evolve(
+                    old,
+                    text=text,
+                    subsets=_union(old.subsets, (subset_id,)),
+                    trajectories=_union(old.trajectories, evidence_of(i, action)),
                 )
-                continue
-            text = str(action["text"]).strip()
-            if not text:
-                errors.append(f"actions[{i}]: revise_rule text is empty; use remove_rule")
-                continue
-            problem = _not_a_lesson(text, rules)
-            if problem is not None:
-                errors.append(f"actions[{i}]: revise_rule text {problem}")
-                continue
-            dup = next(
-                (r.id for r in rules.values() if r.id != rid and _norm(r.text) == _norm(text)),
-                None,
-            )
-            if dup is not None:
-                errors.append(
-                    f"actions[{i}]: revise_rule would make {rid!r} repeat rule {dup!r}; "
-                    "remove one of them instead"
-                )
-                continue
-            ev = evidence_of(i, action)
-            if ev is None:
-                continue
-            rules[rid] = attrs.evolve(
-                old,
-                text=text,
-                subsets=_union(old.subsets, (subset_id,)),
-                trajectories=_union(old.trajectories, ev),
-            )
         elif op == "remove_rule":
             rid = str(action["id"])
             if rules.pop(rid, None) is None:
-                errors.append(
-                    f"actions[{i}]: remove_rule names unknown rule id {rid!r}; "
-                    f"existing ids: {list(rules)}"
-                )
+                notes.append(f"actions[{i}]: remove_rule of unknown rule id {rid!r}; skipped")
+                unchanged += 1
                 continue
         elif op in ("add_function", "revise_function", "remove_function") and (
             str((action.get("function") or {}).get("name", action.get("name", ""))) == PLAYBOOK
@@ -194,25 +235,15 @@ def apply_actions(
             fn = FunctionSpec.from_json(action["function"])
             exists = fn.name in functions
             if op == "add_function" and exists:
-                errors.append(
-                    f"actions[{i}]: add_function: a function named {fn.name!r} exists; "
-                    "use revise_function"
-                )
-                continue
+                notes.append(f"actions[{i}]: add_function of existing {fn.name!r} revises it")
             if op == "revise_function" and not exists:
-                errors.append(
-                    f"actions[{i}]: revise_function names unknown function {fn.name!r}; "
-                    f"existing functions: {list(functions)}"
-                )
-                continue
+                notes.append(f"actions[{i}]: revise_function of unknown {fn.name!r} adds it")
             functions[fn.name] = fn
         elif op == "remove_function":
             name = str(action["name"])
             if functions.pop(name, None) is None:
-                errors.append(
-                    f"actions[{i}]: remove_function names unknown function {name!r}; "
-                    f"existing functions: {list(functions)}"
-                )
+                notes.append(f"actions[{i}]: remove_function of unknown {name!r}; skipped")
+                unchanged += 1
                 continue
         else:
             errors.append(f"actions[{i}]: unknown op {op!r}")
@@ -225,7 +256,9 @@ def apply_actions(
         rules=tuple(rules.values()),
         functions=tuple(functions.values()),
     )
-    return EditResult(module=new, errors=tuple(errors), applied=applied)
+    return EditResult(
+        module=new, errors=tuple(errors), applied=applied, notes=tuple(notes), unchanged=unchanged
+    )
 
 
 # -- merges: decisions applied by code ------------------------------------------------

@@ -29,6 +29,10 @@ async def optimize_subset(
 ) -> Module:
     """One optimize call: the edited module, or UnitFailedError after bounded re-asks.
 
+    A reply is re-asked when none of its actions could be applied
+    (``EditResult.worth_reask``); otherwise its usable actions are kept and
+    what was skipped or read another way is logged (``optimize_reply_read``).
+
     Every function the reply adds or revises is checked before the reply is
     kept (``agent.fncheck``): statically, then replayed in the sandbox (with
     ``function_limits``, by default the agent's) on the subset's recorded
@@ -45,7 +49,8 @@ async def optimize_subset(
             module, reply["actions"], subset_id=subset_id, trajectory_ids=trajectory_ids
         )
         changed = changed_functions(module, result.module)
-        errors = [*result.errors, *(p for fn in changed for p in static_problems(fn))]
+        errors = [*result.errors] if result.worth_reask else []
+        errors += [p for fn in changed for p in static_problems(fn)]
         edited = accept_edits(
             gateway.counter,
             result.module,
@@ -57,6 +62,14 @@ async def optimize_subset(
         if problems:
             raise ReplyRejectedError(
                 "; ".join(problems) + ". Fix the function or leave it out of the actions."
+            )
+        if result.errors or result.notes:
+            structlog.get_logger().info(
+                "optimize_reply_read",
+                subset=subset_id,
+                applied=result.applied,
+                skipped=list(result.errors),
+                read_as=list(result.notes),
             )
         return edited
 
