@@ -360,6 +360,40 @@ async def test_a_reply_cut_off_at_the_cap_is_refused_and_not_kept(
         store.sync.close()
 
 
+async def test_a_structured_reply_cut_off_keeps_its_whole_actions(
+    start_llm: StartLLM, tmp_path: Path
+) -> None:
+    whole = [{"op": "add_rule", "text": "be careful"}, {"op": "add_rule", "text": "look first"}]
+    text = json.dumps({"analysis": "a", "actions": [*whole, {"op": "add_rule", "text": "x"}]})
+    cut = Fault(content=text[: text.rindex('"x"')], finish_reason="length")
+    server, url = await start_llm(faults=[cut], policy=_reply(GOOD_OPTIMIZE))
+    store = AsyncStore(Store(tmp_path / "cache.sqlite"))
+    try:
+        async with LLMGateway(_config(url), cache=StoreCache(store)) as gw:
+            reply = await gw.structured("optimize", MESSAGES, "fgo_optimize", _identity)
+            assert reply == {"analysis": "a", "actions": whole}
+            stats = gw.statistics()
+            assert (stats.salvaged, stats.reasks) == (1, 0)
+            # Kept as paid work: the same call replays it from the cache.
+            again = await gw.structured("optimize", MESSAGES, "fgo_optimize", _identity)
+            assert again == reply
+        assert len(server.requests) == 1
+    finally:
+        store.sync.close()
+
+
+async def test_a_structured_reply_cut_off_before_any_whole_action_is_reasked(
+    start_llm: StartLLM,
+) -> None:
+    cut = Fault(content='{"analysis": "I think that the', finish_reason="length")
+    server, url = await start_llm(faults=[cut], policy=_reply(GOOD_OPTIMIZE))
+    async with LLMGateway(_config(url)) as gw:
+        reply = await gw.structured("optimize", MESSAGES, "fgo_optimize", _identity)
+        assert reply == json.loads(GOOD_OPTIMIZE)
+        assert (gw.statistics().salvaged, gw.statistics().reasks) == (0, 1)
+    assert "cut off at" in server.requests[1].body["messages"][-1]["content"]
+
+
 async def test_retry_after_as_an_http_date_is_honoured(
     start_llm: StartLLM, autojump_clock: trio.testing.MockClock
 ) -> None:

@@ -37,6 +37,7 @@ from .._core.prompts import reask_message
 from .._core.schemas import load_schema, schema_error
 from .._core.tokens import TokenCounter, default_counter
 from .aimd import Window
+from .replies import salvage_cut_reply
 from .strict import from_strict, strict_variant
 
 T = TypeVar("T")
@@ -45,6 +46,8 @@ StructuredMode = Literal["auto", "json_schema", "json_object", "none"]
 # ``json_object`` + ``schema`` (llama-cpp-python answers HTTP 500 to json_schema).
 LLAMA_CPP_OWNERS = frozenset({"me", "llamacpp", "llama.cpp"})
 SCHEMA_FILES = {"fgo_optimize": "optimize_response", "fgo_merge": "merge_response"}
+# The list of each reply whose whole elements are kept when it is cut off.
+SALVAGED_LIST = {"fgo_optimize": "actions", "fgo_merge": "decisions"}
 
 
 @attrs.frozen
@@ -115,6 +118,8 @@ class GatewayStatistics:
     window: int | None = None
     window_cuts: int = 0
     throttled: int = 0
+    # Replies cut off at the cap whose whole part was kept (``_llm.replies``).
+    salvaged: int = 0
 
     @property
     def total_tokens(self) -> int:
@@ -136,6 +141,7 @@ class GatewayStatistics:
             window_cuts=self.window_cuts - earlier.window_cuts,
             throttled=self.throttled - earlier.throttled,
             reasks=self.reasks - earlier.reasks,
+            salvaged=self.salvaged - earlier.salvaged,
         )
 
 
@@ -279,6 +285,7 @@ class LLMGateway:
         self._sending: dict[str, trio.Event] = {}  # cache keys of requests on their way
         self._retries = 0
         self._reasks = 0
+        self._salvaged = 0
         self._in_flight = 0
         self._max_in_flight = 0
         self._reserved = 0
@@ -308,6 +315,7 @@ class LLMGateway:
             completion_tokens=dict(self._completion),
             retries=self._retries,
             reasks=self._reasks,
+            salvaged=self._salvaged,
             in_flight=self._in_flight,
             max_in_flight=self._max_in_flight,
             token_budget=self.config.token_budget,
@@ -366,10 +374,18 @@ class LLMGateway:
                 send.append(reask_message(self.counter, error))
             key: str | None = None
             try:
-                content, key = await self._chat(
-                    role, send, schema_name, reask=error is not None, max_tokens=None
+                content, key, cut = await self._chat(
+                    role,
+                    send,
+                    schema_name,
+                    reask=error is not None,
+                    max_tokens=None,
+                    accept_cut=True,
                 )
-                obj = parse_json_reply(content)
+                if cut:
+                    obj = self._salvage(role, schema_name, content)
+                else:
+                    obj = parse_json_reply(content)
                 if self.config.strict and await self.structured_mode() == "json_schema":
                     obj = from_strict(obj, _strict_wire_schema(schema_name)[1])
                 problem = schema_error(SCHEMA_FILES[schema_name], obj)
@@ -409,7 +425,7 @@ class LLMGateway:
         ``max_tokens`` overrides the reply cap for this call; a reply cut off at
         the cap is rejected unless ``accept_cut``.
         """
-        content, _ = await self._chat(
+        content, _, _ = await self._chat(
             role, messages, schema_name, reask=reask, max_tokens=max_tokens, accept_cut=accept_cut
         )
         return content
@@ -427,8 +443,9 @@ class LLMGateway:
         reask: bool,
         max_tokens: int | None,
         accept_cut: bool = False,
-    ) -> tuple[str, str | None]:
-        """``chat``, also returning the reply's cache key (None without a cache).
+    ) -> tuple[str, str | None, bool]:
+        """``chat``, also returning the reply's cache key (None without a cache)
+        and whether it was cut off at the cap (kept only with ``accept_cut``).
         A reply refused here (empty, or cut off) is dropped from the cache."""
         body: dict[str, Any] = {
             "model": self.config.model,
@@ -454,7 +471,8 @@ class LLMGateway:
                 body["response_format"] = {"type": "json_object", "schema": schema}
         if self.cache is None:
             data = await self._send(role, body, messages, max_tokens, reask, None)
-            return self._reply_content(data, max_tokens, accept_cut), None
+            content, cut = self._reply_content(data, max_tokens, accept_cut)
+            return content, None, cut
         key = request_key(body)
         # The same request already on its way (two tasks asking the same merge)
         # is sent once: wait for it, then take its reply from the cache.
@@ -472,7 +490,8 @@ class LLMGateway:
             else:
                 data = await self._send(role, body, messages, max_tokens, reask, key)
             try:
-                return self._reply_content(data, max_tokens, accept_cut), key
+                content, cut = self._reply_content(data, max_tokens, accept_cut)
+                return content, key, cut
             except ReplyRejectedError:
                 await self.cache.forget(key)
                 raise
@@ -559,14 +578,31 @@ class LLMGateway:
         )
         return data
 
-    def _reply_content(self, data: dict[str, Any], max_tokens: int | None, accept_cut: bool) -> str:
+    def _reply_content(
+        self, data: dict[str, Any], max_tokens: int | None, accept_cut: bool
+    ) -> tuple[str, bool]:
         content, finish = _content_of(data)
         if content is None:
             raise ReplyRejectedError("the reply's message content is empty")
         if finish == "length" and not accept_cut:
-            cap = max_tokens or self.config.max_completion_tokens
-            raise ReplyRejectedError(f"the reply was cut off at {cap} tokens; be more concise")
-        return content
+            raise ReplyRejectedError(self._cut_message(max_tokens))
+        return content, finish == "length"
+
+    def _cut_message(self, max_tokens: int | None = None) -> str:
+        cap = max_tokens or self.config.max_completion_tokens
+        return f"the reply was cut off at {cap} tokens; be more concise"
+
+    def _salvage(self, role: str, schema_name: str, content: str) -> dict[str, Any]:
+        """The whole part of a structured reply cut off at the cap (its complete
+        fields and list elements, ``salvage_cut_reply``), counted and logged;
+        ReplyRejectedError when nothing in its list is whole."""
+        found = salvage_cut_reply(content, SALVAGED_LIST[schema_name])
+        if found is None:
+            raise ReplyRejectedError(self._cut_message())
+        obj, kept = found
+        self._salvaged += 1
+        self._log.warning("llm_reply_salvaged", role=role, kept=kept, chars=len(content))
+        return obj
 
     async def structured_mode(self) -> StructuredMode:
         """The structured-output form to send; ``auto`` is resolved once, by asking

@@ -393,6 +393,8 @@ def _report(
             "merge": stats.calls.get("merge", 0),
             "retries": stats.retries,
             "reasks": stats.reasks,
+            # Cut off at the reply cap; their whole actions were kept, not re-asked.
+            "salvaged": stats.salvaged,
             # Answered from the response cache, paid for by an earlier run.
             "replayed": sum(stats.cached.values()),
             # Sent again after a 429/503 of our own making (the window shrank).
