@@ -13,7 +13,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from fgo_actors import FunctionSpec, Module, Rule
-from fgo_actors._core.edits import apply_actions, match_evidence
+from fgo_actors._core.edits import apply_actions, match_evidence, object_schema
 
 SETTINGS = settings(max_examples=150, deadline=None)
 
@@ -441,3 +441,37 @@ def test_a_rule_may_use_words_that_merely_contain_an_id() -> None:
     # "r1" inside another word, or an id-like token that is no rule's, is fine.
     _module, errors, applied = apply([{"op": "add_rule", "text": "Check r12 and the car1 engine."}])
     assert (errors, applied) == ((), 1)
+
+
+@pytest.mark.parametrize(
+    ("given", "meant"),
+    [
+        (
+            {"task": {"type": "string"}},
+            {"type": "object", "properties": {"task": {"type": "string"}}},
+        ),
+        (
+            {"task": "string", "n": "how many"},
+            {
+                "type": "object",
+                "properties": {"task": {"type": "string"}, "n": {"description": "how many"}},
+            },
+        ),
+        ({"properties": {}}, {"type": "object", "properties": {}}),
+        ({}, {"type": "object", "properties": {}}),
+        ({"type": "object"}, None),
+        ({"type": "string"}, None),  # another schema: unclear, left to the function check
+    ],
+)
+def test_object_schema(given: dict[str, Any], meant: dict[str, Any] | None) -> None:
+    assert object_schema(given) == meant
+
+
+def test_a_functions_bare_properties_are_read_as_an_object_schema() -> None:
+    f = {**fn_json("compute", "return 1"), "parameters": {"task": {"type": "string"}}}
+    result = result_of([{"op": "add_function", "function": f}])
+    assert result.errors == ()
+    compute = result.module.function("compute")
+    assert compute is not None
+    assert compute.parameters == {"type": "object", "properties": {"task": {"type": "string"}}}
+    assert "parameters read as" in result.notes[0]

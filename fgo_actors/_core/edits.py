@@ -112,6 +112,35 @@ def match_evidence(given: str, known: Sequence[str]) -> str | None:
     return ends[0] if len(ends) == 1 else None
 
 
+_JSON_TYPES = frozenset({"string", "number", "integer", "boolean", "array", "object", "null"})
+
+
+def object_schema(parameters: Mapping[str, Any]) -> dict[str, Any] | None:
+    """``parameters`` as the JSON Schema object it clearly means, or None when it
+    is one already or means something else.
+
+    Small models write a function's parameters as the properties alone
+    (``{"task": {"type": "string"}}`` or ``{"task": "string"}``), or as an
+    object schema without its ``"type"``. A schema with another ``type`` is
+    left alone: what it means is unclear, and the function check says so.
+    """
+    if "type" in parameters:
+        return None
+    if "properties" in parameters:
+        return {"type": "object", **parameters}
+    properties = {
+        str(k): (
+            dict(v)
+            if isinstance(v, Mapping)
+            else {"type": v}
+            if v in _JSON_TYPES
+            else {"description": str(v)}
+        )
+        for k, v in parameters.items()
+    }
+    return {"type": "object", "properties": properties}
+
+
 def apply_actions(
     module: Module,
     actions: Sequence[Mapping[str, Any]],
@@ -130,7 +159,9 @@ def apply_actions(
     noted: ``revise_rule`` of an unknown id adds the rule; ``revise_function``
     of an unknown name adds the function and ``add_function`` of an existing
     one revises it; evidence ids are matched to the subset's
-    (``match_evidence``), unmatched ones left out. What changes nothing is
+    (``match_evidence``), unmatched ones left out; a function's parameters
+    written as bare properties become an object schema (``object_schema``).
+    What changes nothing is
     skipped and noted: removing what is not there, adding a rule the module
     already has. What is no edit at all (an empty rule, a rule that is not a
     lesson about the task, an unknown op, an edit of the playbook) is skipped
@@ -233,6 +264,10 @@ def apply_actions(
             continue
         elif op in ("add_function", "revise_function"):
             fn = FunctionSpec.from_json(action["function"])
+            fixed = object_schema(fn.parameters)
+            if fixed is not None:
+                notes.append(f"actions[{i}]: {fn.name!r}'s parameters read as a JSON Schema object")
+                fn = attrs.evolve(fn, parameters=fixed)
             exists = fn.name in functions
             if op == "add_function" and exists:
                 notes.append(f"actions[{i}]: add_function of existing {fn.name!r} revises it")
