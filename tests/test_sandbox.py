@@ -393,6 +393,7 @@ async def test_cancelling_a_call_kills_the_child_and_removes_its_directory(
         ({"output_bytes": 0}, "output_bytes"),
         ({"max_files": True}, "max_files"),
         ({"file_size_mb": 1.5}, "file_size_mb"),
+        ({"max_processes": 0}, "max_processes"),
     ],
 )
 def test_limits_must_be_positive(kwargs: dict[str, Any], field: str) -> None:

@@ -2,8 +2,9 @@
 
 FGO never imports this module. ``sandbox.py`` reads its text and passes it to
 ``python -I -c``, with the limits in argv (memory MB, CPU seconds, open
-files, file size MB, result cap in bytes) and the request (code, function
-name, arguments) as JSON on stdin. It uses only the standard library, so the
+files, file size MB, result cap in bytes, then optionally a JSON object
+naming the call's cgroup and the file-system jail) and the request (code,
+function name, arguments) as JSON on stdin. It uses only the standard library, so the
 child imports nothing of ours. It lives in a file of its own so that it is
 linted and type-checked like the rest of the package.
 
@@ -15,7 +16,16 @@ sys.__stdout__, os.write(1, ...), C extensions, child processes) lands in the
 captured output and cannot corrupt the single JSON line the runner writes to
 its duplicate at the end.
 
-The limits are set first, before the request is read or any of its code
+Joining the call's cgroup comes before everything else: the runner writes
+``0`` (the writing process) into each ``cgroup.procs`` file it is given, so
+it is in the cgroup before it confines itself (the jail has no ``/sys``), and
+the code, which runs in a child forked only after the request is read, and
+everything the code starts, are born in it. Nothing of the code runs outside
+it, and no process of the call can be forked in between: the runner is the
+call's only process then. If a file cannot be written the runner reports
+nothing and exits with status 5.
+
+The limits are set next, before the request is read or any of its code
 runs, rather than in a ``preexec_fn``: trio starts processes from a worker
 thread, and Python code between fork and exec in a threaded process is
 documented as unsafe (it can deadlock the child). Soft and hard limits are set
@@ -144,6 +154,17 @@ def confine(root: str, read_only: list[str], writable: list[str]) -> None:
     header = (ctypes.c_uint32 * 2)(0x20080522, 0)  # _LINUX_CAPABILITY_VERSION_3, this process
     data = (ctypes.c_uint32 * 6)()  # effective, permitted, inheritable: none, twice 32 bits
     _check(libc.syscall(calls["capset"], header, data), "capset")
+
+
+def join_cgroup(procs_files: list[str]) -> None:
+    """Move this process into the call's cgroup: one ``cgroup.procs`` file for
+    cgroup v2, one per hierarchy (memory, pids) for v1. ``0`` names the writer."""
+    for path in procs_files:
+        fd = os.open(path, os.O_WRONLY)
+        try:
+            os.write(fd, b"0")
+        finally:
+            os.close(fd)
 
 
 def lower(which: int, soft: int, hard: int) -> None:
@@ -284,8 +305,15 @@ def child(request: dict[str, Any], write_end: int, mem_mb: int, out_cap: int) ->
 
 def main() -> NoReturn:
     mem_mb, cpu_s, nofile, fsize_mb, out_cap = (int(a) for a in sys.argv[1:6])
-    if len(sys.argv) > 6:  # {"root": dir, "read_only": [...], "writable": [...]}
-        jail = json.loads(sys.argv[6])
+    # {"cgroup": [procs files], "root": dir, "read_only": [...], "writable": [...]}, each optional
+    setup = json.loads(sys.argv[6]) if len(sys.argv) > 6 else {}
+    try:
+        join_cgroup(setup.get("cgroup", []))
+    except OSError as e:
+        print(f"sandbox: cannot join the call's cgroup: {e}", file=sys.stderr)
+        os._exit(5)
+    if "root" in setup:
+        jail = setup
         scratch = os.getcwd()
         try:
             confine(jail["root"], jail["read_only"], [scratch, *jail["writable"]])
