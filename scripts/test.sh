@@ -5,7 +5,7 @@
 # Extra arguments go to pytest, e.g. scripts/test.sh -k gateway
 set -euo pipefail
 cd "$(dirname "$0")/.."
-EXTRAS=dev,local,envs source scripts/_setup_venv.sh
+EXTRAS=dev,local,envs,ray source scripts/_setup_venv.sh
 
 if ! .venv/bin/fgo local-llm install; then
     echo "WARNING: the local model could not be installed; its smoke test will be skipped" >&2

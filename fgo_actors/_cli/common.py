@@ -10,19 +10,22 @@ import re
 import sys
 from collections.abc import Awaitable, Callable, Collection, Iterator
 from pathlib import Path
-from typing import Any, NoReturn, TypeVar
+from typing import TYPE_CHECKING, Any, NoReturn, TypeVar
 
 import click
 import trio
 from rich.console import Console
 
-from .._core.errors import LLMUnavailableError, leaf_exceptions
+from .._core.errors import ClusterUnavailableError, LLMUnavailableError, leaf_exceptions
 from .._core.io import (
     output_target,
 )
 from .._llm import local
 from .._llm.gateway import GatewayConfig
 from .logs import configure_logging
+
+if TYPE_CHECKING:
+    from ..agent.executor import Executor
 
 EXIT_BAD_INPUT = 2
 
@@ -56,6 +59,38 @@ _workers_option = click.option(
     help="Episodes played at once, each with its own environment [default: 2; the "
     "local model: 1, because its one slot keeps only one episode's prompt cached].",
 )
+
+
+def executor_options(f: Callable[..., Any]) -> Callable[..., Any]:
+    """--executor and --ray-address: where the episodes are played."""
+    f = click.option(
+        "--ray-address",
+        envvar="RAY_ADDRESS",
+        help="With --executor ray: the cluster (host:port or ray://host:port) "
+        "[env: RAY_ADDRESS; default: start a local Ray].",
+    )(f)
+    return click.option(
+        "--executor",
+        "executor_kind",
+        type=click.Choice(["local", "ray"]),
+        default="local",
+        show_default=True,
+        help="Where episodes are played: threads of this process, or Ray tasks "
+        "(pip install 'fgo-actors[ray]'; with ray, --workers is the tasks in flight, "
+        "by default one per CPU of the cluster).",
+    )(f)
+
+
+def make_executor(
+    kind: str, ray_address: str | None, workers: int | None, local_workers: int
+) -> Executor:
+    """The executor --executor names: Ray with --workers tasks in flight (one
+    per cluster CPU when not given), or ``workers or local_workers`` threads."""
+    from ..agent.executor import LocalExecutor, RayExecutor
+
+    if kind == "ray":
+        return RayExecutor(address=ray_address, max_in_flight=workers)
+    return LocalExecutor(workers=workers or local_workers)
 
 
 def endpoint_options(*, concurrency: str, settings_file: bool = False) -> Callable[[Any], Any]:
@@ -260,14 +295,16 @@ def _run_agent_command(
 
     async def go(
         gw_config: GatewayConfig, local_ctx: int | None
-    ) -> T | LLMUnavailableError | ValueError:
+    ) -> T | LLMUnavailableError | ValueError | ClusterUnavailableError:
         # Returned, not raised: trio.run would hand them over in an ExceptionGroup.
-        failures: list[LLMUnavailableError | ValueError] = []
+        failures: list[LLMUnavailableError | ValueError | ClusterUnavailableError] = []
         try:
             return await play(gw_config, local_ctx)
         except* LLMUnavailableError as group:
             failures.extend(leaf_exceptions(group))
         except* ValueError as group:  # settings that cannot work, found on the way
+            failures.extend(leaf_exceptions(group))
+        except* ClusterUnavailableError as group:
             failures.extend(leaf_exceptions(group))
         return failures[0]
 
@@ -285,6 +322,8 @@ def _run_agent_command(
         _fail(err, EXIT_INTERRUPTED, "interrupted", on_stop)
     if isinstance(outcome, LLMUnavailableError):
         _fail(err, EXIT_LLM, "LLM failure", f"{outcome}; {on_stop}")
+    if isinstance(outcome, ClusterUnavailableError):
+        _fail(err, EXIT_LLM, "Ray cluster", f"{outcome}; {on_stop}")
     if isinstance(outcome, ValueError):
         _fail(err, EXIT_BAD_INPUT, "error", f"{in_flags(outcome, flags)}; {on_stop}")
     return outcome

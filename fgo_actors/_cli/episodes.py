@@ -20,7 +20,7 @@ from rich.progress import (
     TimeRemainingColumn,
 )
 
-from .._core.errors import InputError, leaf_exceptions
+from .._core.errors import ClusterUnavailableError, InputError, leaf_exceptions
 from .._core.io import (
     atomic_write_json,
     atomic_write_jsonl,
@@ -31,6 +31,7 @@ from .._llm.gateway import GatewayConfig, LLMGateway
 from .common import (
     EXIT_BAD_INPUT,
     EXIT_INTERRUPTED,
+    EXIT_LLM,
     _agent_endpoint_options,
     _check_endpoint,
     _check_outputs,
@@ -40,6 +41,8 @@ from .common import (
     _trio_run,
     _workers_option,
     default_workers,
+    executor_options,
+    make_executor,
     start_command,
 )
 
@@ -88,6 +91,7 @@ from .common import (
     "--seed", type=int, default=0, show_default=True, help="Oracle: seed of its random choices."
 )
 @_workers_option
+@executor_options
 @_agent_endpoint_options
 def collect(
     task_spec: str,
@@ -99,6 +103,8 @@ def collect(
     epsilon: float,
     seed: int,
     workers: int | None,
+    executor_kind: str,
+    ray_address: str | None,
     base_url: str | None,
     model: str,
     api_key_env: str,
@@ -112,9 +118,8 @@ def collect(
     end), so a long collection shows progress and loses little if stopped.
     """
     from ..agent.envs import parse_tasks
-    from ..agent.oracle import collect_oracle
+    from ..agent.executor import Policy
     from ..agent.rollout import AgentConfig
-    from ..agent.rollout import collect as collect_rollouts
 
     interactive, err, fail = start_command(log_json)
 
@@ -160,34 +165,24 @@ def collect(
                             rate = f"{counts['successes']}/{counts['episodes']} solved"
                             bar.update(task, advance=1, rate=rate)
 
-    async def play(gw_config: GatewayConfig, local_ctx: int | None) -> None:
-        async with LLMGateway(gw_config) as gateway:
-            await record(
-                functools.partial(
-                    collect_rollouts,
-                    tasks,
-                    module,
-                    gateway,
-                    workers=workers or default_workers(local_ctx),
-                    config=AgentConfig(max_steps=max_steps),
-                )
-            )
+    agent = AgentConfig(max_steps=max_steps)
 
-    async def play_oracle() -> ValueError | None:
+    async def play(gw_config: GatewayConfig, local_ctx: int | None) -> None:
+        executor = make_executor(executor_kind, ray_address, workers, default_workers(local_ctx))
+        llm = Policy(kind="llm", module=module, agent=agent, gateway=gw_config)
+        async with LLMGateway(gw_config) as gateway:
+            await record(functools.partial(executor.play, tasks, llm, gateway=gateway))
+
+    async def play_oracle() -> ValueError | ClusterUnavailableError | None:
         # Returned, not raised: trio.run would hand it over in an ExceptionGroup.
-        problems: list[ValueError] = []
+        problems: list[ValueError | ClusterUnavailableError] = []
+        executor = make_executor(executor_kind, ray_address, workers, 1)
+        oracle = Policy(kind="oracle", agent=agent, epsilon=epsilon, seed=seed)
         try:
-            await record(
-                functools.partial(
-                    collect_oracle,
-                    tasks,
-                    epsilon=epsilon,
-                    seed=seed,
-                    workers=workers or 1,
-                    max_steps=max_steps,
-                )
-            )
+            await record(functools.partial(executor.play, tasks, oracle))
         except* ValueError as group:  # an environment the oracle cannot play
+            problems.extend(leaf_exceptions(group))
+        except* ClusterUnavailableError as group:
             problems.extend(leaf_exceptions(group))
         return problems[0] if problems else None
 
@@ -196,6 +191,8 @@ def collect(
             problem = _trio_run(play_oracle)
         except KeyboardInterrupt:
             fail(EXIT_INTERRUPTED, "interrupted", on_stop)
+        if isinstance(problem, ClusterUnavailableError):
+            fail(EXIT_LLM, "Ray cluster", f"{problem}; {on_stop}")
         if problem is not None:
             fail(EXIT_BAD_INPUT, "error", f"{problem}; {on_stop}")
     else:
@@ -244,6 +241,7 @@ def collect(
 )
 @click.option("--max-steps", type=int, default=25, show_default=True, callback=_positive)
 @_workers_option
+@executor_options
 @_agent_endpoint_options
 def eval_command(
     task_spec: str,
@@ -254,6 +252,8 @@ def eval_command(
     trajectories_out: Path | None,
     max_steps: int,
     workers: int | None,
+    executor_kind: str,
+    ray_address: str | None,
     base_url: str | None,
     model: str,
     api_key_env: str,
@@ -290,6 +290,7 @@ def eval_command(
         gw_config: GatewayConfig, local_ctx: int | None
     ) -> list[tuple[EvalSummary, list[Trajectory]]]:
         results = []
+        executor = make_executor(executor_kind, ray_address, workers, default_workers(local_ctx))
         async with LLMGateway(gw_config) as gateway:
             for label, module in modules:
                 err.print(f"evaluating {label} on {len(tasks)} tasks ...", highlight=False)
@@ -299,8 +300,8 @@ def eval_command(
                         module,
                         gateway,
                         label=label,
-                        workers=workers or default_workers(local_ctx),
                         config=config,
+                        executor=executor,
                     )
                 )
         return results

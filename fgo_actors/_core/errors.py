@@ -57,6 +57,11 @@ class LLMUnavailableError(FGOError):
     """The LLM endpoint could not be reached, or calls still failed after retries."""
 
 
+class ClusterUnavailableError(FGOError):
+    """The Ray cluster that plays episodes could not be reached or started
+    (exit 3, as an unreachable endpoint)."""
+
+
 class BudgetExhaustedError(FGOError):
     """The hard token budget would be exceeded by the next call."""
 

@@ -12,7 +12,8 @@ from .._core.model import Module, Trajectory
 from .._core.stats import mean_interval, wilson_interval
 from .._llm.gateway import LLMGateway
 from .envs import Task
-from .rollout import AgentConfig, collect
+from .executor import Executor, LocalExecutor, Policy
+from .rollout import AgentConfig
 
 
 @attrs.frozen
@@ -66,31 +67,41 @@ async def evaluate(
     workers: int = 2,
     config: AgentConfig | None = None,
     on_episode: Callable[[Trajectory], None] | None = None,
+    executor: Executor | None = None,
 ) -> tuple[EvalSummary, list[Trajectory]]:
     """Play every task once with ``module``; summarise successes, scores and cost.
 
-    ``on_episode`` is called with each trajectory as its episode ends.
+    ``on_episode`` is called with each trajectory as its episode ends. The
+    episodes run on ``executor`` (by default ``workers`` threads here, through
+    ``gateway``); the cost counts the calls of its workers too.
     """
-    before = gateway.statistics()
+    executor = executor or LocalExecutor(workers=workers)
+    policy = Policy(
+        kind="llm", module=module, agent=config or AgentConfig(), gateway=gateway.config
+    )
+    before, spent_before = gateway.statistics(), executor.usage
     started = trio.current_time()
     trajectories: list[Trajectory] = []
     send, receive = trio.open_memory_channel[Trajectory](0)
     async with trio.open_nursery() as nursery:
-        nursery.start_soon(
-            lambda: collect(tasks, module, gateway, send, workers=workers, config=config)
-        )
+        nursery.start_soon(lambda: executor.play(tasks, policy, send, gateway=gateway))
         async with receive:
             async for traj in receive:
                 trajectories.append(traj)
                 if on_episode is not None:
                     on_episode(traj)
     used = gateway.statistics().since(before)
+    spent = executor.usage
     summary = summarise(
         label,
         trajectories,
-        llm_calls=sum(used.calls.values()),
-        prompt_tokens=sum(used.prompt_tokens.values()),
-        completion_tokens=sum(used.completion_tokens.values()),
+        llm_calls=sum(used.calls.values()) + spent.calls - spent_before.calls,
+        prompt_tokens=sum(used.prompt_tokens.values())
+        + spent.prompt_tokens
+        - spent_before.prompt_tokens,
+        completion_tokens=sum(used.completion_tokens.values())
+        + spent.completion_tokens
+        - spent_before.completion_tokens,
         wall_seconds=trio.current_time() - started,
     )
     return summary, sorted(trajectories, key=lambda t: t.id)
