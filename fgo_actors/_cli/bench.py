@@ -22,13 +22,13 @@ from .._core.model import Module
 from .._llm.gateway import GatewayConfig, LLMGateway
 from ..actors.state import RunConfig
 from .common import (
-    DEFAULT_CONTEXT_TOKENS,
     EXIT_BAD_INPUT,
     _agent_endpoint_options,
     _check_endpoint,
     _check_outputs,
     _positive,
     _run_agent_command,
+    context_for,
     default_completion_tokens,
     start_command,
 )
@@ -181,7 +181,7 @@ def bench_command(
     async def play(
         gw_config: GatewayConfig, local_ctx: int | None
     ) -> BenchResult | BenchStateError:
-        ctx = context_tokens or local_ctx or DEFAULT_CONTEXT_TOKENS
+        ctx = context_for(context_tokens, local_ctx)
         if subset_tokens is not None and subset_tokens > ctx:
             raise ValueError(f"--subset-tokens ({subset_tokens}) exceeds the context ({ctx})")
         config = attrs.evolve(
@@ -261,6 +261,7 @@ def bench_command(
         workers=workers,
         on_stop=f"what is done is kept in {out_dir}: run the same command again to continue",
         flags=("context_tokens", "subset_tokens"),
+        context_tokens=context_tokens,
     )
     if isinstance(result, BenchStateError):
         fail(EXIT_BAD_INPUT, "error", result)

@@ -287,6 +287,7 @@ def _run_agent_command(
     workers: int | None,
     on_stop: str,
     flags: Collection[str] = (),
+    context_tokens: int | None = None,
 ) -> T:
     """Run ``play(gateway config, local model context or None)`` under trio
     against the endpoint (given, or the local model's server for the duration);
@@ -309,7 +310,7 @@ def _run_agent_command(
         return failures[0]
 
     try:
-        with _endpoint(base_url, model, err) as (url, served_model, local_ctx):
+        with _endpoint(base_url, model, err, context_tokens) as (url, served_model, local_ctx):
             gw_config = _agent_gateway(
                 url, served_model, local_ctx, api_key_env, max_concurrency, workers
             )
@@ -329,6 +330,21 @@ def _run_agent_command(
     return outcome
 
 
+def context_for(context_tokens: int | None, local_ctx: int | None) -> int:
+    """The optimizer's context: --context-tokens, else the local model
+    server's, else the default. ValueError when --context-tokens asks for more
+    than the local server holds: every prompt sized for it would be refused
+    (or cut) by the server."""
+    if context_tokens is not None and local_ctx is not None and context_tokens > local_ctx:
+        raise ValueError(
+            f"--context-tokens ({context_tokens}) is more than the local model server "
+            f"holds ({local_ctx}); restart it with "
+            f"`fgo local-llm stop && fgo local-llm start --context-tokens {context_tokens}`, "
+            "or pass a smaller --context-tokens"
+        )
+    return context_tokens or local_ctx or DEFAULT_CONTEXT_TOKENS
+
+
 def _check_endpoint(base_url: str | None) -> None:
     """Bad input (exit 2) when there is neither an endpoint nor a local model."""
     if not base_url and not (local.llama_cpp_available() and local.is_installed()):
@@ -341,14 +357,17 @@ def _check_endpoint(base_url: str | None) -> None:
 
 @contextlib.contextmanager
 def _endpoint(
-    base_url: str | None, model: str, err: Console
+    base_url: str | None, model: str, err: Console, context_tokens: int | None = None
 ) -> Iterator[tuple[str, str, int | None]]:
     """(URL, model name, local context size or None): the given endpoint, or the
-    local model's server, reused or started for the duration."""
+    local model's server, reused or started for the duration (with
+    ``context_tokens`` of context, when given)."""
     if base_url:
         yield base_url, model, None
         return
-    with local.serving(log=lambda m: err.print(m, highlight=False)) as server:
+    with local.serving(
+        context_tokens=context_tokens, log=lambda m: err.print(m, highlight=False)
+    ) as server:
         yield server.url, server.alias, server.context_tokens
 
 

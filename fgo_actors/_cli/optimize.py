@@ -28,7 +28,6 @@ from ..actors.run import RunFailedError, RunResult, run
 from ..actors.state import RunConfig, RunState
 from .common import (
     CACHE_FILE,
-    DEFAULT_CONTEXT_TOKENS,
     EXIT_BAD_INPUT,
     EXIT_BUDGET,
     EXIT_INTERRUPTED,
@@ -42,6 +41,7 @@ from .common import (
     _positive,
     _run_agent_command,
     _trio_run,
+    context_for,
     default_completion_tokens,
     endpoint_options,
     gateway_config,
@@ -356,7 +356,7 @@ def optimize(
     ) -> tuple[RunConfig, GatewayConfig]:
         # Defaults follow the backend: the local model has a 4k context and
         # answers one request at a time.
-        ctx = context_tokens or local_ctx or DEFAULT_CONTEXT_TOKENS
+        ctx = context_for(context_tokens, local_ctx)
         if subset_tokens is not None and subset_tokens > ctx:
             raise click.BadParameter(
                 f"--subset-tokens ({subset_tokens}) exceeds --context-tokens ({ctx})"
@@ -420,7 +420,7 @@ def optimize(
                 store = Store(cache_path)
             except (OSError, StoreError) as e:
                 fail(EXIT_BAD_INPUT, "response cache", f"{cache_path}: {e}")
-        with _endpoint(base_url, model, err) as (url, served_model, local_ctx):
+        with _endpoint(base_url, model, err, context_tokens) as (url, served_model, local_ctx):
             run_config, gw_config = configs(url, served_model, local_ctx)
             outcome = _trio_run(go, run_config, gw_config)
     except ValueError as e:
@@ -495,7 +495,7 @@ def _optimize_online(
     _check_endpoint(base_url)
 
     async def play(gw_config: GatewayConfig, local_ctx: int | None) -> OnlineResult:
-        ctx = context_tokens or local_ctx or DEFAULT_CONTEXT_TOKENS
+        ctx = context_for(context_tokens, local_ctx)
         completion = max_completion_tokens or default_completion_tokens(ctx)
         gw_config = attrs.evolve(gw_config, max_completion_tokens=completion, **gateway_options)
         cap = module_tokens or ctx // 8
@@ -535,6 +535,7 @@ def _optimize_online(
         workers=1,
         on_stop="nothing was written",
         flags=SETTINGS,
+        context_tokens=context_tokens,
     )
     atomic_write_json(out, result.module.to_json())
     atomic_write_json(report_path, result.report())

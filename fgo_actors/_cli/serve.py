@@ -12,7 +12,6 @@ from .._daemon import defaults
 from .._llm import local
 from .._storage.store import StoreError
 from .common import (
-    DEFAULT_CONTEXT_TOKENS,
     EXIT_BAD_INPUT,
     EXIT_INTERRUPTED,
     EXIT_LLM,
@@ -23,6 +22,7 @@ from .common import (
     _fail,
     _positive,
     _trio_run,
+    context_for,
     default_completion_tokens,
     endpoint_options,
     gateway_config,
@@ -160,8 +160,12 @@ def serve_command(config_path: Path | None, log_json: bool, **flags: Any) -> Non
     _check_outputs(err, settings.store)
     _check_endpoint(settings.base_url)
     try:
-        with _endpoint(settings.base_url, settings.model, err) as (url, served, local_ctx):
-            ctx = settings.context_tokens or local_ctx or DEFAULT_CONTEXT_TOKENS
+        with _endpoint(settings.base_url, settings.model, err, settings.context_tokens) as (
+            url,
+            served,
+            local_ctx,
+        ):
+            ctx = context_for(settings.context_tokens, local_ctx)
             gateway = gateway_config(
                 url,
                 served,

@@ -463,15 +463,19 @@ def stop() -> ServerInfo | None:
 
 @contextlib.contextmanager
 def serving(
-    model: LocalModel = DEFAULT_MODEL, *, log: Callable[[str], None] = lambda s: None
+    model: LocalModel = DEFAULT_MODEL,
+    *,
+    context_tokens: int | None = None,
+    log: Callable[[str], None] = lambda s: None,
 ) -> Iterator[ServerInfo]:
-    """Reuse a running local server, or start one for the duration of the block."""
+    """Reuse a running local server, or start one for the duration of the block
+    (with ``context_tokens`` of context, when given)."""
     existing = running()
     if existing is not None:
         log(f"using the running local model server at {existing.url}")
         yield existing
         return
-    info = start(model, detach=False, log=log)
+    info = start(model, context_tokens=context_tokens, detach=False, log=log)
     try:
         yield info
     finally:
