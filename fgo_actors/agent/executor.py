@@ -145,11 +145,7 @@ def failed_episode(task: Task, policy: Policy, error: str) -> Trajectory:
         steps=(),
         outcome=Outcome(success=False, score=0.0, feedback=f"episode failed: {error}"),
         metadata={
-            "task_type": task.env,
-            "env": task.env,
-            "fold": task.fold,
-            "seed": task.seed,
-            "params": task.params,
+            **task.metadata(),
             "policy": policy.kind,
             "error": error,
         },

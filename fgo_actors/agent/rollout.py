@@ -592,11 +592,7 @@ def _finish(
             feedback=f"{ended}; score {result.score:g}; {invalid_replies} invalid replies",
         ),
         metadata={
-            "task_type": task.env,
-            "env": task.env,
-            "fold": task.fold,
-            "seed": task.seed,
-            "params": task.params,
+            **task.metadata(),
             "steps": steps,
             "invalid_replies": invalid_replies,
             "macros_played": macros_played,

@@ -36,6 +36,11 @@ class Task:
     def to_json(self) -> dict[str, Any]:
         return {"env": self.env, "fold": self.fold, "seed": self.seed, "params": self.params}
 
+    def metadata(self) -> dict[str, Any]:
+        """What an episode's trajectory records of its task (its ``task_type``
+        is the environment, so the partitioner groups by it)."""
+        return {"task_type": self.env, **self.to_json()}
+
 
 @attrs.frozen
 class StepResult:
