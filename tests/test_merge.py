@@ -131,6 +131,22 @@ def test_combine_without_ids_infers_lineage_and_flags_it() -> None:
     assert any("inferred" in n for n in result.notes)
 
 
+def test_a_combine_text_about_the_merge_is_ignored_and_its_sources_kept() -> None:
+    # Written by the local model in a bench merge.
+    reply = {
+        "decisions": [
+            {
+                "op": "combine",
+                "ids": ["s001.r1", "s002.r1"],
+                "text": "[s001.r1], [s002.r1] into one",
+            }
+        ]
+    }
+    result = apply_merge(two(), reply, node_id="m7", size=size, cap=10_000)
+    assert [r.id for r in result.module.rules] == ["s001.r1", "s001.r2", "s002.r1", "m1.r1"]
+    assert any("combine text names 's001.r1'" in n for n in result.notes)
+
+
 def test_unknown_ids_are_ignored_not_re_asked() -> None:
     reply = {
         "decisions": [

@@ -553,7 +553,9 @@ def apply_merge(
 
     - ``combine`` replaces the named candidates with one new rule whose
       provenance is the union of theirs and whose ``from`` is the child rules
-      behind them. Unknown or already-used ids are ignored (noted). With no
+      behind them. A text that is no lesson about the task (it names a
+      candidate id or an edit op, as ``_not_a_lesson`` reads it) is ignored,
+      and its sources kept. Unknown or already-used ids are ignored (noted). With no
       usable ids, the lineage is inferred from shared words and flagged.
     - ``drop`` removes a candidate (or a function, by name) and records the
       reason. At most
@@ -587,6 +589,12 @@ def apply_merge(
             text = str(d.get("text", "")).strip()
             if not text:
                 notes.append(f"decisions[{i}]: combine with empty text, ignored")
+                continue
+            problem = _not_a_lesson(text, pool)
+            if problem is not None:
+                # e.g. "[s003.r1], [s003.r2] into a single rule": about the merge,
+                # not the task. Its sources stay as they were.
+                notes.append(f"decisions[{i}]: combine text {problem}; ignored")
                 continue
             named = [str(x) for x in d.get("ids") or []]
             unknown = [x for x in named if x not in pool]
