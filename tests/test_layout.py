@@ -19,6 +19,7 @@ LAYERS: dict[str, int] = {
     "_core": 0,
     "_llm": 1,
     "_storage": 1,
+    "traces": 1,
     "agent": 2,
     "actors": 3,
     "_daemon": 4,
