@@ -904,28 +904,22 @@ def test_feedback_keyed_by_trace_id() -> None:
     genai_id = trace_hex(spans[0])
     oi_id = trace_hex(spans[-1])
     lines = [
-        (
-            1,
-            {
-                "trace_id": genai_id.upper(),
-                "success": False,
-                "score": 0.2,
-                "feedback": "wrong city",
-            },
-        ),
-        (2, {"trace_id": oi_id, "feedback": "polite"}),
-        (3, {"trace_id": genai_id, "success": True}),
-        (4, {"trace_id": "ab" * 16, "success": "perhaps"}),
-        (5, ["not", "an", "object"]),
-        (6, {"trace_id": "cd" * 16}),
-        (7, {"trace_id": "ef" * 16, "success": True}),
+        {"trace_id": genai_id.upper(), "success": False, "score": 0.2, "feedback": "wrong city"},
+        {"trace_id": oi_id, "feedback": "polite"},
+        {"trace_id": genai_id, "success": True},
+        {"trace_id": "ab" * 16, "success": "perhaps"},
+        ["not", "an", "object"],
+        {"trace_id": "cd" * 16},
+        {"trace_id": "ef" * 16, "success": True},
     ]
-    feedback, problems = read_feedback(lines, "fb.jsonl")
+    text = "".join(json.dumps(line) + "\n" for line in lines) + '{"trace_id": \n\n'
+    feedback, problems = read_feedback(text, "fb.jsonl")
     assert [(p.reason, p.where) for p in problems] == [
         ("bad_feedback", "fb.jsonl:3"),
         ("bad_feedback", "fb.jsonl:4"),
         ("bad_feedback", "fb.jsonl:5"),
         ("bad_feedback", "fb.jsonl:6"),
+        ("bad_feedback", "fb.jsonl:8"),
     ]
     assert feedback[genai_id] == Feedback(genai_id, False, 0.2, "wrong city", "fb.jsonl:1")
     traces, _ = read_all({"f": otlp_text([spans])})

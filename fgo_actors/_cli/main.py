@@ -10,6 +10,7 @@ from .local_llm import local_llm
 from .optimize import optimize
 from .render import render_command
 from .serve import serve_command
+from .traces import import_traces_command
 
 
 @click.group()
@@ -25,6 +26,7 @@ for command in (
     bench_command,
     serve_command,
     render_command,
+    import_traces_command,
     local_llm,
 ):
     main.add_command(command)

@@ -33,6 +33,7 @@ in" for the table):
 
 from __future__ import annotations
 
+import json
 import math
 from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
@@ -40,6 +41,7 @@ from typing import Any, Literal
 
 import attrs
 
+from .._core.io import JSONTooDeepError, loads
 from .._core.model import JSON, Outcome, Step, Trajectory
 from .conventions import Convention, SpanView, read_span, uses_openinference
 from .issues import REASONS, TRACE_SKIPS, Issue
@@ -152,10 +154,9 @@ class Feedback:
     where: str | None = None
 
 
-def read_feedback(
-    lines: Iterable[tuple[int, object]], file: str
-) -> tuple[dict[str, Feedback], list[Issue]]:
-    """Feedback records from ``(line number, loaded JSON)`` pairs, keyed by
+def read_feedback(text: str, file: str) -> tuple[dict[str, Feedback], list[Issue]]:
+    """Feedback records from a JSON Lines text (one
+    ``{"trace_id", "success", "score", "feedback"}`` object a line), keyed by
     trace id (lowercase hex). A line that is not a usable record is skipped
     with an issue; a trace id given twice keeps its first line."""
     out: dict[str, Feedback] = {}
@@ -164,7 +165,17 @@ def read_feedback(
     def bad(line: int, detail: str) -> None:
         issues.append(Issue("bad_feedback", detail, f"{file}:{line}"))
 
-    for line, obj in lines:
+    for line, raw in enumerate(text.splitlines(), start=1):
+        if not raw.strip():
+            continue
+        try:
+            obj = loads(raw)
+        except json.JSONDecodeError as e:
+            bad(line, f"malformed JSON: {e.msg} at column {e.colno}")
+            continue
+        except JSONTooDeepError as e:
+            bad(line, f"refused JSON: {e}")
+            continue
         if not isinstance(obj, dict):
             bad(line, "expected a JSON object")
             continue
@@ -181,17 +192,17 @@ def read_feedback(
         if obj.get("score") is not None and score is None:
             bad(line, f"'score' must be a finite number, got {obj['score']!r}")
             continue
-        text = obj.get("feedback")
-        if text is not None and not isinstance(text, str):
+        note = obj.get("feedback")
+        if note is not None and not isinstance(note, str):
             bad(line, "'feedback' must be a string")
             continue
-        if success is None and score is None and text is None:
+        if success is None and score is None and note is None:
             bad(line, "it gives none of 'success', 'score', 'feedback'")
             continue
         if trace_id in out:
             bad(line, f"trace {trace_id} already has feedback at {out[trace_id].where}")
             continue
-        out[trace_id] = Feedback(trace_id, success, score, text, f"{file}:{line}")
+        out[trace_id] = Feedback(trace_id, success, score, note, f"{file}:{line}")
     return out, issues
 
 
