@@ -74,8 +74,8 @@ def test_import_writes_trajectories_that_load(tmp_path: Path) -> None:
     proc = fgo_import(first, second, "--success-attr", SUCCESS, "--score-attr", SCORE, "--out", out)
     assert proc.returncode == 0, explain(proc)
     assert proc.stdout == f"trajectories: {out} (2)\n"
-    assert "2 trace(s) read, 2 trajectories written" in proc.stderr
-    assert "1 line is not JSON (skipped) [malformed_json]" in proc.stderr
+    assert f"2 traces read: 2 trajectories written to {out}" in proc.stderr
+    assert "malformed_json: 1 (lines that are not JSON, skipped)" in proc.stderr
     assert f"{first}:2:" in proc.stderr, "the broken line is named"
     assert sorted(p.name for p in out.parent.iterdir()) == ["trajectories.jsonl"], "no temp file"
 
@@ -141,9 +141,9 @@ def test_feedback_by_trace_id(tmp_path: Path) -> None:
     out = tmp_path / "t.jsonl"
     proc = fgo_import(first, second, "--feedback", feedback, "--out", out)
     assert proc.returncode == 0, explain(proc)
-    assert "1 feedback line not usable (skipped) [bad_feedback]" in proc.stderr
+    assert "bad_feedback: 1 (feedback lines that could not be used, skipped)" in proc.stderr
     assert f"{feedback}:4:" in proc.stderr
-    assert "1 feedback record(s) matched no trace" in proc.stderr
+    assert "feedback records that matched no trace: 1" in proc.stderr
     loaded = {t.id: t for t in load_trajectories(out)}
     assert loaded[ids["genai"]].outcome.to_json() == {
         "success": False,
@@ -174,7 +174,7 @@ def test_nothing_to_write_exits_2_and_writes_nothing(tmp_path: Path) -> None:
     out = tmp_path / "t.jsonl"
     proc = fgo_import(first, second, "--success-attr", "nowhere", "--out", out)
     assert proc.returncode == 2, explain(proc)
-    assert "2 trace has no outcome" in proc.stderr
+    assert "no_outcome: 2 (traces without an outcome, skipped: " in proc.stderr
     assert "nothing written: every trace was skipped" in proc.stderr
     assert not out.exists()
 

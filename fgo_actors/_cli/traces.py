@@ -79,19 +79,22 @@ def _read_text(path: Path) -> str:
 
 def _summary_lines(summary: Summary, reasons: dict[str, str], out: Path) -> list[str]:
     """The summary as people read it (rich markup escaped)."""
-    lines = [
-        f"{summary.traces} trace(s) read, {summary.written} trajectories written"
-        + (f" to {escape(str(out))}" if summary.written else "")
-        + (f", {summary.skipped} skipped" if summary.skipped else "")
-    ]
+    traces = "trace" if summary.traces == 1 else "traces"
+    written = "trajectory" if summary.written == 1 else "trajectories"
+    head = f"{summary.traces} {traces} read: {summary.written} {written} written"
+    if summary.written:
+        head += f" to {escape(str(out))}"
+    if summary.skipped:
+        head += f", {summary.skipped} skipped"
+    lines = [head]
     for reason, count in summary.counts.items():
-        lines.append(f"  {count} {escape(reasons.get(reason, reason))} \\[{reason}]")
+        lines.append(f"  {reason}: {count} ({escape(reasons.get(reason, reason))})")
         examples = summary.examples.get(reason, ())
         lines += [f"      {escape(str(issue))}" for issue in examples]
         if count > len(examples):
             lines.append(f"      ... and {count - len(examples)} more")
     if summary.unmatched_feedback:
-        lines.append(f"  {summary.unmatched_feedback} feedback record(s) matched no trace")
+        lines.append(f"  feedback records that matched no trace: {summary.unmatched_feedback}")
     return lines
 
 

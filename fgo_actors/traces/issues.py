@@ -3,7 +3,7 @@
 Bad input never stops an import: a line, a span, a message or a trace is
 skipped or repaired, and an :class:`Issue` says which, why and where. The
 reasons are stable keys (the summary counts by them, ``--log-json`` prints
-them); :data:`REASONS` words each one for people.
+them); :data:`REASONS` says what each counts, for people.
 """
 
 from __future__ import annotations
@@ -12,23 +12,23 @@ import attrs
 
 # What each reason means, and what happened to the thing it is about.
 REASONS: dict[str, str] = {
-    # A line or file that could not be read (skipped; the rest is read).
-    "unreadable_file": "file could not be read",
-    "malformed_json": "line is not JSON (skipped)",
-    "not_otlp": "line is not OTLP/JSON trace data (skipped)",
-    "bad_span": "span with invalid ids (skipped)",
-    "bad_feedback": "feedback line not usable (skipped)",
+    # A file, line or span that could not be read (skipped; the rest is read).
+    "unreadable_file": "files that could not be read",
+    "malformed_json": "lines that are not JSON, skipped",
+    "not_otlp": "lines that are not OTLP/JSON trace data, skipped",
+    "bad_span": "spans with invalid ids, skipped",
+    "bad_feedback": "feedback lines that could not be used, skipped",
     # A trace that gave no trajectory.
-    "no_outcome": "trace has no outcome (skipped: an outcome is never invented)",
-    "bad_outcome": "trace's outcome attribute is not usable (skipped)",
-    "no_messages": "trace has no LLM messages (skipped)",
+    "no_outcome": "traces without an outcome, skipped: an outcome is never invented",
+    "bad_outcome": "traces whose outcome attribute is not usable, skipped",
+    "no_messages": "traces without LLM messages, skipped",
     # Repairs inside a trajectory that was written.
-    "truncated": "text over the length limit (cut)",
-    "unknown_span_kind": "span of an unknown kind (ignored)",
-    "unknown_role": "message with an unknown role (dropped)",
-    "bad_messages": "message attribute or event not readable (dropped)",
-    "duplicate_span": "span seen twice (the first kept)",
-    "outside_run": "LLM or tool span outside the agent run (ignored)",
+    "truncated": "texts over the length limit, cut",
+    "unknown_span_kind": "spans of an unknown kind, ignored",
+    "unknown_role": "messages with an unknown role, dropped",
+    "bad_messages": "message attributes or events that could not be read, dropped",
+    "duplicate_span": "spans read twice, the first copy kept",
+    "outside_run": "LLM or tool spans outside the agent run, ignored",
 }
 # The reasons a trace is skipped for (the others skip less, or repair).
 TRACE_SKIPS = ("no_outcome", "bad_outcome", "no_messages")
