@@ -29,6 +29,7 @@ SIGTERM, a stopped bench) cancels the tasks still in flight.
 from __future__ import annotations
 
 import atexit
+import collections
 import contextlib
 import functools
 import os
@@ -336,12 +337,12 @@ class RayExecutor:
         )(play_episode)
         log = structlog.get_logger()
         pending: dict[Any, Task] = {}
-        queue = list(tasks)
+        queue = collections.deque(tasks)
         with out:
             try:
                 while queue or pending:
                     while queue and len(pending) < in_flight:
-                        task = queue.pop(0)
+                        task = queue.popleft()
                         pending[remote.remote(policy, task)] = task
                     ready, _ = await trio.to_thread.run_sync(
                         lambda: ray.wait(list(pending), num_returns=1, timeout=self.poll_seconds),
