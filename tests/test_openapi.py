@@ -599,7 +599,149 @@ async def test_live_api_conforms_to_the_spec(start_llm: StartLLM, tmp_path: Path
         answer = await client.post("/v1/trajectories", json=data[:6])
         assert conformance.check(answer, "/v1/trajectories")["accepted"] == 6
 
-    assert _documented() - conformance.seen == set(), "documented but never exercised"
+    # OTLP ingest has its own test, below.
+    unexercised = {d for d in _documented() if d[0] not in OTLP_PATHS} - conformance.seen
+    assert unexercised == set(), "documented but never exercised"
+
+
+OTLP_PATHS = ("/v1/traces", "/v1/feedback")
+
+
+async def test_otlp_ingest_conforms_to_the_spec(start_llm: StartLLM, tmp_path: Path) -> None:
+    from opentelemetry.exporter.otlp.proto.common.trace_encoder import encode_spans
+
+    from fgo_actors._daemon.traces import TraceIngest, TraceSettings
+
+    from .test_traces import SUCCESS, Recorder, genai_run, otlp_line, trace_hex
+
+    _server, url = await start_llm()
+    conformance = Conformance()
+    rec = Recorder()
+    genai_run(rec, success=True)
+    first = rec.spans()
+    genai_run(rec, success=None)
+    second = rec.spans()[len(first) :]
+
+    @asynccontextmanager
+    async def serving(
+        config: DaemonConfig, *, ingest: bool = True
+    ) -> AsyncIterator[tuple[StreamingOptimizer, httpx.AsyncClient, httpx.AsyncClient]]:
+        async with open_optimizer(config, grace=0) as opt, trio.open_nursery() as nursery:
+            traces = TraceIngest(opt, TraceSettings(success_attr=SUCCESS)) if ingest else None
+            if traces is not None:
+                await nursery.start(lambda task_status: traces.run(task_status=task_status))
+            stop = trio.Event()
+            base: str = await nursery.start(
+                functools.partial(
+                    serve_http,
+                    opt,
+                    host="127.0.0.1",
+                    port=0,
+                    token=TOKEN,
+                    max_body_bytes=MAX_BODY * 4,
+                    body_seconds=1.0,
+                    shutdown=stop,
+                    traces=traces,
+                )
+            )
+            async with _client(base) as client, _client(base, token=None) as anonymous:
+                yield opt, client, anonymous
+            stop.set()
+            nursery.cancel_scope.cancel()
+
+    def check(answer: httpx.Response, path: str, status: int) -> Any:
+        assert answer.status_code == status, (path, answer.status_code, answer.text)
+        return conformance.check(answer, path)
+
+    async with serving(daemon_config(tmp_path / "fgo.db", url)) as (opt, client, anonymous):
+        for path in OTLP_PATHS:
+            check(await anonymous.post(path, content=b"{}"), path, 401)
+            evil = {"Origin": "http://attacker.example"}
+            check(await client.post(path, content=b"{}", headers=evil), path, 403)
+            host = {"Host": "rebound.example"}
+            check(await client.post(path, content=b"{}", headers=host), path, 421)
+            too_big = b" " * (MAX_BODY * 4 + 1)
+            check(await client.post(path, content=too_big), path, 413)
+            form = {"Content-Type": "text/plain"}
+            check(await client.post(path, content=b"{}", headers=form), path, 415)
+            answer = await _trickled_post(base_of(client), path, b'{"a": 1}', 0.2)
+            assert answer.status_code == 408
+            conformance.check(answer, path)
+        check(await client.post("/v1/traces", content=b"{oops"), "/v1/traces", 400)
+        check(await client.post("/v1/feedback", content=b"\xff"), "/v1/feedback", 400)
+
+        # Protobuf, as the SDK's exporter sends it: the complete trace goes in.
+        proto = {"Content-Type": "application/x-protobuf"}
+        body = encode_spans(first).SerializeToString()
+        answer = await client.post("/v1/traces", content=body, headers=proto)
+        assert (answer.status_code, answer.content) == (200, b"")
+        conformance.check(answer, "/v1/traces")
+        # JSON: the second trace waits for its feedback; one span sent twice.
+        answer = await client.post("/v1/traces", content=otlp_line([*second, second[0]]))
+        assert check(answer, "/v1/traces", 200) == {}
+        feedback = [
+            {"trace_id": trace_hex(second[0]), "success": False, "score": 0.25},
+            {"trace_id": "nope"},
+        ]
+        _validator(
+            _pointer("paths", "/v1/feedback", "post", "requestBody", "content")
+            + "/application~1json/schema"
+        ).validate(feedback[:1])
+        receipt = check(await client.post("/v1/feedback", json=feedback), "/v1/feedback", 202)
+        assert receipt["accepted"] == 1
+        assert [r["reason"] for r in receipt["rejected"]] == ["bad_feedback"]
+        with trio.fail_after(10):
+            both = {trace_hex(first[0]), trace_hex(second[0])}
+            while await opt.store.known_ids(both) != both:  # noqa: ASYNC110
+                await trio.sleep(0.05)
+        # Spans of a converted trace: a partial success, which says why.
+        answer = await client.post("/v1/traces", content=otlp_line(first))
+        partial = check(answer, "/v1/traces", 200)["partialSuccess"]
+        assert partial["rejectedSpans"] == str(len(first))
+        assert partial["errorMessage"].startswith(f"late_span: {len(first)}")
+        metrics = _metrics(conformance.check(await client.get("/metrics"), "/metrics"))
+        assert metrics["fgo_traces_converted_total"]["samples"][()] == "2"
+
+        db = opt.store.sync._db
+        db.execute("VACUUM")  # no free pages left for the spans to go in
+        pages = db.execute("PRAGMA page_count").fetchone()[0]
+        db.execute(f"PRAGMA max_page_count = {pages}")
+        rec2 = Recorder()
+        genai_run(rec2, success=None)
+        check(await client.post("/v1/traces", content=otlp_line(rec2.spans())), "/v1/traces", 507)
+        one = {"trace_id": trace_hex(rec2.spans()[0]), "success": True, "feedback": "x" * 40_000}
+        check(await client.post("/v1/feedback", json=one), "/v1/feedback", 507)
+        db.execute("PRAGMA max_page_count = 1073741823")
+
+    async with serving(daemon_config(tmp_path / "off.db", url), ingest=False) as (_o, client, _a):
+        for path in OTLP_PATHS:
+            check(await client.post(path, content=b"{}"), path, 501)
+
+    # A saturated daemon pushes back on spans as on trajectories.
+    _stalled, stalled_url = await start_llm(latency=1000)
+    config = daemon_config(
+        tmp_path / "sat.db",
+        stalled_url,
+        run=RunConfig(context_tokens=4096, subset_tokens=2000, optimizers=1),
+        max_pending_subsets=1,
+        max_wait=0.01,
+    )
+    data = [t.to_json() for t in make_trajectories(12)]
+    async with serving(config) as (opt, client, _a):
+        await client.post("/v1/trajectories", json=data[0])
+        with trio.fail_after(10):
+            while not opt.saturated:  # noqa: ASYNC110
+                await trio.sleep(0.01)
+        answer = await client.post("/v1/traces", content=otlp_line(first))
+        check(answer, "/v1/traces", 429)
+        assert int(answer.headers["Retry-After"]) > 0
+
+    otlp = {d for d in _documented() if d[0] in OTLP_PATHS}
+    assert otlp - conformance.seen == set(), "documented but never exercised"
+
+
+def base_of(client: httpx.AsyncClient) -> str:
+    return str(client.base_url).rstrip("/")
 
 
 # ---------------------------------------------------------------- edge cases

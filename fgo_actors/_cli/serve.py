@@ -132,10 +132,44 @@ from .common import (
 @click.option("--module-tokens", type=int, callback=_positive, help="Module size cap.")
 @click.option("--fan-in", type=int, help="Trees merged at once [default: 2].")
 @click.option("--token-budget", type=int, callback=_positive, help="Hard cap on tokens.")
+@click.option(
+    "--success-attr",
+    help="POST /v1/traces: the span or resource attribute holding a run's success "
+    "(true/false). Without it, outcomes come from POST /v1/feedback.",
+)
+@click.option("--score-attr", help="POST /v1/traces: the attribute holding a run's score.")
+@click.option(
+    "--success-threshold",
+    type=float,
+    help="POST /v1/traces: a score alone decides success (score >= this).",
+)
+@click.option(
+    "--trace-format",
+    type=click.Choice(["auto", "otlp-json", "openinference"]),
+    help="POST /v1/traces: the attribute conventions spans follow [default: auto].",
+)
+@click.option(
+    "--trace-wait",
+    type=float,
+    callback=_positive,
+    help="Seconds a trace may wait for its outcome before it is skipped [default: 600].",
+)
+@click.option(
+    "--trace-settle",
+    type=float,
+    help="Quiet seconds after which a trace without a root span is complete [default: 5].",
+)
+@click.option(
+    "--max-waiting-traces",
+    type=int,
+    callback=_positive,
+    help="Traces that may wait at once; past it the oldest is skipped [default: 10000].",
+)
 @endpoint_options(concurrency=str(REMOTE_CONCURRENCY), settings_file=True)
 def serve_command(config_path: Path | None, log_json: bool, **flags: Any) -> None:
     """Run the optimization daemon: take trajectories over HTTP (POST
-    /v1/trajectories), from a watched folder or from stdin; optimize them
+    /v1/trajectories, or OpenTelemetry traces on POST /v1/traces with their
+    outcomes on POST /v1/feedback), from a watched folder or from stdin; optimize them
     incrementally; publish versioned modules (GET /v1/module). Everything
     lives in one SQLite file, and a restart carries on where it stopped.
 

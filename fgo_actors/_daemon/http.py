@@ -6,6 +6,7 @@ from __future__ import annotations
 import functools
 import hmac
 import json
+import zlib
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from typing import Any
 
@@ -22,6 +23,14 @@ from .._core.render import module_markdown
 from .._storage.store import StoreFullError
 from . import defaults
 from .optimizer import StreamingOptimizer
+from .traces import (
+    TRACE_SKIP_REASONS,
+    OTLPBodyError,
+    TraceIngest,
+    otel_missing,
+    parse_feedback_body,
+    parse_traces_body,
+)
 
 # Version numbers are SQLite integers: larger ones cannot exist.
 MAX_VERSION = 2**63
@@ -77,6 +86,28 @@ async def _read_body(request: Request, limit: int, seconds: float = BODY_SECONDS
 BROWSER_FORM_TYPES = frozenset({"text/plain", "multipart/form-data"})
 
 
+class BodyEncodingError(Exception):
+    pass
+
+
+def _decoded(raw: bytes, encoding: str, limit: int) -> bytes:
+    """The body as sent before its ``Content-Encoding`` (gzip, as collectors
+    send OTLP by default), decompressed to at most ``limit`` bytes."""
+    encoding = encoding.strip().lower()
+    if encoding in ("", "identity"):
+        return raw
+    if encoding not in ("gzip", "deflate"):
+        raise BodyEncodingError(f"Content-Encoding {encoding!r} is not supported (gzip is)")
+    inflater = zlib.decompressobj(wbits=47 if encoding == "gzip" else 15)
+    try:
+        out = inflater.decompress(raw, limit + 1)
+    except zlib.error as e:
+        raise BodyEncodingError(f"the body is not valid {encoding}: {e}") from e
+    if len(out) > limit:
+        raise BodyTooLargeError
+    return out
+
+
 def host_name(header: str) -> str:
     """The host in a ``Host`` header, without the port (``[::1]:8765`` -> ``::1``)."""
     header = header.strip().lower()
@@ -107,6 +138,7 @@ def make_app(
     retry_after: int = 2,
     allowed_hosts: frozenset[str] | None = None,
     body_seconds: float = BODY_SECONDS,
+    traces: TraceIngest | None = None,
 ) -> Starlette:
     """The API over ``optimizer``. With ``token``, every endpoint but
     ``/healthz`` needs ``Authorization: Bearer <token>``.
@@ -117,6 +149,9 @@ def make_app(
     ``Origin`` is not the daemon's own is refused (403), so a page the user
     opens cannot post trajectories or roll back the module, and a body in a
     browser form's type is refused (415).
+
+    ``traces`` serves ``POST /v1/traces`` and ``POST /v1/feedback``; without
+    it they answer 501.
     """
     expected = token.encode() if token else None
 
@@ -194,6 +229,89 @@ def make_app(
                 {"Retry-After": str(FULL_DISK_RETRY_AFTER)},
             )
         return JSONResponse(result.to_json(), status_code=202)
+
+    async def read_write(request: Request) -> bytes | Response:
+        """The body of a POST, or the error response to send instead."""
+        try:
+            raw = await _read_body(request, max_body_bytes, body_seconds)
+            return _decoded(raw, request.headers.get("content-encoding", ""), max_body_bytes)
+        except BodyTooLargeError:
+            return _error(413, f"request body is over {max_body_bytes} bytes")
+        except BodyTooSlowError:
+            return _error(408, f"the request body did not arrive within {body_seconds:g} s")
+        except BodyEncodingError as e:
+            return _error(415, str(e))
+
+    def no_traces() -> Response:
+        why = otel_missing() or "this daemon was started without OTLP ingest"
+        return _error(501, why)
+
+    async def post_traces(request: Request) -> Response:
+        body = await read_write(request)
+        if isinstance(body, Response):
+            return body
+        if traces is None:
+            return no_traces()
+        kind = request.headers.get("content-type", "").partition(";")[0].strip().lower()
+        if kind not in ("application/json", "application/x-protobuf", ""):
+            return _error(
+                415,
+                f"Content-Type {kind} is refused: send OTLP/HTTP as application/json "
+                "or application/x-protobuf",
+            )
+        if optimizer.saturated:
+            return _error(
+                429,
+                "the optimizer is saturated; nothing was stored; retry later",
+                {"Retry-After": str(retry_after)},
+            )
+        try:
+            spans, problems = await trio.to_thread.run_sync(parse_traces_body, body, kind)
+        except OTLPBodyError as e:
+            return _error(400, str(e))
+        try:
+            receipt = await traces.receive_spans(spans, problems)
+        except StoreFullError as e:
+            structlog.get_logger().error("store_full", error=str(e))
+            return _error(
+                507,
+                f"{e}; nothing of this body was stored; free space, then send it again",
+                {"Retry-After": str(FULL_DISK_RETRY_AFTER)},
+            )
+        answer = receipt.otlp_json()
+        if kind == "application/x-protobuf":
+            from google.protobuf import json_format
+            from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import (
+                ExportTraceServiceResponse,
+            )
+
+            message = json_format.ParseDict(answer, ExportTraceServiceResponse())
+            return Response(message.SerializeToString(), media_type="application/x-protobuf")
+        return JSONResponse(answer)
+
+    async def post_feedback(request: Request) -> Response:
+        body = await read_write(request)
+        if isinstance(body, Response):
+            return body
+        if traces is None:
+            return no_traces()
+        kind = request.headers.get("content-type", "").partition(";")[0].strip().lower()
+        if kind in BROWSER_FORM_TYPES:
+            return _error(415, f"Content-Type {kind} is refused: send JSON or JSONL")
+        try:
+            text = body.decode("utf-8")
+        except UnicodeDecodeError as e:
+            return _error(400, f"request body is not UTF-8: {e}")
+        records, problems = await trio.to_thread.run_sync(parse_feedback_body, text)
+        try:
+            receipt = await traces.receive_feedback(records, problems)
+        except StoreFullError as e:
+            return _error(
+                507,
+                f"{e}; nothing of this body was stored; free space, then send it again",
+                {"Retry-After": str(FULL_DISK_RETRY_AFTER)},
+            )
+        return JSONResponse(receipt.to_json(), status_code=202)
 
     async def get_module(request: Request) -> Response:
         form = request.query_params.get("as", "json")
@@ -283,10 +401,14 @@ def make_app(
         )
 
     async def metrics(request: Request) -> Response:
-        return PlainTextResponse(prometheus_text(optimizer), media_type="text/plain; version=0.0.4")
+        return PlainTextResponse(
+            prometheus_text(optimizer, traces), media_type="text/plain; version=0.0.4"
+        )
 
     routes = [
         Route("/v1/trajectories", guarded(post_trajectories), methods=["POST"]),
+        Route("/v1/traces", guarded(post_traces), methods=["POST"]),
+        Route("/v1/feedback", guarded(post_feedback), methods=["POST"]),
         Route("/v1/module", guarded(get_module), methods=["GET"]),
         Route("/v1/module/versions", guarded(list_versions), methods=["GET"]),
         Route("/v1/module/versions/{n}", guarded(get_version), methods=["GET"]),
@@ -298,7 +420,7 @@ def make_app(
     return Starlette(routes=routes)
 
 
-def prometheus_text(optimizer: StreamingOptimizer) -> str:
+def prometheus_text(optimizer: StreamingOptimizer, traces: TraceIngest | None = None) -> str:
     """``/metrics`` in the Prometheus text exposition format."""
     s = optimizer.statistics()
     lines: list[str] = []
@@ -384,6 +506,35 @@ def prometheus_text(optimizer: StreamingOptimizer) -> str:
         "1 while a new version is due or being folded (the latest is not final).",
         [("", int(s.publish_pending))],
     )
+    # Written with zeros when OTLP ingest is off, so the families never change.
+    t = traces.statistics() if traces is not None else {}
+    metric(
+        "trace_spans_total",
+        "counter",
+        "Spans received on /v1/traces, and those refused.",
+        [
+            ('{outcome="received"}', t.get("spans_received", 0)),
+            ('{outcome="rejected"}', t.get("spans_rejected", 0)),
+        ],
+    )
+    metric(
+        "traces_waiting",
+        "gauge",
+        "Traces waiting for their outcome or the rest of their spans.",
+        [("", t.get("traces_waiting", 0))],
+    )
+    metric(
+        "traces_converted_total",
+        "counter",
+        "Traces stored as trajectories.",
+        [("", t.get("traces_converted", 0))],
+    )
+    metric(
+        "traces_skipped_total",
+        "counter",
+        "Traces that gave no trajectory, by reason.",
+        [(f'{{reason="{r}"}}', t.get(f"skipped:{r}", 0)) for r in TRACE_SKIP_REASONS],
+    )
     return "\n".join(lines) + "\n"
 
 
@@ -405,6 +556,7 @@ async def serve_http(
     allowed_hosts: Sequence[str] = (),
     body_seconds: float = BODY_SECONDS,
     shutdown: trio.Event | None = None,
+    traces: TraceIngest | None = None,
     task_status: trio.TaskStatus[str] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Serve the API until ``shutdown`` is set; reports the base URL when ready.
@@ -437,6 +589,7 @@ async def serve_http(
         max_record_bytes=max_record_bytes,
         allowed_hosts=frozenset(names) if names else None,
         body_seconds=body_seconds,
+        traces=traces,
     )
     stop = shutdown if shutdown is not None else trio.Event()
     async with trio.open_nursery() as nursery:

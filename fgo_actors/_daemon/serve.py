@@ -23,6 +23,7 @@ from ..agent.rollout import AgentConfig
 from . import defaults
 from .ingest import parse_body
 from .optimizer import DaemonConfig, StreamingOptimizer, ValidationConfig, open_optimizer
+from .traces import TraceIngest, TraceSettings, otel_missing
 
 
 @attrs.frozen
@@ -73,6 +74,26 @@ class ServeSettings:
     strict: bool = True
     adaptive: bool = True  # AIMD concurrency (see fgo optimize --adaptive)
     token_budget: int | None = None
+    # OTLP ingest (POST /v1/traces, POST /v1/feedback): where a trace's
+    # outcome comes from, and how long a trace may wait for it.
+    success_attr: str | None = None
+    score_attr: str | None = None
+    success_threshold: float | None = None
+    trace_format: str = "auto"
+    trace_wait: float = 600.0
+    trace_settle: float = 5.0
+    max_waiting_traces: int = 10_000
+
+    def trace_settings(self) -> TraceSettings:
+        return TraceSettings(
+            success_attr=self.success_attr,
+            score_attr=self.score_attr,
+            success_threshold=self.success_threshold,
+            trace_format=self.trace_format,
+            trace_wait=self.trace_wait,
+            trace_settle=self.trace_settle,
+            max_waiting_traces=self.max_waiting_traces,
+        )
 
     @classmethod
     def load(cls, path: Path | None, overrides: Mapping[str, Any]) -> ServeSettings:
@@ -166,6 +187,13 @@ async def run_daemon(settings: ServeSettings, config: DaemonConfig) -> None:
         trio.open_nursery() as nursery,
     ):
         nursery.start_soon(_signals, shutdown)
+        traces: TraceIngest | None = None
+        missing = otel_missing()
+        if missing is None:
+            traces = TraceIngest(optimizer, settings.trace_settings())
+            await nursery.start(lambda task_status: traces.run(task_status=task_status))
+        else:
+            log.info("otlp_ingest_off", why=missing)
         url = await nursery.start(
             lambda task_status: serve_http(
                 optimizer,
@@ -176,6 +204,7 @@ async def run_daemon(settings: ServeSettings, config: DaemonConfig) -> None:
                 max_record_bytes=settings.max_record_bytes,
                 allowed_hosts=settings.allowed_hosts,
                 shutdown=shutdown,
+                traces=traces,
                 task_status=task_status,
             )
         )

@@ -96,6 +96,18 @@ CREATE TABLE IF NOT EXISTS offsets (
     offset INTEGER NOT NULL,
     line INTEGER NOT NULL
 );
+CREATE TABLE IF NOT EXISTS waiting_spans (
+    trace_id TEXT NOT NULL,
+    span_id TEXT NOT NULL,
+    received_at REAL NOT NULL,
+    body TEXT NOT NULL,
+    PRIMARY KEY (trace_id, span_id)
+);
+CREATE TABLE IF NOT EXISTS waiting_feedback (
+    trace_id TEXT PRIMARY KEY,
+    received_at REAL NOT NULL,
+    body TEXT NOT NULL
+);
 """
 
 
@@ -465,6 +477,51 @@ class Store:
                 (path, offset, line),
             )
 
+    # -- traces waiting for their outcome (POST /v1/traces) ---------------
+    def add_waiting(
+        self,
+        spans: Sequence[tuple[str, str, dict[str, Any]]],
+        feedback: Sequence[tuple[str, dict[str, Any]]],
+        now: float,
+    ) -> None:
+        """Keep spans ((trace id, span id, body)) and feedback ((trace id,
+        body)) of traces not yet converted; a span or feedback already kept
+        keeps its first copy."""
+        with self._tx():
+            self._db.executemany(
+                "INSERT OR IGNORE INTO waiting_spans VALUES (?, ?, ?, ?)",
+                [(t, s, now, _dumps(b)) for t, s, b in spans],
+            )
+            self._db.executemany(
+                "INSERT OR IGNORE INTO waiting_feedback VALUES (?, ?, ?)",
+                [(t, now, _dumps(b)) for t, b in feedback],
+            )
+
+    def waiting(
+        self,
+    ) -> tuple[list[tuple[float, dict[str, Any]]], list[tuple[float, dict[str, Any]]]]:
+        """The kept spans and feedback, each as (received at, body), oldest first."""
+        spans = self._db.execute(
+            "SELECT received_at, body FROM waiting_spans ORDER BY received_at, rowid"
+        ).fetchall()
+        feedback = self._db.execute(
+            "SELECT received_at, body FROM waiting_feedback ORDER BY received_at, rowid"
+        ).fetchall()
+        return (
+            [(float(r[0]), json.loads(r[1])) for r in spans],
+            [(float(r[0]), json.loads(r[1])) for r in feedback],
+        )
+
+    def drop_waiting(self, trace_ids: Sequence[str]) -> None:
+        """Forget the kept spans and feedback of ``trace_ids`` (converted,
+        or skipped with a recorded reason)."""
+        with self._tx():
+            for start in range(0, len(trace_ids), 500):
+                chunk = list(trace_ids[start : start + 500])
+                marks = ",".join("?" * len(chunk))
+                self._db.execute(f"DELETE FROM waiting_spans WHERE trace_id IN ({marks})", chunk)
+                self._db.execute(f"DELETE FROM waiting_feedback WHERE trace_id IN ({marks})", chunk)
+
     # -- counts -----------------------------------------------------------
     def counts(self) -> StoreCounts:
         def one(sql: str) -> int:
@@ -637,6 +694,22 @@ class AsyncStore:
         return await self.call(self.sync.set_offset, path, offset, line)
 
     # -- counts -----------------------------------------------------------
+    async def add_waiting(
+        self,
+        spans: Sequence[tuple[str, str, dict[str, Any]]],
+        feedback: Sequence[tuple[str, dict[str, Any]]],
+        now: float,
+    ) -> None:
+        return await self.call(self.sync.add_waiting, spans, feedback, now)
+
+    async def waiting(
+        self,
+    ) -> tuple[list[tuple[float, dict[str, Any]]], list[tuple[float, dict[str, Any]]]]:
+        return await self.call(self.sync.waiting)
+
+    async def drop_waiting(self, trace_ids: Sequence[str]) -> None:
+        return await self.call(self.sync.drop_waiting, trace_ids)
+
     async def counts(self) -> StoreCounts:
         return await self.call(self.sync.counts)
 

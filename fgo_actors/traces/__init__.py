@@ -7,6 +7,8 @@
   OpenInference attribute conventions;
 - ``convert``: spans joined by trace id (:class:`TraceSet`) and each trace
   turned into a trajectory, or skipped with a counted reason;
+- ``pending``: traces waiting for their outcome or the rest of their spans,
+  bounded in time and count (the daemon's ``POST /v1/traces``);
 - ``issues``: the record of what was skipped or repaired, and why.
 
 Needs the ``otel`` extra (``pip install 'fgo-actors[otel]'``); nothing else
@@ -33,5 +35,9 @@ from .otlp import Span as Span
 from .otlp import SpanEvent as SpanEvent
 from .otlp import parse_otlp_json as parse_otlp_json
 from .otlp import read_otlp_text as read_otlp_text
+from .otlp import span_from_json as span_from_json
+from .otlp import span_to_json as span_to_json
 from .otlp import spans_of as spans_of
 from .otlp import to_otlp_json as to_otlp_json
+from .pending import Due as Due
+from .pending import Waiting as Waiting

@@ -22,6 +22,11 @@ REASONS: dict[str, str] = {
     "no_outcome": "traces without an outcome, skipped: an outcome is never invented",
     "bad_outcome": "traces whose outcome attribute is not usable, skipped",
     "no_messages": "traces without LLM messages, skipped",
+    # The daemon's POST /v1/traces and /v1/feedback (refused, and said so).
+    "late_span": "spans of a trace converted already, refused",
+    "late_feedback": "feedback for a trace converted already, refused",
+    "trace_too_big": "spans over a trace's span limit, refused",
+    "invalid_trajectory": "converted traces the trajectory checks refused, skipped",
     # Repairs inside a trajectory that was written.
     "truncated": "texts over the length limit, cut",
     "unknown_span_kind": "spans of an unknown kind, ignored",

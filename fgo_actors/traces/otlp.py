@@ -321,3 +321,72 @@ def to_otlp_json(message: Message) -> dict[str, Any]:
                         if name in target:
                             target[name] = _base64_to_hex(target[name])
     return doc
+
+
+# ---------------------------------------------------------------------------
+# spans kept on disk (the daemon's traces waiting for their outcome)
+# ---------------------------------------------------------------------------
+
+_BYTES_TAG = "$bytes"
+
+
+def _plain(value: AttrValue) -> Any:
+    if isinstance(value, bytes):
+        return {_BYTES_TAG: base64.b64encode(value).decode("ascii")}
+    if isinstance(value, list):
+        return [_plain(v) for v in value]
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    return value
+
+
+def _unplain(value: Any) -> AttrValue:
+    if isinstance(value, dict):
+        if set(value) == {_BYTES_TAG} and isinstance(value[_BYTES_TAG], str):
+            return base64.b64decode(value[_BYTES_TAG])
+        return {k: _unplain(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_unplain(v) for v in value]
+    result: AttrValue = value
+    return result
+
+
+def span_to_json(span: Span) -> dict[str, Any]:
+    """``span`` as a JSON object that :func:`span_from_json` reads back equal
+    (bytes values, which JSON has not, are tagged)."""
+    return {
+        "trace_id": span.trace_id,
+        "span_id": span.span_id,
+        "parent_id": span.parent_id,
+        "name": span.name,
+        "start_ns": span.start_ns,
+        "end_ns": span.end_ns,
+        "attributes": _plain(dict(span.attributes)),
+        "events": [
+            {"name": e.name, "time_ns": e.time_ns, "attributes": _plain(dict(e.attributes))}
+            for e in span.events
+        ],
+        "resource": _plain(dict(span.resource)),
+        "file": span.file,
+        "line": span.line,
+    }
+
+
+def span_from_json(obj: Mapping[str, Any]) -> Span:
+    """The span :func:`span_to_json` wrote."""
+    return Span(
+        trace_id=obj["trace_id"],
+        span_id=obj["span_id"],
+        parent_id=obj["parent_id"],
+        name=obj["name"],
+        start_ns=obj["start_ns"],
+        end_ns=obj["end_ns"],
+        attributes=_unplain(obj["attributes"]),  # type: ignore[arg-type]
+        events=tuple(
+            SpanEvent(e["name"], e["time_ns"], _unplain(e["attributes"]))  # type: ignore[arg-type]
+            for e in obj["events"]
+        ),
+        resource=_unplain(obj["resource"]),  # type: ignore[arg-type]
+        file=obj["file"],
+        line=obj["line"],
+    )
