@@ -13,7 +13,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from fgo_actors import FunctionSpec, Module, Rule
-from fgo_actors._core.edits import apply_actions, match_evidence, object_schema
+from fgo_actors._core.edits import apply_actions, match_evidence, object_schema, revert_functions
 
 SETTINGS = settings(max_examples=150, deadline=None)
 
@@ -475,3 +475,32 @@ def test_a_functions_bare_properties_are_read_as_an_object_schema() -> None:
     assert compute is not None
     assert compute.parameters == {"type": "object", "properties": {"task": {"type": "string"}}}
     assert "parameters read as" in result.notes[0]
+
+
+def _fn(name: str, version: int) -> FunctionSpec:
+    return FunctionSpec(
+        name=name,
+        description=f"v{version}",
+        parameters={"type": "object"},
+        code=f"def {name}(task, observation, valid_actions, history):\n    return [{version}]\n",
+    )
+
+
+@given(
+    before=st.sets(st.sampled_from("abcde")),
+    after=st.sets(st.sampled_from("abcde")),
+    names=st.sets(st.sampled_from("abcdef")),
+)
+def test_reverted_functions_are_as_before_and_the_rest_as_after(
+    before: set[str], after: set[str], names: set[str]
+) -> None:
+    old = Module(functions=tuple(_fn(n, 1) for n in sorted(before)))
+    new = Module(
+        rules=(Rule(id="r1", text="Look first."),),
+        functions=tuple(_fn(n, 2) for n in sorted(after)),
+    )
+    got = revert_functions(old, new, names)
+    assert got.rules == new.rules
+    for fn in got.functions:
+        assert fn == (old.function(fn.name) if fn.name in names else new.function(fn.name))
+    assert {f.name for f in got.functions} == {n for n in after if n not in names or n in before}

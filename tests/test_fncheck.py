@@ -6,9 +6,12 @@ real loopback server."""
 from __future__ import annotations
 
 import json
+import logging
 from typing import Any
 
 import pytest
+import structlog
+import structlog.testing
 
 from fgo_actors import (
     FunctionSpec,
@@ -494,8 +497,30 @@ async def test_a_failing_function_is_reasked_and_the_fixed_one_kept(
     assert [r.text for r in module.rules] == ["Put each object where it belongs."]
 
 
-async def test_a_function_that_stays_broken_fails_the_unit(start_llm: StartLLM) -> None:
+async def test_a_function_still_broken_after_a_reask_is_dropped_and_the_rest_kept(
+    start_llm: StartLLM,
+) -> None:
+    """The re-asked reply's rule was paid for and passes: it is kept, and the
+    function that failed twice is left out (and said so in the log)."""
     server, url = await start_llm(policy=optimizer_policy(BROKEN, BROKEN))
+    structlog.configure(wrapper_class=structlog.make_filtering_bound_logger(logging.INFO))
+    async with LLMGateway(GatewayConfig(base_url=url, model="m", max_reasks=2)) as gw:
+        with structlog.testing.capture_logs() as logs:
+            module = await optimize_subset(
+                gw, Module(), rendered(solved()), subset_id="s001", module_tokens=800
+            )
+    assert len(server.requests) == 2
+    assert module.functions == ()
+    assert [r.text for r in module.rules] == ["Put each object where it belongs."]
+    (read,) = [e for e in logs if e["event"] == "optimize_reply_read"]
+    assert "code does not compile" in read["functions_dropped"][0]
+
+
+async def test_a_reply_with_only_a_broken_function_fails_the_unit(start_llm: StartLLM) -> None:
+    def only_broken(body: dict[str, Any]) -> str:
+        return json.dumps({"actions": [{"op": "add_function", "function": BROKEN}]})
+
+    server, url = await start_llm(policy=only_broken)
     async with LLMGateway(GatewayConfig(base_url=url, model="m", max_reasks=1)) as gw:
         with pytest.raises(UnitFailedError, match="code does not compile"):
             await optimize_subset(

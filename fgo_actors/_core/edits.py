@@ -296,6 +296,20 @@ def apply_actions(
     )
 
 
+def revert_functions(before: Module, after: Module, names: Iterable[str]) -> Module:
+    """``after`` with the functions ``names`` as ``before`` holds them: a
+    revised one gets its old version back, an added one is removed. The rest
+    of ``after`` (rules, instructions, other functions) is kept as it is."""
+    names = set(names)
+    functions = []
+    for fn in after.functions:
+        if fn.name not in names:
+            functions.append(fn)
+        elif (old := before.function(fn.name)) is not None:
+            functions.append(old)
+    return attrs.evolve(after, functions=tuple(functions))
+
+
 # -- merges: decisions applied by code ------------------------------------------------
 #
 # A merge reply is a list of decisions over the children's rule ids (combine

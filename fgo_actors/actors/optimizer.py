@@ -7,7 +7,7 @@ from typing import Any
 import structlog
 import trio
 
-from .._core.edits import apply_actions
+from .._core.edits import apply_actions, revert_functions
 from .._core.errors import BudgetExhaustedError, ReplyRejectedError, UnitFailedError
 from .._core.model import MergeNode, Module, RenderedTrajectory, Subset
 from .._core.playbook import with_plays
@@ -37,39 +37,59 @@ async def optimize_subset(
     kept (``agent.fncheck``): statically, then replayed in the sandbox (with
     ``function_limits``, by default the agent's) on the subset's recorded
     turns, if any. A failing function rejects the reply, and the re-ask names
-    the function, the trajectory and turn, and the error.
+    the function, the trajectory and turn, and the error. A re-asked reply
+    whose function still fails keeps its other edits without that function
+    (logged as ``functions_dropped``); one with nothing else is re-asked
+    again, up to the gateway's limit.
     """
     messages = optimize_messages(
         module, items, module_tokens=module_tokens, counter=gateway.counter
     )
     trajectory_ids = [i.id for i in items]
+    replies = 0
 
     async def check(reply: dict[str, Any]) -> Module:
+        nonlocal replies
+        replies += 1
         result = apply_actions(
             module, reply["actions"], subset_id=subset_id, trajectory_ids=trajectory_ids
         )
-        changed = changed_functions(module, result.module)
         errors = [*result.errors] if result.worth_reask else []
-        errors += [p for fn in changed for p in static_problems(fn)]
+        if errors:
+            raise ReplyRejectedError("; ".join(errors))
+        # Each changed function: statically, and only if that passes, replayed.
+        failing: dict[str, list[str]] = {}
+        for fn in changed_functions(module, result.module):
+            problems = static_problems(fn)
+            if not problems:
+                problems = await function_problems([fn], items, function_limits)
+            if problems:
+                failing[fn.name] = problems
+        candidate = result.module
+        dropped: list[str] = []
+        if failing:
+            problems = [p for ps in failing.values() for p in ps]
+            kept = revert_functions(module, result.module, failing)
+            # The first reply's failing function goes back to the LLM to be
+            # fixed. A re-asked reply that still carries one keeps the rest of
+            # its edits (paid for, and checked) without it, rather than fail
+            # the unit and lose them; with nothing else in it, it is re-asked.
+            if replies == 1 or kept.to_json() == module.to_json():
+                raise ReplyRejectedError(
+                    "; ".join(problems) + ". Fix the function or leave it out of the actions."
+                )
+            candidate, dropped = kept, problems
         edited = accept_edits(
-            gateway.counter,
-            result.module,
-            errors,
-            module_tokens,
-            "merge or remove rules to make room",
+            gateway.counter, candidate, [], module_tokens, "merge or remove rules to make room"
         )
-        problems = await function_problems(changed, items, function_limits)
-        if problems:
-            raise ReplyRejectedError(
-                "; ".join(problems) + ". Fix the function or leave it out of the actions."
-            )
-        if result.errors or result.notes:
+        if result.errors or result.notes or dropped:
             structlog.get_logger().info(
                 "optimize_reply_read",
                 subset=subset_id,
                 applied=result.applied,
                 skipped=list(result.errors),
                 read_as=list(result.notes),
+                functions_dropped=dropped,
             )
         return edited
 
