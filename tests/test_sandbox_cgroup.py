@@ -6,6 +6,7 @@ that need one are skipped; as root with cgroup v1 or v2 they all run.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 import re
@@ -377,3 +378,34 @@ def test_a_v2_cgroup_is_emptied_and_removed(tmp_path: Path) -> None:
             proc.kill()
             proc.wait()
             call.remove()
+
+
+@tree
+def test_the_cgroups_a_killed_process_left_are_swept() -> None:
+    """A process killed with SIGKILL leaves its calls' cgroups (and whatever
+    still runs in them); the next process to set up sweeps them away, and
+    leaves those of live owners, itself included, alone."""
+    setup = sandbox._cgroup_setup()
+    assert setup is not None
+    gone = subprocess.run(["true"], check=True)
+    del gone
+    with subprocess.Popen(["true"]) as dead:
+        dead.wait()
+    stale = [os.path.join(p, f"fgo-sandbox-{dead.pid}-test") for p in setup.parents]
+    ours = [os.path.join(p, f"fgo-sandbox-{os.getpid()}-test") for p in setup.parents]
+    for d in stale + ours:
+        os.mkdir(d)
+    with subprocess.Popen(["sleep", "60"], start_new_session=True) as left:
+        try:
+            for d in stale:
+                Path(d, "cgroup.procs").write_text(str(left.pid))
+            removed = sandbox.sweep_stale_cgroups(setup)
+            assert sorted(removed) == sorted(stale)
+            assert left.wait(timeout=5) == -9
+            assert not any(Path(d).exists() for d in stale)
+            assert all(Path(d).exists() for d in ours)
+        finally:
+            left.kill()
+            for d in stale + ours:
+                with contextlib.suppress(OSError):
+                    os.rmdir(d)

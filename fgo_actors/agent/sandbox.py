@@ -735,10 +735,50 @@ def _cgroup_setup_once() -> _CgroupSetup | None:
         structlog.get_logger().warning("sandbox_no_cgroup", reason=str(e))
         return None
     try:
-        return _probe_cgroups(self_cgroup, mountinfo)
+        setup = _probe_cgroups(self_cgroup, mountinfo)
     except (OSError, ValueError) as e:  # a cgroup file not as documented
         structlog.get_logger().warning("sandbox_no_cgroup", reason=f"probe failed: {e}")
         return None
+    if setup is not None:
+        sweep_stale_cgroups(setup)
+    return setup
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process: alive
+        return True
+    return True
+
+
+def sweep_stale_cgroups(setup: _CgroupSetup) -> list[str]:
+    """Kill what is left in, and remove, the call cgroups under ``setup``
+    of processes that are gone (a process killed with SIGKILL cannot remove
+    its calls' cgroups); the ones removed. A cgroup whose owner's pid is in
+    use is left alone: that may be the owner."""
+    removed: list[str] = []
+    stale: dict[str, list[str]] = {}
+    for parent in setup.parents:
+        with contextlib.suppress(OSError):
+            for entry in os.scandir(parent):
+                name = entry.name
+                if not (entry.is_dir() and name.startswith(_CGROUP_PREFIX)):
+                    continue
+                owner = name[len(_CGROUP_PREFIX) :].partition("-")[0]
+                if owner.isdigit() and int(owner) != os.getpid() and not _alive(int(owner)):
+                    stale.setdefault(name, []).append(entry.path)
+    for dirs in stale.values():
+        # In the parents' order (v1: memory, then pids), as a call's are.
+        cgroup = _CallCgroup(setup.version, tuple(dirs), made=list(dirs))
+        cgroup.remove()
+        if not cgroup.made and not any(os.path.exists(d) for d in dirs):
+            removed.extend(dirs)
+    if removed:
+        structlog.get_logger().info("sandbox_stale_cgroups_removed", cgroups=removed)
+    return removed
 
 
 def _cgroup_setup() -> _CgroupSetup | None:
