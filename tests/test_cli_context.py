@@ -23,3 +23,25 @@ def test_asking_more_than_the_local_server_holds_is_an_error_naming_both() -> No
     # had started itself: every all-at-once prompt was refused.
     with pytest.raises(ValueError, match=r"--context-tokens \(8192\).*holds \(4096\)"):
         context_for(8192, 4096)
+
+
+def test_the_local_model_gets_a_longer_call_timeout_unless_one_is_given() -> None:
+    """A timed-out call to the one-slot local model is retried behind the
+    abandoned one, which it finishes anyway: its default is long."""
+    from fgo_actors._cli.common import LOCAL_CALL_TIMEOUT, REMOTE_CALL_TIMEOUT, gateway_config
+
+    def timeout(local_ctx: int | None, given: float | None) -> float:
+        config = gateway_config(
+            "http://127.0.0.1:1/v1",
+            "m",
+            local_ctx,
+            api_key_env="FGO_TEST_NO_KEY",
+            max_concurrency=None,
+            max_completion_tokens=256,
+            call_timeout=given,
+        )
+        return config.call_timeout
+
+    assert timeout(8192, None) == LOCAL_CALL_TIMEOUT > REMOTE_CALL_TIMEOUT
+    assert timeout(None, None) == REMOTE_CALL_TIMEOUT
+    assert timeout(8192, 42.0) == timeout(None, 42.0) == 42.0

@@ -155,6 +155,13 @@ def default_workers(local_ctx: int | None) -> int:
 
 # Calls in flight against a remote endpoint when --max-concurrency is not given.
 REMOTE_CONCURRENCY = 4
+# Seconds one LLM call may take, by default. The local model answers one
+# request at a time and goes on with one its client gave up on, so a retry
+# after a timeout waits behind the abandoned request: on a slow machine (26
+# prompt and 5 generated tokens a second) a full optimize call takes over
+# 600 s, and timing it out there pays for it twice.
+REMOTE_CALL_TIMEOUT = 600.0
+LOCAL_CALL_TIMEOUT = 3600.0
 # An agent turn's reply: an option number or a short action.
 AGENT_COMPLETION_TOKENS = 64
 
@@ -177,6 +184,8 @@ def gateway_config(
     time); ``options`` are further GatewayConfig fields (see
     :func:`optimizer_options`).
     """
+    if options.get("call_timeout") is None:
+        options["call_timeout"] = LOCAL_CALL_TIMEOUT if local_ctx else REMOTE_CALL_TIMEOUT
     return GatewayConfig(
         base_url=url,
         model=served_model,
@@ -190,7 +199,7 @@ def gateway_config(
 def optimizer_options(
     *,
     token_budget: int | None,
-    call_timeout: float,
+    call_timeout: float | None,
     retries: int,
     structured_output: str,
     strict: bool,

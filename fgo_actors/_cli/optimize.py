@@ -187,9 +187,8 @@ from .progress import log_progress, show_progress
 @click.option(
     "--call-timeout",
     type=float,
-    default=600.0,
-    show_default=True,
-    help="Seconds one LLM call may take.",
+    help="Seconds one LLM call may take [default: 600; the local model: 3600, as it "
+    "answers one request at a time and a retry would wait behind the abandoned one].",
 )
 @click.option(
     "--retries",
@@ -257,7 +256,7 @@ def optimize(
     playbook: bool,
     token_budget: int | None,
     max_completion_tokens: int | None,
-    call_timeout: float,
+    call_timeout: float | None,
     retries: int,
     structured_output: str,
     strict: bool,

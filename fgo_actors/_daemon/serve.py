@@ -68,7 +68,7 @@ class ServeSettings:
     module_tokens: int | None = None
     fan_in: int = 2
     max_completion_tokens: int | None = None
-    call_timeout: float = 600.0
+    call_timeout: float | None = None  # 600 s, or 3600 for the local model
     retries: int = 5
     structured_output: str = "auto"
     strict: bool = True
