@@ -45,3 +45,23 @@ def test_the_local_model_gets_a_longer_call_timeout_unless_one_is_given() -> Non
     assert timeout(8192, None) == LOCAL_CALL_TIMEOUT > REMOTE_CALL_TIMEOUT
     assert timeout(None, None) == REMOTE_CALL_TIMEOUT
     assert timeout(8192, 42.0) == timeout(None, 42.0) == 42.0
+
+
+def test_the_local_model_is_sent_json_object_without_asking() -> None:
+    from fgo_actors._cli.common import gateway_config
+
+    def mode(local_ctx: int | None, given: str | None) -> str:
+        options = {} if given is None else {"structured_output": given}
+        return gateway_config(
+            "http://127.0.0.1:1/v1",
+            "m",
+            local_ctx,
+            api_key_env="FGO_TEST_NO_KEY",
+            max_concurrency=None,
+            max_completion_tokens=256,
+            **options,
+        ).structured_output
+
+    assert mode(8192, None) == mode(8192, "auto") == "json_object"
+    assert mode(None, None) == "auto"
+    assert mode(8192, "none") == "none"

@@ -153,6 +153,37 @@ def test_status_and_stop_with_nothing_there(fgo_home: Path) -> None:
     assert local.running() is None
 
 
+def test_a_busy_server_is_still_the_running_one(fgo_home: Path) -> None:
+    """A server deep in a long generation may not answer GET /models for
+    minutes: it is still ours and running, so no second one is started."""
+    busy = subprocess.Popen(
+        [sys.executable, "-c", "import time; time.sleep(60)", "llama_cpp.server"]
+    )
+    try:
+        cmdline = Path(f"/proc/{busy.pid}/cmdline")
+        deadline = time.monotonic() + 10
+        while not cmdline.read_bytes() and time.monotonic() < deadline:
+            time.sleep(0.01)  # filled in once the child has exec'd
+        fgo_home.mkdir(parents=True)
+        info = local.ServerInfo(
+            pid=busy.pid,
+            url="http://127.0.0.1:9/v1",  # nothing answers there
+            port=9,
+            model="x",
+            alias="x",
+            context_tokens=4096,
+            log="x",
+            started_at=0.0,
+        )
+        (fgo_home / "local-llm.json").write_text(json.dumps(info.to_json()))
+        assert local.running() == info
+        st = local.status()
+        assert (st["server"], st["answering"]) == (info.to_json(), False)
+    finally:
+        busy.kill()
+        busy.wait()
+
+
 def test_stale_server_record_is_not_running(fgo_home: Path) -> None:
     dead = subprocess.Popen([sys.executable, "-c", "pass"])
     dead.wait()

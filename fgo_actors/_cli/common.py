@@ -61,24 +61,39 @@ _workers_option = click.option(
 )
 
 
-def executor_options(f: Callable[..., Any]) -> Callable[..., Any]:
-    """--executor and --ray-address: where the episodes are played."""
-    f = click.option(
-        "--ray-address",
-        envvar="RAY_ADDRESS",
-        help="With --executor ray: the cluster (host:port or ray://host:port) "
-        "[env: RAY_ADDRESS; default: start a local Ray].",
-    )(f)
-    return click.option(
-        "--executor",
-        "executor_kind",
-        type=click.Choice(["local", "ray"]),
-        default="local",
-        show_default=True,
-        help="Where episodes are played: threads of this process, or Ray tasks "
-        "(pip install 'fgo-actors[ray]'; with ray, --workers is the tasks in flight, "
-        "by default one per CPU of the cluster).",
-    )(f)
+def executor_flags(
+    *, in_flight: str, settings_file: bool = False
+) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    """--executor and --ray-address: where the episodes are played. ``in_flight``
+    says how many Ray tasks run at once. With ``settings_file`` (fgo serve)
+    neither option has a click default, so that a value left out can come
+    from the settings file."""
+
+    def decorate(f: Callable[..., Any]) -> Callable[..., Any]:
+        f = click.option(
+            "--ray-address",
+            envvar="RAY_ADDRESS",
+            help="With --executor ray: the cluster (host:port or ray://host:port) "
+            "[env: RAY_ADDRESS; default: start a local Ray].",
+        )(f)
+        return click.option(
+            "--executor",
+            "executor_kind",
+            type=click.Choice(["local", "ray"]),
+            default=None if settings_file else "local",
+            show_default=not settings_file,
+            help="Where episodes are played: threads of this process, or Ray tasks "
+            f"(pip install 'fgo-actors[ray]'; {in_flight})"
+            + (" [default: local]." if settings_file else "."),
+        )(f)
+
+    return decorate
+
+
+# collect, eval and bench: --workers is the Ray tasks in flight.
+executor_options = executor_flags(
+    in_flight="with ray, --workers is the tasks in flight, by default one per CPU of the cluster"
+)
 
 
 def make_executor(
@@ -86,11 +101,9 @@ def make_executor(
 ) -> Executor:
     """The executor --executor names: Ray with --workers tasks in flight (one
     per cluster CPU when not given), or ``workers or local_workers`` threads."""
-    from ..agent.executor import LocalExecutor, RayExecutor
+    from ..agent.executor import make_executor as executor_for
 
-    if kind == "ray":
-        return RayExecutor(address=ray_address, max_in_flight=workers)
-    return LocalExecutor(workers=workers or local_workers)
+    return executor_for(kind, address=ray_address, workers=workers, local_workers=local_workers)
 
 
 def endpoint_options(*, concurrency: str, settings_file: bool = False) -> Callable[[Any], Any]:
@@ -186,6 +199,10 @@ def gateway_config(
     """
     if options.get("call_timeout") is None:
         options["call_timeout"] = LOCAL_CALL_TIMEOUT if local_ctx else REMOTE_CALL_TIMEOUT
+    if local_ctx and options.get("structured_output", "auto") == "auto":
+        # The local model is llama.cpp: no need to ask (a busy one answers
+        # GET /models only once its generation is done, past the detection's wait).
+        options["structured_output"] = "json_object"
     return GatewayConfig(
         base_url=url,
         model=served_model,

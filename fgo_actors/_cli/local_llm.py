@@ -101,8 +101,9 @@ def local_status(as_json: bool) -> None:
         + (st["llama_cpp_python"] or "not installed (pip install 'fgo-actors[local]')")
     )
     server = st["server"]
+    busy = "" if st.get("answering") in (True, None) else "; busy: not answering now"
     click.echo(
-        f"server:           running at {server['url']} (pid {server['pid']})"
+        f"server:           running at {server['url']} (pid {server['pid']}{busy})"
         if server
         else "server:           not running"
     )

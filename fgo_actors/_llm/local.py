@@ -304,7 +304,14 @@ def healthy(url: str, timeout: float = 2.0) -> bool:
 
 
 def running() -> ServerInfo | None:
-    """The recorded local server, if its process is alive and it answers."""
+    """The recorded local server, if its process is alive.
+
+    It answered when it was started (``start`` records it only then), and it
+    is not asked again here: a server busy with a long generation may not
+    answer ``GET /models`` for minutes, and taking it for gone would start a
+    second server beside it, each with half the cores, and lose the record
+    of the first. A call to a server that stopped answering times out as
+    any endpoint's does."""
     try:
         data = json.loads(_state_file().read_text(encoding="utf-8"))
         info = ServerInfo(**data)
@@ -312,7 +319,7 @@ def running() -> ServerInfo | None:
         return None
     if not _pid_alive(info.pid) or not _is_our_server(info.pid):
         return None
-    return info if healthy(info.url) else None
+    return info
 
 
 def start(
@@ -500,4 +507,6 @@ def status(model: LocalModel = DEFAULT_MODEL) -> dict[str, Any]:
         "sha256": model.sha256,
         "llama_cpp_python": version,
         "server": info.to_json() if info is not None else None,
+        # False while it is busy with a long generation (or hung).
+        "answering": healthy(info.url) if info is not None else None,
     }
