@@ -1,4 +1,5 @@
-"""Shared fixtures: a real OpenAI-compatible server on loopback, quiet structlog."""
+"""Shared fixtures: a real OpenAI-compatible server on loopback, a real local
+Ray, quiet structlog."""
 
 from __future__ import annotations
 
@@ -77,6 +78,23 @@ def server_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
             proc.kill()
             proc.wait(timeout=10)
         proc.stdout.close()
+
+
+@pytest.fixture(scope="session")
+def local_ray() -> Iterator[Any]:
+    """A real local Ray with 2 CPUs, started once for the session (skipped
+    without Ray)."""
+    ray = pytest.importorskip("ray")
+    ray.init(
+        num_cpus=2,
+        include_dashboard=False,
+        log_to_driver=False,
+        object_store_memory=256 * 1024**2,
+    )
+    try:
+        yield ray
+    finally:
+        ray.shutdown()
 
 
 def pytest_terminal_summary(terminalreporter: Any) -> None:

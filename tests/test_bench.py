@@ -680,3 +680,128 @@ def test_small_p_values_keep_their_digits() -> None:
     assert _p(0.03125) == "0.031"
     assert _p(1.0) == "1.000"
     assert _p(0.000244140625) == "0.00024"  # not "0.000"
+
+
+# -- on Ray ---------------------------------------------------------------------
+
+
+def _journal_lines(folder: Path) -> dict[str, list[str]]:
+    """Each journal of a bench's out dir, as its sorted lines."""
+    paths = [folder / "train.jsonl", *sorted((folder / "held-out").glob("*.jsonl"))]
+    return {p.name: sorted(p.read_text().splitlines()) for p in paths}
+
+
+async def test_a_bench_on_ray_plays_what_threads_play_and_carries_on_the_same(
+    local_ray: Any, start_llm: StartLLM, tmp_path: Path
+) -> None:
+    from fgo_actors.agent.executor import RayExecutor
+
+    server, url = await start_llm(policy=learns_the_tidy_function)
+    config = BenchConfig(
+        train=TaskSet.parse("twc:train:0-2", params=TWC).tasks(),
+        test=TaskSet.parse("twc:test:0-1", params=TWC).tasks(),
+        strategies=("all-at-once",),
+        run=RunConfig(context_tokens=16384, subset_tokens=4600, module_tokens=3000),
+        agent=AgentConfig(max_steps=4),
+        policy="oracle",
+    )
+    gw_config = GatewayConfig(base_url=url, model="m")
+
+    async def once(where: Path, executor: Any = None, progress: Any = None) -> BenchResult:
+        async with LLMGateway(gw_config) as gw:
+            return await bench(config, gw, progress, out_dir=where, executor=executor)
+
+    local = await once(tmp_path / "local")
+    agent_calls = sum(1 for r in server.requests if r.schema_name is None)
+    assert agent_calls > 0
+    executor = RayExecutor(max_in_flight=2)
+    seen: list[tuple[str, int, float | None]] = []
+    progress = BenchProgress(
+        episodes=3 + 2 * 2,
+        optimizations=1,
+        training_episodes=3,
+        on_change=lambda p: seen.append((p.phase, p.episodes_done, p.remaining_seconds())),
+    )
+    on_ray = await once(tmp_path / "ray", executor, progress)
+
+    # The same episodes, modules and outcomes, and the same costs: the
+    # workers' agent calls are counted, though they bypass the gateway.
+    assert [t.to_json() for t in on_ray.train] == [t.to_json() for t in local.train]
+    assert {a: [t.to_json() for t in ts] for a, ts in on_ray.episodes.items()} == {
+        a: [t.to_json() for t in ts] for a, ts in local.episodes.items()
+    }
+    assert executor.usage.calls == agent_calls
+    for row, ref in zip(on_ray.arms, local.arms, strict=True):
+        assert row.module == ref.module, row.name
+        assert row.evaluation is not None
+        assert ref.evaluation is not None
+        assert row.evaluation.outcomes == ref.evaluation.outcomes, row.name
+        assert row.evaluation.llm_calls == ref.evaluation.llm_calls > 0, row.name
+        assert row.evaluation.prompt_tokens == ref.evaluation.prompt_tokens, row.name
+    assert _journal_lines(tmp_path / "ray") == _journal_lines(tmp_path / "local")
+    assert on_ray.to_json()["config"]["executor"] == "ray"
+    assert "executor" not in local.to_json()["config"]
+    # Progress: every episode counted as it finished, with an estimate once
+    # an agent episode (timed, unlike the oracle's) has ended.
+    assert seen[-1][:2] == ("done", 7)
+    assert [done for phase, done, _ in seen if phase == "evaluate base"][-1] == 5
+    assert all(eta is not None for _, done, eta in seen if done > 3)
+    state = json.loads((tmp_path / "ray" / "bench-state.json").read_text())
+    spent = state["worker_spent"]
+    assert sum(s["calls"]["agent"] for s in spent.values()) == agent_calls
+    assert "worker_spent" not in json.loads((tmp_path / "local" / "bench-state.json").read_text())
+
+    # A bench begun in threads carries on on Ray (the executor is no setting):
+    # nothing is played or asked again.
+    sent = len(server.requests)
+    again = await once(tmp_path / "local", RayExecutor(max_in_flight=2))
+    assert len(server.requests) == sent
+    assert again.runs == 2
+    assert [a.evaluation.outcomes for a in again.arms if a.evaluation] == [
+        a.evaluation.outcomes for a in local.arms if a.evaluation
+    ]
+
+    # Stopped after one of base's held-out episodes: only the other is played
+    # again, on Ray, and its calls add to what the first run paid.
+    journal = tmp_path / "ray" / "held-out" / "base.jsonl"
+    kept = [line for line in journal.read_text().splitlines() if '"twc/test/0"' in line]
+    journal.write_text(kept[0] + "\n")
+    resumed = await once(tmp_path / "ray", RayExecutor(max_in_flight=2))
+    assert len(server.requests) > sent
+    assert all(r.schema_name is None for r in server.requests[sent:])  # agent turns only
+    assert _journal_lines(tmp_path / "ray") == _journal_lines(tmp_path / "local")
+    assert [t.to_json() for t in resumed.episodes["base"]] == [
+        t.to_json() for t in local.episodes["base"]
+    ]
+    base, base_before = resumed.arms[0].evaluation, on_ray.arms[0].evaluation
+    assert base is not None
+    assert base_before is not None
+    assert base.llm_calls == base_before.llm_calls + len(server.requests) - sent
+    assert resumed.runs == 2
+
+
+async def test_an_episode_ray_could_not_play_counts_as_failed_and_is_played_next_run(
+    local_ray: Any, start_llm: StartLLM, tmp_path: Path
+) -> None:
+    from fgo_actors.agent.envs import Task
+    from fgo_actors.agent.executor import RayExecutor
+
+    _server, url = await start_llm()
+    bad = Task("no-such-env", "train", 0)
+    config = BenchConfig(
+        train=[*TaskSet.parse("twc:train:0", params=TWC).tasks(), bad],
+        test=TaskSet.parse("twc:test:0", params=TWC).tasks(),
+        strategies=("all-at-once",),
+        run=RunConfig(context_tokens=8192),
+        agent=AgentConfig(max_steps=2),
+        policy="oracle",
+    )
+    for run in (1, 2):
+        async with LLMGateway(GatewayConfig(base_url=url, model="m")) as gw:
+            result = await bench(config, gw, out_dir=tmp_path, executor=RayExecutor())
+        failed = {t.id: t for t in result.train}[bad.id]
+        assert failed.outcome.success is False
+        assert "unknown environment 'no-such-env'" in str((failed.metadata or {})["error"])
+        # Not journaled: each run plays it again; the good episode stays played.
+        assert journal_ids(tmp_path / "train.jsonl") == ["twc/train/0"]
+        assert result.runs == run

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import pytest
 
 from fgo_actors._cli.common import DEFAULT_CONTEXT_TOKENS, context_for
@@ -51,7 +53,7 @@ def test_the_local_model_is_sent_json_object_without_asking() -> None:
     from fgo_actors._cli.common import gateway_config
 
     def mode(local_ctx: int | None, given: str | None) -> str:
-        options = {} if given is None else {"structured_output": given}
+        options: dict[str, Any] = {} if given is None else {"structured_output": given}
         return gateway_config(
             "http://127.0.0.1:1/v1",
             "m",

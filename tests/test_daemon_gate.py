@@ -12,6 +12,7 @@ import pytest
 from fgo_actors import FunctionSpec, GatewayConfig, Module, RunConfig, open_optimizer
 from fgo_actors._daemon.optimizer import DaemonConfig, ValidationConfig
 from fgo_actors.agent.envs import TaskSet
+from fgo_actors.agent.executor import Executor, LocalExecutor, RayExecutor
 from fgo_actors.agent.rollout import AgentConfig
 from fgo_actors.testing import schema_name_of, scripted_reply
 
@@ -33,7 +34,9 @@ def optimizer(action: dict[str, Any]) -> Any:
     return policy
 
 
-def _config(tmp_path: Path, url: str, initial: Module) -> DaemonConfig:
+def _config(
+    tmp_path: Path, url: str, initial: Module, executor: Executor | None = None
+) -> DaemonConfig:
     return DaemonConfig(
         store=tmp_path / "fgo.db",
         gateway=GatewayConfig(base_url=url, model="m", max_concurrency=2),
@@ -44,6 +47,7 @@ def _config(tmp_path: Path, url: str, initial: Module) -> DaemonConfig:
         validation=ValidationConfig(
             tasks=tuple(TaskSet.parse("twc:test:0-3", params=TWC).tasks()),
             agent=AgentConfig(max_steps=4),
+            executor=executor,
         ),
     )
 
@@ -79,3 +83,57 @@ async def test_a_candidate_that_validates_worse_is_kept_as_rejected(
     assert rejected.module.functions == ()
     scores = rejected.lineage["scores"]
     assert scores["candidate"]["score"] < scores["current"]["score"]
+
+
+async def test_validation_on_ray_scores_the_candidate_as_threads_do(
+    local_ray: Any, start_llm: StartLLM, tmp_path: Path
+) -> None:
+    server, url = await start_llm(policy=optimizer({"op": "add_function", "function": TIDY}))
+    published = {}
+    for name, executor in (("local", None), ("ray", RayExecutor(max_in_flight=2))):
+        before = len(server.requests)
+        (tmp_path / name).mkdir()
+        async with open_optimizer(_config(tmp_path / name, url, Module(), executor)) as opt:
+            await opt.submit_many(make_trajectories(4))
+            await opt.wait_idle()
+            published[name] = opt.latest_version()
+        agent_calls = sum(1 for r in server.requests[before:] if r.schema_name is None)
+        if executor is not None:
+            # Both modules' validation episodes were played by the Ray workers.
+            assert executor.usage.calls == agent_calls > 0
+    local, remote = published["local"], published["ray"]
+    assert local is not None
+    assert remote is not None
+    assert remote.status == local.status == "published"
+    assert remote.module == local.module
+    assert remote.lineage["scores"] == local.lineage["scores"]
+    assert remote.lineage["scores"]["candidate"]["tasks"] == 4
+
+
+def test_the_validation_executor_comes_from_the_settings_file(tmp_path: Path) -> None:
+    from fgo_actors import GatewayConfig
+    from fgo_actors._daemon.serve import ServeSettings, daemon_config
+
+    gateway = GatewayConfig(base_url="http://127.0.0.1:9/v1", model="m")
+    settings_file = tmp_path / "fgo.toml"
+    settings_file.write_text(
+        'validate = "twc:test:0-1"\nexecutor = "ray"\nray_address = "head:6379"\n'
+        "validate_workers = 3\n"
+    )
+    settings = ServeSettings.load(settings_file, {"store": tmp_path / "fgo.db"})
+    validation = daemon_config(settings, gateway, 4096).validation
+    assert validation is not None
+    assert validation.executor == RayExecutor(address="head:6379", max_in_flight=3)
+    # A flag wins over the file; without either, threads (one by default).
+    flags = {"store": tmp_path / "fgo.db", "executor": "local"}
+    validation = daemon_config(ServeSettings.load(settings_file, flags), gateway, 4096).validation
+    assert validation is not None
+    assert validation.executor == LocalExecutor(workers=3)
+    plain = ServeSettings.load(None, {"store": tmp_path / "fgo.db", "validate": "twc:test:0"})
+    validation = daemon_config(plain, gateway, 4096).validation
+    assert validation is not None
+    assert validation.executor == LocalExecutor(workers=1)
+    assert validation.workers == 1
+    settings_file.write_text('executor = "slurm"\n')
+    with pytest.raises(ValueError, match="'executor' must be in"):
+        ServeSettings.load(settings_file, {})

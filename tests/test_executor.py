@@ -1,15 +1,15 @@
 """Rollout executors: threads of this process, and tasks on a real local Ray.
 
-Ray is started once for the session (``ray.init(num_cpus=2)``); the episodes
-play the real TextWorldExpress simulator, and the agent's LLM is the scripted
-loopback server, reached from the Ray workers over HTTP.
+Ray is started once for the session (``ray.init(num_cpus=2)``, conftest.py's
+``local_ray``); the episodes play the real TextWorldExpress simulator, and
+the agent's LLM is the scripted loopback server, reached from the Ray
+workers over HTTP.
 """
 
 from __future__ import annotations
 
 import os
 import signal
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -24,24 +24,10 @@ from fgo_actors.agent.rollout import AgentConfig
 from .helpers import TWC, StartLLM, run_fgo
 
 pytest.importorskip("textworld_express")
-ray = pytest.importorskip("ray")
+pytest.importorskip("ray")
 
 TASKS = [Task("twc", "train", s, TWC) for s in range(4)]
 AGENT = AgentConfig(max_steps=6)
-
-
-@pytest.fixture(scope="session")
-def local_ray() -> Iterator[Any]:
-    ray.init(
-        num_cpus=2,
-        include_dashboard=False,
-        log_to_driver=False,
-        object_store_memory=256 * 1024**2,
-    )
-    try:
-        yield ray
-    finally:
-        ray.shutdown()
 
 
 def _gateway_config(url: str) -> GatewayConfig:
@@ -172,6 +158,47 @@ def test_an_unreachable_cluster_is_exit_3_naming_it(tmp_path: Path) -> None:
     assert result.returncode == 3, result.stderr
     assert "cannot reach the Ray cluster at 127.0.0.1:1" in result.stderr
     assert not out.exists()
+
+
+@pytest.mark.parametrize(
+    ("command", "output"),
+    [
+        (["bench", "--train", "twc:train:0", "--test", "twc:test:0", "--policy", "oracle"], "b"),
+        (["optimize", "--env", "twc:train:0-1", "--out", "{out}/m.json"], "m.json"),
+        (["serve", "--validate", "twc:test:0", "--store", "{out}/fgo.db", "--port", "0"], "fgo.db"),
+    ],
+    ids=["bench", "optimize-env", "serve-validate"],
+)
+def test_every_command_that_plays_takes_the_ray_executor(
+    command: list[str], output: str, tmp_path: Path
+) -> None:
+    """--executor ray reaches the executor (an unreachable cluster, named, exit
+    3, before anything is written; no Ray is started for this)."""
+    args = [a.replace("{out}", str(tmp_path)) for a in command]
+    if command[0] == "bench":
+        args += ["--out-dir", str(tmp_path / "b")]
+    result = run_fgo(
+        *args,
+        *("--base-url", "http://127.0.0.1:9/v1", "--executor", "ray"),
+        *("--ray-address", "127.0.0.1:1"),
+        timeout=120,
+    )
+    assert result.returncode == 3, result.stderr
+    assert "cannot reach the Ray cluster at 127.0.0.1:1" in result.stderr
+    assert not (tmp_path / output / "bench.json").exists()
+    assert not (tmp_path / output).is_file()
+
+
+def test_optimizing_from_a_file_plays_nothing_to_put_on_ray(tmp_path: Path) -> None:
+    trajectories = tmp_path / "t.jsonl"
+    trajectories.write_text("")
+    result = run_fgo(
+        *("optimize", str(trajectories), "--out", str(tmp_path / "m.json")),
+        *("--executor", "ray"),
+        timeout=60,
+    )
+    assert result.returncode == 2
+    assert "--executor applies to --env" in result.stderr
 
 
 def test_fgo_collect_on_a_local_ray_writes_what_threads_write(tmp_path: Path) -> None:

@@ -15,6 +15,7 @@ from hypothesis import strategies as st
 from fgo_actors import GatewayConfig, LLMGateway
 from fgo_actors._core.playbook import PLAYBOOK, plays_of
 from fgo_actors._core.schemas import schema_error
+from fgo_actors._daemon.optimizer import same_content
 from fgo_actors.actors.online import (
     OnlineConfig,
     gate_verdict,
@@ -218,3 +219,50 @@ def test_optimize_needs_exactly_one_source(tmp_path: Path) -> None:
         str(tmp_path / "m.json"),
     )
     assert both.returncode == 2
+
+
+async def test_online_optimization_on_ray_makes_the_same_steps_and_gates(
+    local_ray: Any, start_llm: StartLLM
+) -> None:
+    from fgo_actors.agent.executor import RayExecutor
+
+    server, url = await start_llm(policy=optimizer_that_learns_then_forgets(False))
+    tasks = TaskSet.parse("twc:test:0-3", params=TWC).tasks()
+    async with LLMGateway(GatewayConfig(base_url=url, model="m")) as gw:
+        local = await optimize_online(tasks, gw, online_config())
+    agent_calls = sum(1 for r in server.requests if r.schema_name is None)
+    executor = RayExecutor(max_in_flight=2)
+    async with LLMGateway(GatewayConfig(base_url=url, model="m")) as gw:
+        remote = await optimize_online(tasks, gw, online_config(), executor=executor)
+        assert gw.statistics().calls.get("agent", 0) == 0  # every episode played on Ray
+
+    # Which subset finishes first (and so comes first in the merge, and wins a
+    # tie at the gate) is up to trio's scheduler, in threads as on Ray; the
+    # rest is compared as it is.
+    def steps(result: Any) -> list[dict[str, Any]]:
+        return sorted((s.to_json() for s in result.steps), key=lambda s: (s["subset"], s["round"]))
+
+    def gates(result: Any) -> list[dict[str, Any]]:
+        return [
+            {
+                **g.to_json(),
+                "children": sorted(g.children),
+                "kept": "merged" if g.kept == g.node else g.child_values[g.kept],
+                "decision": None,
+            }
+            for g in result.gates
+        ]
+
+    assert steps(remote) == steps(local)
+    assert len(steps(local)) == 4
+    assert gates(remote) == gates(local)
+    assert remote.gates[0].kept != remote.gates[0].node  # the gate's values decided it
+    assert same_content(remote.module, local.module)
+    assert [f.name for f in remote.module.functions] == ["tidy"]
+    # The merge dropped tidy: it is the empty module, whose episodes are cached.
+    assert remote.episodes == local.episodes == 2 * 2 * 2
+    # The workers' agent calls are counted under the agent role, as in threads.
+    assert executor.usage.calls == agent_calls == local.calls["agent"]
+    assert remote.calls == local.calls
+    assert remote.prompt_tokens["agent"] == local.prompt_tokens["agent"]
+    assert remote.completion_tokens["agent"] == local.completion_tokens["agent"]

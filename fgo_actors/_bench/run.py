@@ -22,48 +22,53 @@ from ..actors.run import RunFailedError, prompt_budgets, run
 from ..agent.envs import Environment, Task
 from ..agent.eval import EvalSummary
 from ..agent.eval import summarise as eval_summary
-from ..agent.rollout import collect
+from ..agent.executor import Executor, LocalExecutor, Policy, RayExecutor
 from .records import BASE, Arm, BenchConfig, BenchProgress, BenchResult, module_size
 from .workspace import _cache_installed, _Workspace
-
-EnvFactory = Callable[[str], Environment]
-
-
-Player = Callable[[Sequence[Task], trio.MemorySendChannel[Trajectory], EnvFactory], Awaitable[None]]
 
 
 async def _play(
     tasks: Sequence[Task],
-    player: Player,
+    executor: Executor,
+    policy: Policy,
     record: Callable[[Trajectory], Awaitable[None]],
     progress: BenchProgress,
     *,
+    gateway: LLMGateway,
     timed: bool = True,
 ) -> None:
-    """Play ``tasks``, recording every episode and telling ``progress`` as each ends.
+    """Play ``tasks`` with ``policy`` on ``executor``, recording every episode
+    and telling ``progress`` as each ends.
 
-    The player's workers close their environments when they end normally. A
-    bench that is stopped (Ctrl-C, a cancel, an error) would leave those JVMs
-    and their pipes behind, so the environments made here are closed again on
-    the way out, shielded (closing one twice is harmless).
+    The local executor's workers close their environments when they end
+    normally. A bench that is stopped (Ctrl-C, a cancel, an error) would leave
+    those JVMs and their pipes behind, so the environments made here are
+    closed again on the way out, shielded (closing one twice is harmless).
+    On Ray the environments live on the workers, and a stop cancels the tasks.
     """
     if not tasks:
         return
-    from ..agent.envs import make_env
-
     made: list[Environment] = []
+    if isinstance(executor, LocalExecutor):
+        from ..agent.envs import make_env
 
-    def factory(name: str) -> Environment:
-        env = make_env(name)
-        made.append(env)
-        return env
+        make = executor.make_env or make_env
+
+        def factory(name: str) -> Environment:
+            env = make(name)
+            made.append(env)
+            return env
+
+        executor = attrs.evolve(executor, make_env=factory)
 
     asked = {t.id for t in tasks}
     send, receive = trio.open_memory_channel[Trajectory](0)
     last = trio.current_time()
     try:
         async with trio.open_nursery() as nursery:
-            nursery.start_soon(player, tasks, send, factory)
+            nursery.start_soon(
+                functools.partial(executor.play, tasks, policy, send, gateway=gateway)
+            )
             with receive:
                 async for traj in receive:
                     if traj.id not in asked:
@@ -82,42 +87,18 @@ async def _play(
         raise
 
 
-def _training_player(config: BenchConfig, gateway: LLMGateway) -> Player:
+def _training_policy(config: BenchConfig, gateway: LLMGateway) -> Policy:
+    """Who plays the training episodes: the oracle (seeded by the run's seed),
+    or the reference agent with the base module."""
     if config.policy == "oracle":
-        from ..agent.oracle import collect_oracle
-
-        async def oracle(
-            tasks: Sequence[Task], send: trio.MemorySendChannel[Trajectory], envs: EnvFactory
-        ) -> None:
-            await collect_oracle(
-                tasks,
-                send,
-                epsilon=config.epsilon,
-                seed=config.run.seed,
-                workers=config.workers,
-                max_steps=config.agent.max_steps,
-                make_env=envs,
-            )
-
-        return oracle
-    return _agent_player(config, gateway, config.base)
-
-
-def _agent_player(config: BenchConfig, gateway: LLMGateway, module: Module) -> Player:
-    async def agent(
-        tasks: Sequence[Task], send: trio.MemorySendChannel[Trajectory], envs: EnvFactory
-    ) -> None:
-        await collect(
-            tasks,
-            module,
-            gateway,
-            send,
-            workers=config.workers,
-            config=config.agent,
-            make_env=envs,
+        return Policy(
+            kind="oracle", agent=config.agent, epsilon=config.epsilon, seed=config.run.seed
         )
+    return _agent_policy(config, gateway, config.base)
 
-    return agent
+
+def _agent_policy(config: BenchConfig, gateway: LLMGateway, module: Module) -> Policy:
+    return Policy(kind="llm", module=module, agent=config.agent, gateway=gateway.config)
 
 
 def summarise(
@@ -164,14 +145,19 @@ async def bench(
     *,
     out_dir: Path | None = None,
     fresh: bool = False,
+    executor: Executor | None = None,
 ) -> BenchResult:
     """Run the whole bench against ``gateway``; see the module docstring.
+
+    The episodes (training and held-out) are played on ``executor``: by
+    default ``config.workers`` threads of this process, through ``gateway``.
 
     With ``out_dir``, every episode, module, run report and LLM reply is kept
     there as soon as it exists, and what is there is used instead of being
     made again (BenchStateError if it was made with other settings; ``fresh``
-    removes it first). The gateway's response cache is the bench's for its
-    duration.
+    removes it first). The executor is not such a setting: a bench begun on
+    one carries on on another. The gateway's response cache is the bench's
+    for its duration (calls made by Ray workers do not go through it).
     """
     log = structlog.get_logger()
     n_arms = 1 + len(config.strategies)
@@ -188,7 +174,14 @@ async def bench(
     ws.open(fresh=fresh)
     try:
         with _cache_installed(gateway, ws.cache):
-            return await _bench(config, gateway, progress, ws, log)
+            return await _bench(
+                config,
+                gateway,
+                executor or LocalExecutor(workers=config.workers),
+                progress,
+                ws,
+                log,
+            )
     except BaseExceptionGroup as group:
         # Ctrl-C lands in whichever task was running, inside a nursery: say
         # it plainly, so that the caller sees an interrupt, not a group.
@@ -202,6 +195,7 @@ async def bench(
 async def _bench(
     config: BenchConfig,
     gateway: LLMGateway,
+    executor: Executor,
     progress: BenchProgress,
     ws: _Workspace,
     log: Any,
@@ -211,12 +205,14 @@ async def _bench(
     progress.begin("collect")
     missing = [t for t in config.train if t.id not in ws.train]
     if missing:
-        with ws.phase("collect"):
+        with ws.phase("collect", executor):
             await _play(
                 missing,
-                _training_player(config, gateway),
+                executor,
+                _training_policy(config, gateway),
                 ws.record_train,
                 progress,
+                gateway=gateway,
                 timed=config.policy == "llm",
             )
     collected = sorted((ws.train[t.id] for t in config.train), key=lambda t: t.id)
@@ -270,8 +266,15 @@ async def _bench(
             continue
         progress.begin(f"evaluate {name}")
         record = functools.partial(ws.record_held_out, name)
-        with ws.phase(f"evaluate {name}"):
-            await _play(left, _agent_player(config, gateway, module), record, progress)
+        with ws.phase(f"evaluate {name}", executor):
+            await _play(
+                left,
+                executor,
+                _agent_policy(config, gateway, module),
+                record,
+                progress,
+                gateway=gateway,
+            )
 
     spent = await ws.spent()
     summaries = {
@@ -344,7 +347,7 @@ async def _bench(
             "strategies": list(config.strategies),
             "run": config.run.to_json(),
             "max_steps": config.agent.max_steps,
-            "workers": config.workers,
+            **_executor_json(config, executor),
             "policy": config.policy,
             "epsilon": config.epsilon if config.policy == "oracle" else None,
             "model": gateway.config.model,
@@ -358,3 +361,13 @@ async def _bench(
 def _held_out_episodes(ws: _Workspace, arm: str, config: BenchConfig) -> list[Trajectory]:
     """``arm``'s held-out episodes, in task order."""
     return sorted((ws.held_out[arm][t.id] for t in config.test), key=lambda t: t.id)
+
+
+def _executor_json(config: BenchConfig, executor: Executor) -> dict[str, Any]:
+    """Where the episodes were played, for the report: threads (``workers``),
+    or Ray tasks (``workers``: the tasks in flight, None for one per CPU)."""
+    if isinstance(executor, RayExecutor):
+        return {"workers": executor.max_in_flight, "executor": "ray"}
+    if isinstance(executor, LocalExecutor):
+        return {"workers": executor.workers}
+    return {"workers": config.workers, "executor": type(executor).__name__}

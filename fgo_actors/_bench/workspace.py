@@ -27,6 +27,7 @@ from .._llm.gateway import LLMGateway
 from .._storage.diskcache import Journal, JournalError, PhaseCache, Spent, remove_files
 from .._storage.store import StoreError
 from ..agent.envs import Task
+from ..agent.executor import Executor, LLMUsage
 from .records import (
     BASE,
     CACHE_FILE,
@@ -202,6 +203,11 @@ class _Workspace:
         self.optimized: dict[str, tuple[Module, RunReport, dict[str, Any]]] = {}
         self.cache: PhaseCache | None = None
         self._live: dict[str, Spent] = {}  # without a cache: this run's spend by phase
+        # What the executor's workers paid outside the gateway (Ray), by phase,
+        # over every run: their calls go neither through the cache nor its log.
+        self.worker_spent: dict[str, Spent] = {}
+        self._executor: Executor | None = None  # the phase's, whose usage is clocked
+        self._usage_mark = LLMUsage()
         self._journals: dict[str, Journal] = {}
         self._phase: str | None = None  # the phase under way, timed from _mark
         self._mark = 0.0
@@ -268,6 +274,17 @@ class _Workspace:
         self.runs = int(state.get("runs", 0)) + 1
         self.seconds = {str(k): float(v) for k, v in (state.get("seconds") or {}).items()}
         self.strategies = {str(k): dict(v) for k, v in strategies.items()}
+        try:
+            self.worker_spent = {
+                str(k): Spent(
+                    int(v["prompt_tokens"]), int(v["completion_tokens"]), dict(v["calls"])
+                )
+                for k, v in (state.get("worker_spent") or {}).items()
+            }
+        except (KeyError, TypeError, ValueError, AttributeError) as e:
+            raise BenchStateError(
+                f"{path}: cannot read worker_spent: {e}; pass --fresh to start over"
+            ) from e
 
     def _read_journal(
         self, name: str, journal: Journal, tasks: Sequence[Task]
@@ -341,15 +358,27 @@ class _Workspace:
     # -- recording --------------------------------------------------------
     async def record_train(self, traj: Trajectory) -> None:
         self.train[traj.id] = traj
-        if "train" in self._journals:
-            await self._journals["train"].append_async(traj.to_json())
-            self.checkpoint()
+        await self._append("train", traj)
 
     async def record_held_out(self, arm: str, traj: Trajectory) -> None:
         self.held_out.setdefault(arm, {})[traj.id] = traj
-        if arm in self._journals:
-            await self._journals[arm].append_async(traj.to_json())
-            self.checkpoint()
+        await self._append(arm, traj)
+
+    async def _append(self, key: str, traj: Trajectory) -> None:
+        """Journal the episode. One that could not be played (an executor's
+        failed episode: a task that raised, a worker lost for good) counts as
+        a failure in this run's results but is not journaled: the next run
+        plays it again."""
+        if key not in self._journals:
+            return
+        error = (traj.metadata or {}).get("error")
+        if error:
+            structlog.get_logger().warning(
+                "bench_episode_not_kept", task=traj.id, error=str(error)[:300]
+            )
+        else:
+            await self._journals[key].append_async(traj.to_json())
+        self.checkpoint()
 
     def record_optimized(self, strategy: Strategy, module: Module, report: RunReport) -> None:
         self.optimized[strategy] = (module, report, report.to_json())
@@ -371,32 +400,43 @@ class _Workspace:
     def save(self) -> None:
         if self.out_dir is None:
             return
-        atomic_write_json(
-            self.out_dir / STATE_FILE,
-            {
-                "format": STATE_FORMAT,
-                "settings": self.settings,
-                "runs": self.runs,
-                "seconds": {k: round(v, 3) for k, v in sorted(self.seconds.items())},
-                "strategies": self.strategies,
-            },
-        )
+        state: dict[str, Any] = {
+            "format": STATE_FORMAT,
+            "settings": self.settings,
+            "runs": self.runs,
+            "seconds": {k: round(v, 3) for k, v in sorted(self.seconds.items())},
+            "strategies": self.strategies,
+        }
+        if self.worker_spent:
+            state["worker_spent"] = {
+                k: {
+                    "prompt_tokens": v.prompt_tokens,
+                    "completion_tokens": v.completion_tokens,
+                    "calls": v.calls,
+                }
+                for k, v in sorted(self.worker_spent.items())
+            }
+        atomic_write_json(self.out_dir / STATE_FILE, state)
 
     # -- phases: the cache's namespace, wall time and tokens ----------------
     @contextlib.contextmanager
-    def phase(self, name: str) -> Iterator[None]:
+    def phase(self, name: str, executor: Executor | None = None) -> Iterator[None]:
         """Work of phase ``name``: its LLM replies are cached under its name,
-        its time is added to what earlier runs spent on it (saved after each
-        episode and when the phase ends, also when it is cancelled)."""
+        its time (and what ``executor``'s workers paid outside the gateway) is
+        added to what earlier runs spent on it (saved after each episode and
+        when the phase ends, also when it is cancelled)."""
         if self.cache is not None:
             self.cache.phase = name
         before = self.gateway.statistics()
         self._phase, self._mark = name, trio.current_time()
+        if executor is not None:
+            self._executor, self._usage_mark = executor, executor.usage
         try:
             yield
         finally:
             self._clock_in()
             self._phase = None
+            self._executor = None
             if self.cache is None:
                 used = self.gateway.statistics().since(before)
                 spent = Spent(
@@ -413,6 +453,12 @@ class _Workspace:
             now = trio.current_time()
             self.seconds[self._phase] = self.seconds.get(self._phase, 0.0) + now - self._mark
             self._mark = now
+        if self._phase is not None and self._executor is not None:
+            usage = self._executor.usage
+            used, self._usage_mark = usage - self._usage_mark, usage
+            if used != LLMUsage():
+                spent = Spent(used.prompt_tokens, used.completion_tokens, {"agent": used.calls})
+                self.worker_spent[self._phase] = self.worker_spent.get(self._phase, Spent()) + spent
 
     def checkpoint(self) -> None:
         """Save the time spent so far (after each episode: a killed run loses
@@ -422,10 +468,11 @@ class _Workspace:
 
     async def spent(self) -> dict[str, Spent]:
         """Paid calls and tokens by phase: over every run with an out dir,
-        else this run's."""
-        if self.cache is not None:
-            return await self.cache.spent()
-        return dict(self._live)
+        else this run's; the executor's workers' included."""
+        spent = await self.cache.spent() if self.cache is not None else dict(self._live)
+        for phase, used in self.worker_spent.items():
+            spent[phase] = spent.get(phase, Spent()) + used
+        return spent
 
     def close(self) -> None:
         if self.cache is not None:

@@ -30,6 +30,8 @@ from .common import (
     _run_agent_command,
     context_for,
     default_completion_tokens,
+    executor_options,
+    make_executor,
     start_command,
 )
 
@@ -88,7 +90,12 @@ from .common import (
     callback=_positive,
     help="Agent turns per episode (and the oracle's steps).",
 )
-@click.option("--workers", type=int, default=1, show_default=True, callback=_positive)
+@click.option(
+    "--workers",
+    type=int,
+    callback=_positive,
+    help="Episodes played at once [default: 1; with --executor ray: one per CPU of the cluster].",
+)
 @click.option("--context-tokens", type=int, callback=_positive, help="Optimizer LLM context.")
 @click.option("--subset-tokens", type=int, callback=_positive, help="FGO/batch subset budget.")
 @click.option("--seed", type=int, default=0, show_default=True)
@@ -105,6 +112,7 @@ from .common import (
     is_flag=True,
     help="Remove the bench cached in --out-dir (episodes, modules, LLM replies) and start over.",
 )
+@executor_options
 @_agent_endpoint_options
 def bench_command(
     train_spec: str | None,
@@ -116,7 +124,9 @@ def bench_command(
     base_path: Path | None,
     strategies: str,
     max_steps: int,
-    workers: int,
+    workers: int | None,
+    executor_kind: str,
+    ray_address: str | None,
     context_tokens: int | None,
     subset_tokens: int | None,
     seed: int,
@@ -139,7 +149,8 @@ def bench_command(
     Everything is kept in --out-dir as it is made (episodes, modules, run
     reports, LLM replies), so the same command run again, after an interrupt
     or a failure, continues where it stopped. Other settings on a cached
-    bench are refused; --fresh starts over.
+    bench are refused; --fresh starts over. Where the episodes are played
+    (--executor, --workers) is not such a setting.
     """
     from .._bench import (
         BenchConfig,
@@ -188,8 +199,9 @@ def bench_command(
             template,
             run=RunConfig(context_tokens=ctx, subset_tokens=subset_tokens, seed=seed),
             agent=AgentConfig(max_steps=max_steps),
-            workers=workers,
+            workers=workers or 1,
         )
+        executor = make_executor(executor_kind, ray_address, workers, 1)
         gw_config = attrs.evolve(gw_config, max_completion_tokens=default_completion_tokens(ctx))
         log = structlog.get_logger()
         bar = Progress(
@@ -247,7 +259,14 @@ def bench_command(
         with bar:
             async with LLMGateway(gw_config) as gateway:
                 try:
-                    return await bench(config, gateway, progress, out_dir=out_dir, fresh=fresh)
+                    return await bench(
+                        config,
+                        gateway,
+                        progress,
+                        out_dir=out_dir,
+                        fresh=fresh,
+                        executor=executor,
+                    )
                 except BenchStateError as e:  # reported as it is, without the on_stop note
                     return e
 
@@ -258,7 +277,7 @@ def bench_command(
         model=model,
         api_key_env=api_key_env,
         max_concurrency=max_concurrency,
-        workers=workers,
+        workers=workers or 1,
         on_stop=f"what is done is kept in {out_dir}: run the same command again to continue",
         flags=("context_tokens", "subset_tokens"),
         context_tokens=context_tokens,

@@ -44,8 +44,10 @@ from .common import (
     context_for,
     default_completion_tokens,
     endpoint_options,
+    executor_flags,
     gateway_config,
     in_flags,
+    make_executor,
     optimizer_options,
     start_command,
 )
@@ -228,6 +230,7 @@ from .progress import log_progress, show_progress
     "for the calls not yet answered [default: .fgo-cache next to --out].",
 )
 @click.option("--no-cache", is_flag=True, help="Keep no response cache.")
+@executor_flags(in_flight="--env only; with ray, an episode in flight per CPU of the cluster")
 @endpoint_options(concurrency=str(REMOTE_CONCURRENCY))
 def optimize(
     trajectories: Path | None,
@@ -263,6 +266,8 @@ def optimize(
     adaptive: bool,
     cache_dir: Path | None,
     no_cache: bool,
+    executor_kind: str,
+    ray_address: str | None,
     log_json: bool,
 ) -> None:
     """Optimize a module from TRAJECTORIES (JSONL) and write it to --out; or, with
@@ -290,6 +295,11 @@ def optimize(
     )
     if (trajectories is None) == (env_spec is None):
         raise click.UsageError("give exactly one of TRAJECTORIES and --env TASKS (online mode)")
+    if env_spec is None and executor_kind != "local":
+        raise click.UsageError(
+            "--executor applies to --env (online mode), which plays episodes; "
+            "optimizing from TRAJECTORIES plays none"
+        )
     if env_spec is not None:
         offline_only = {
             "--strategy": strategy != "fgo",
@@ -329,6 +339,8 @@ def optimize(
             context_tokens=context_tokens,
             gateway_options=llm_options,
             max_completion_tokens=max_completion_tokens,
+            executor_kind=executor_kind,
+            ray_address=ray_address,
         )
         return
     assert trajectories is not None
@@ -478,6 +490,8 @@ def _optimize_online(
     context_tokens: int | None,
     gateway_options: dict[str, Any],
     max_completion_tokens: int | None,
+    executor_kind: str,
+    ray_address: str | None,
 ) -> None:
     """``fgo optimize --env``: see ``actors/online.py``."""
     from ..actors.online import OnlineConfig, OnlineResult, optimize_online, trajectory_room
@@ -496,9 +510,12 @@ def _optimize_online(
     async def play(gw_config: GatewayConfig, local_ctx: int | None) -> OnlineResult:
         ctx = context_for(context_tokens, local_ctx)
         completion = max_completion_tokens or default_completion_tokens(ctx)
-        gw_config = attrs.evolve(gw_config, max_completion_tokens=completion, **gateway_options)
+        # No --call-timeout: keep the default gateway_config chose (local or remote).
+        given = {k: v for k, v in gateway_options.items() if v is not None or k != "call_timeout"}
+        gw_config = attrs.evolve(gw_config, max_completion_tokens=completion, **given)
         cap = module_tokens or ctx // 8
         config = OnlineConfig(**online, module_tokens=cap, agent=AgentConfig(max_steps=max_steps))
+        executor = make_executor(executor_kind, ray_address, None, config.workers)
         async with LLMGateway(gw_config) as gateway:
             room = trajectory_room(gateway.counter, ctx, completion, cap)
             config = attrs.evolve(config, item_tokens=room // config.tasks_per_subset)
@@ -519,7 +536,7 @@ def _optimize_online(
                     nursery.start_soon(log_progress, state, gateway)
                 try:
                     return await optimize_online(
-                        tasks, gateway, config, initial=initial, state=state
+                        tasks, gateway, config, initial=initial, state=state, executor=executor
                     )
                 finally:
                     nursery.cancel_scope.cancel()

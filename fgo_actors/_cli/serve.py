@@ -7,7 +7,7 @@ from typing import Any
 
 import click
 
-from .._core.errors import InputError, leaf_exceptions
+from .._core.errors import ClusterUnavailableError, InputError, leaf_exceptions
 from .._daemon import defaults
 from .._llm import local
 from .._storage.store import StoreError
@@ -25,6 +25,7 @@ from .common import (
     context_for,
     default_completion_tokens,
     endpoint_options,
+    executor_flags,
     gateway_config,
     in_flags,
     optimizer_options,
@@ -127,6 +128,11 @@ from .common import (
     callback=_positive,
     help=f"Agent turns per validation episode [default: {defaults.VALIDATE_MAX_STEPS}].",
 )
+@executor_flags(
+    in_flight="--validate's episodes; with ray, the settings file's validate_workers "
+    "tasks in flight, by default one per CPU of the cluster",
+    settings_file=True,
+)
 @click.option("--context-tokens", type=int, callback=_positive, help="Optimizer LLM context.")
 @click.option("--subset-tokens", type=int, callback=_positive, help="Subset token budget.")
 @click.option("--module-tokens", type=int, callback=_positive, help="Module size cap.")
@@ -180,6 +186,7 @@ def serve_command(config_path: Path | None, log_json: bool, **flags: Any) -> Non
     from .._daemon.http import LOOPBACK
 
     _, err, _ = start_command(log_json, tty_level="info")
+    flags["executor"] = flags.pop("executor_kind")  # the setting's name
     try:
         settings = _serve.ServeSettings.load(config_path, flags)
     except (ValueError, TypeError) as e:
@@ -223,7 +230,11 @@ def serve_command(config_path: Path | None, log_json: bool, **flags: Any) -> Non
             except BaseExceptionGroup as group:
                 # Settings that cannot work, found as the nursery starts.
                 leaves = leaf_exceptions(group)
-                expected = [e for e in leaves if isinstance(e, ValueError | StoreError)]
+                expected = [
+                    e
+                    for e in leaves
+                    if isinstance(e, ValueError | StoreError | ClusterUnavailableError)
+                ]
                 if len(expected) != len(leaves):
                     raise
                 raise expected[0] from group
@@ -237,6 +248,8 @@ def serve_command(config_path: Path | None, log_json: bool, **flags: Any) -> Non
         )
     except StoreError as e:
         _fail(err, EXIT_BAD_INPUT, "store", e)
+    except ClusterUnavailableError as e:
+        _fail(err, EXIT_LLM, "Ray cluster", e)
     except local.LocalLLMError as e:
         _fail(err, EXIT_LLM, "local model", e)
     except KeyboardInterrupt:

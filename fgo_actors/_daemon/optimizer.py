@@ -48,6 +48,7 @@ from ..actors.run import prompt_budgets
 from ..actors.state import RunConfig, RunState
 from ..agent.envs import Task
 from ..agent.eval import evaluate
+from ..agent.executor import Executor
 from ..agent.rollout import AgentConfig
 from . import defaults
 from .events import EventBus
@@ -64,11 +65,16 @@ class ValidationConfig:
     """Gate publication on validation tasks: a candidate is published only if
     the reference agent does not do worse with it than with the current
     version (mean score, then success rate); otherwise it is kept as rejected,
-    with its scores."""
+    with its scores.
+
+    The episodes are played on ``executor``: by default ``workers`` threads of
+    the daemon's process, through its agent gateway; a RayExecutor plays them
+    as Ray tasks, whose workers call the LLM themselves."""
 
     tasks: tuple[Task, ...]
     agent: AgentConfig = attrs.field(factory=lambda: AgentConfig(max_steps=8))
     workers: int = 1
+    executor: Executor | None = attrs.field(default=None, eq=False)
 
     def __attrs_post_init__(self) -> None:
         if not self.tasks:
@@ -761,6 +767,7 @@ class StreamingOptimizer:
                     label=key,
                     workers=validation.workers,
                     config=validation.agent,
+                    executor=validation.executor,
                 )
                 self._values[key] = {
                     "score": round(summary.score_mean, 4),

@@ -19,6 +19,7 @@ from .._core.model import Module
 from .._llm.gateway import GatewayConfig
 from ..actors.state import RunConfig
 from ..agent.envs import parse_tasks
+from ..agent.executor import EXECUTOR_KINDS, RayExecutor, make_executor
 from ..agent.rollout import AgentConfig
 from . import defaults
 from .ingest import parse_body
@@ -57,7 +58,13 @@ class ServeSettings:
     validate: str | None = None
     params: str = ""
     max_steps: int = defaults.VALIDATE_MAX_STEPS
-    validate_workers: int = 1
+    # Validation episodes at once: threads (default 1), or Ray tasks in flight
+    # (default: one per CPU of the cluster).
+    validate_workers: int | None = None
+    # Where validation episodes are played: "local" threads, or "ray" tasks on
+    # the cluster at ray_address (None: RAY_ADDRESS, else a local Ray).
+    executor: str = attrs.field(default="local", validator=attrs.validators.in_(EXECUTOR_KINDS))
+    ray_address: str | None = None
     # The optimizer LLM.
     base_url: str | None = None
     model: str = "default"
@@ -153,7 +160,13 @@ def daemon_config(settings: ServeSettings, gateway: GatewayConfig, context: int)
         validation = ValidationConfig(
             tasks=tuple(parse_tasks(settings.validate, params=settings.params)),
             agent=AgentConfig(max_steps=settings.max_steps),
-            workers=settings.validate_workers,
+            workers=settings.validate_workers or 1,
+            executor=make_executor(
+                settings.executor,
+                address=settings.ray_address,
+                workers=settings.validate_workers,
+                local_workers=1,
+            ),
         )
     return DaemonConfig(
         store=settings.store,
@@ -182,6 +195,9 @@ async def run_daemon(settings: ServeSettings, config: DaemonConfig) -> None:
 
     log = structlog.get_logger()
     shutdown = trio.Event()
+    executor = config.validation.executor if config.validation else None
+    if isinstance(executor, RayExecutor):
+        await executor.connect()  # an unreachable cluster fails the start, not a publish
     async with (
         open_optimizer(config, grace=settings.grace) as optimizer,
         trio.open_nursery() as nursery,

@@ -39,6 +39,7 @@ from .._core.tokens import TokenCounter
 from .._llm.gateway import LLMGateway
 from ..agent.envs import Task
 from ..agent.eval import evaluate
+from ..agent.executor import Executor, LLMUsage
 from ..agent.rollout import AgentConfig
 from . import optimize_unit
 from .merger import ForestRunner, merge_modules
@@ -201,11 +202,15 @@ class OnlineResult:
 
 
 class _Episodes:
-    """Plays (module, task) pairs once and remembers the outcomes."""
+    """Plays (module, task) pairs once, on ``executor`` (None: ``config.workers``
+    threads), and remembers the outcomes."""
 
-    def __init__(self, gateway: LLMGateway, config: OnlineConfig) -> None:
+    def __init__(
+        self, gateway: LLMGateway, config: OnlineConfig, executor: Executor | None = None
+    ) -> None:
         self.gateway = gateway
         self.config = config
+        self.executor = executor
         self.episodes: dict[tuple[str, str], Trajectory] = {}
         self.played = 0
 
@@ -221,6 +226,7 @@ class _Episodes:
                 label=key,
                 workers=self.config.workers,
                 config=self.config.agent,
+                executor=self.executor,
             )
             self.played += len(played)
             for traj in played:
@@ -238,8 +244,13 @@ async def optimize_online(
     *,
     initial: Module | None = None,
     state: RunState | None = None,
+    executor: Executor | None = None,
 ) -> OnlineResult:
-    """Improve ``initial`` (default: empty) by playing ``tasks``; see the module docstring."""
+    """Improve ``initial`` (default: empty) by playing ``tasks``; see the module docstring.
+
+    The episodes are played on ``executor`` (by default ``config.workers``
+    threads here, through ``gateway``); what its workers spent on the LLM
+    outside ``gateway`` (Ray) is counted under the ``agent`` role."""
     if not tasks:
         raise ValueError("no tasks to optimize on")
     config = config or OnlineConfig()
@@ -249,7 +260,8 @@ async def optimize_online(
     initial = initial or Module()
     log = structlog.get_logger()
     before = gateway.statistics()
-    episodes = _Episodes(gateway, config)
+    spent_before = executor.usage if executor is not None else LLMUsage()
+    episodes = _Episodes(gateway, config, executor)
     subsets = split_tasks(tasks, config.tasks_per_subset, config.seed)
     state.subsets_total = len(subsets)
     state.phase = "optimizing"
@@ -361,6 +373,16 @@ async def optimize_online(
     assert root is not None
     state.phase = "done"
     used = gateway.statistics().since(before)
+    prompt, completion, calls = (
+        dict(used.prompt_tokens),
+        dict(used.completion_tokens),
+        dict(used.calls),
+    )
+    elsewhere = (executor.usage if executor is not None else LLMUsage()) - spent_before
+    if elsewhere != LLMUsage():
+        prompt["agent"] = prompt.get("agent", 0) + elsewhere.prompt_tokens
+        completion["agent"] = completion.get("agent", 0) + elsewhere.completion_tokens
+        calls["agent"] = calls.get("agent", 0) + elsewhere.calls
     return OnlineResult(
         module=state.nodes[root].module,
         root=root,
@@ -368,9 +390,9 @@ async def optimize_online(
         gates=tuple(gates),
         nodes=dict(state.nodes),
         episodes=episodes.played,
-        prompt_tokens=dict(used.prompt_tokens),
-        completion_tokens=dict(used.completion_tokens),
-        calls=dict(used.calls),
+        prompt_tokens=prompt,
+        completion_tokens=completion,
+        calls=calls,
         wall_seconds=state.now(),
         failures=len(state.failures),
     )

@@ -2,9 +2,10 @@
 
 Optimizing from logs is cheap; playing the agent is what costs. An executor
 plays a list of tasks with one :class:`Policy` and sends each Trajectory to
-a channel as it finishes, so every caller (``fgo collect``, ``fgo eval``)
-streams results, shows progress and caches episodes the same way whichever
-executor runs them.
+a channel as it finishes, so every caller (``fgo collect``, ``fgo eval``,
+``fgo bench``, ``fgo optimize --env``, ``fgo serve --validate``) streams
+results, shows progress and caches episodes the same way whichever executor
+runs them.
 
 - :class:`LocalExecutor` is the reference agent's worker threads
   (``rollout.play_tasks``), unchanged: the agent's LLM calls go through the
@@ -49,6 +50,12 @@ from .envs import Environment, Task
 from .rollout import AgentConfig
 
 PolicyKind = Literal["llm", "oracle"]
+
+
+ExecutorKind = Literal["local", "ray"]
+
+
+EXECUTOR_KINDS: tuple[ExecutorKind, ...] = ("local", "ray")
 
 
 @attrs.frozen
@@ -153,6 +160,19 @@ def failed_episode(task: Task, policy: Policy, error: str) -> Trajectory:
     )
 
 
+def make_executor(
+    kind: str, *, address: str | None = None, workers: int | None = None, local_workers: int = 1
+) -> Executor:
+    """The executor ``kind`` names: Ray tasks at ``address`` (None: ``RAY_ADDRESS``,
+    else a local Ray), ``workers`` of them in flight (None: one per CPU of
+    the cluster); or ``workers or local_workers`` threads of this process."""
+    if kind == "ray":
+        return RayExecutor(address=address, max_in_flight=workers)
+    if kind == "local":
+        return LocalExecutor(workers=workers or local_workers)
+    raise ValueError(f"the executor must be one of {', '.join(EXECUTOR_KINDS)}; got {kind!r}")
+
+
 # -- on the worker ------------------------------------------------------------------
 #
 # A worker process keeps its environments between tasks: a TextWorldExpress
@@ -193,6 +213,13 @@ class LLMUsage:
             self.calls + other.calls,
             self.prompt_tokens + other.prompt_tokens,
             self.completion_tokens + other.completion_tokens,
+        )
+
+    def __sub__(self, other: LLMUsage) -> LLMUsage:
+        return LLMUsage(
+            self.calls - other.calls,
+            self.prompt_tokens - other.prompt_tokens,
+            self.completion_tokens - other.completion_tokens,
         )
 
 
@@ -315,6 +342,12 @@ class RayExecutor:
     poll_seconds: float = 0.2
     usage: LLMUsage = attrs.field(factory=LLMUsage, init=False)
 
+    async def connect(self) -> None:
+        """Reach the cluster now (or start the local Ray): a long-running caller
+        (``fgo serve --validate``) fails at its start, not at its first
+        episode. ClusterUnavailableError when it cannot."""
+        await trio.to_thread.run_sync(lambda: connect_ray(self.address, num_cpus=self.num_cpus))
+
     async def play(
         self,
         tasks: Sequence[Task],
@@ -325,7 +358,7 @@ class RayExecutor:
     ) -> None:
         if policy.kind == "llm" and policy.gateway is None:
             raise ValueError("the ray executor needs the llm policy's gateway config")
-        await trio.to_thread.run_sync(lambda: connect_ray(self.address, num_cpus=self.num_cpus))
+        await self.connect()
         ray = _ray()
         in_flight = self.max_in_flight or max(
             1, int(ray.cluster_resources().get("CPU", 1) // self.cpus_per_episode)
