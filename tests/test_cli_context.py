@@ -67,3 +67,12 @@ def test_the_local_model_is_sent_json_object_without_asking() -> None:
     assert mode(8192, None) == mode(8192, "auto") == "json_object"
     assert mode(None, None) == "auto"
     assert mode(8192, "none") == "none"
+
+
+def test_the_local_models_replies_are_capped_lower() -> None:
+    from fgo_actors._cli.common import default_completion_tokens
+
+    assert default_completion_tokens(8192) == 2048
+    assert default_completion_tokens(8192, local=True) == 1024
+    assert default_completion_tokens(4096, local=True) == default_completion_tokens(4096) == 1024
+    assert default_completion_tokens(2048, local=True) == 512

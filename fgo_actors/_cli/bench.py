@@ -202,7 +202,8 @@ def bench_command(
             workers=workers or 1,
         )
         executor = make_executor(executor_kind, ray_address, workers, 1)
-        gw_config = attrs.evolve(gw_config, max_completion_tokens=default_completion_tokens(ctx))
+        completion = default_completion_tokens(ctx, local=local_ctx is not None)
+        gw_config = attrs.evolve(gw_config, max_completion_tokens=completion)
         log = structlog.get_logger()
         bar = Progress(
             TextColumn("{task.description:<24}"),

@@ -425,9 +425,13 @@ def _check_module_and_report(err: Console, out: Path, report_path: Path) -> None
     _check_outputs(err, out, report_path)
 
 
-def default_completion_tokens(context_tokens: int) -> int:
-    """An optimize or merge reply's cap: a quarter of the context, at most 2048."""
-    return min(2048, context_tokens // 4)
+def default_completion_tokens(context_tokens: int, *, local: bool = False) -> int:
+    """An optimize or merge reply's cap: a quarter of the context, at most
+    2048, or 1024 for the local model. Its replies that reach 2048 tokens are
+    a loop of repeats (its median is 141-335), whose first whole actions are
+    kept (``_llm.replies``); on a slow machine the other 1,000 tokens cost
+    about 5 minutes (measured: 794 s for a reply cut at 2048)."""
+    return min(1024 if local else 2048, context_tokens // 4)
 
 
 def _unwritable(target: Path) -> str | None:

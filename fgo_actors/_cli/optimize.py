@@ -389,7 +389,8 @@ def optimize(
             local_ctx,
             api_key_env=api_key_env,
             max_concurrency=max_concurrency,
-            max_completion_tokens=max_completion_tokens or default_completion_tokens(ctx),
+            max_completion_tokens=max_completion_tokens
+            or default_completion_tokens(ctx, local=local_ctx is not None),
             **llm_options,
         )
         return run_config, gw_config
@@ -509,7 +510,9 @@ def _optimize_online(
 
     async def play(gw_config: GatewayConfig, local_ctx: int | None) -> OnlineResult:
         ctx = context_for(context_tokens, local_ctx)
-        completion = max_completion_tokens or default_completion_tokens(ctx)
+        completion = max_completion_tokens or default_completion_tokens(
+            ctx, local=local_ctx is not None
+        )
         # No --call-timeout: keep the default gateway_config chose (local or remote).
         given = {k: v for k, v in gateway_options.items() if v is not None or k != "call_timeout"}
         gw_config = attrs.evolve(gw_config, max_completion_tokens=completion, **given)

@@ -214,7 +214,7 @@ def serve_command(config_path: Path | None, log_json: bool, **flags: Any) -> Non
                 api_key_env=settings.api_key_env,
                 max_concurrency=settings.max_concurrency,
                 max_completion_tokens=settings.max_completion_tokens
-                or default_completion_tokens(ctx),
+                or default_completion_tokens(ctx, local=local_ctx is not None),
                 **optimizer_options(
                     token_budget=settings.token_budget,
                     call_timeout=settings.call_timeout,
