@@ -51,7 +51,9 @@ steps = st.lists(
 def test_every_trace_leaves_once_with_all_its_spans_and_the_caps_hold(
     steps: list[Any], max_traces: int
 ) -> None:
-    book = Waiting(RULE, wait_s=60, settle_s=5, max_traces=max_traces, max_spans_per_trace=3)
+    book = Waiting(
+        RULE, wait_s=60, settle_s=5, max_traces=max_traces, max_spans_per_trace=3, max_spans=6
+    )
     now = 0.0
     kept: Counter[str] = Counter()
     left: Counter[str] = Counter()
@@ -65,6 +67,8 @@ def test_every_trace_leaves_once_with_all_its_spans_and_the_caps_hold(
                 assert any(SUCCESS in s.attributes for s in due.spans) or due.feedback
             assert len(due.spans) <= 3
         assert len(book) <= max_traces
+        assert book.spans <= 6 or len(book) == 1
+        assert book.spans == sum(len(e.spans) for e in book._entries.values())
 
     for step in steps:
         if step[0] == "spans":
@@ -118,6 +122,14 @@ def test_past_the_count_the_oldest_is_evicted() -> None:
         book.add_spans([span(trace, 1)], float(trace))
     (due,) = book.due(3.0)
     assert (due.trace_id, due.why) == (f"{0:032x}", "evicted")
+
+
+def test_past_the_spans_the_oldest_is_evicted() -> None:
+    book = Waiting(RULE, wait_s=60, settle_s=5, max_spans=3)
+    book.add_spans([span(0, 1), span(0, 2)], 0.0)
+    book.add_spans([span(1, 1), span(1, 2)], 1.0)
+    (due,) = book.due(2.0)
+    assert (due.trace_id, due.why, book.spans) == (f"{0:032x}", "evicted", 2)
 
 
 def test_bad_bounds_are_refused() -> None:

@@ -69,6 +69,7 @@ class TraceSettings:
     trace_settle: float = 5.0  # quiet seconds that complete a trace with no root span
     max_waiting_traces: int = 10_000
     max_spans_per_trace: int = 10_000
+    max_waiting_spans: int = 200_000  # all waiting traces together
 
 
 @attrs.frozen
@@ -182,6 +183,7 @@ class TraceIngest:
             settle_s=settings.trace_settle,
             max_traces=settings.max_waiting_traces,
             max_spans_per_trace=settings.max_spans_per_trace,
+            max_spans=settings.max_waiting_spans,
         )
         self.clock = clock
         # spans, traces converted, and each skip and repair, by reason

@@ -14,8 +14,8 @@ in and persists what it needs to. A trace leaves it, as a :class:`Due`, when
 - it has **expired**: ``wait_s`` have passed since it was first seen, outcome
   or not (the caller converts it anyway: without an outcome it is skipped
   with its reason, never given one);
-- it is **evicted**: more than ``max_traces`` are waiting, and it is the
-  oldest.
+- it is **evicted**: more than ``max_traces`` are waiting, or they hold more
+  than ``max_spans`` spans together, and it is the oldest.
 
 Feedback for a trace not seen yet waits the same way, so the two may arrive
 in either order.
@@ -36,6 +36,8 @@ DEFAULT_WAIT_S = 600.0
 DEFAULT_SETTLE_S = 5.0
 DEFAULT_MAX_TRACES = 10_000
 DEFAULT_MAX_SPANS_PER_TRACE = 10_000
+# All traces together: a few hundred MB of spans at most.
+DEFAULT_MAX_SPANS = 200_000
 
 Why = Literal["ready", "expired", "evicted"]
 
@@ -82,10 +84,12 @@ class Waiting:
         settle_s: float = DEFAULT_SETTLE_S,
         max_traces: int = DEFAULT_MAX_TRACES,
         max_spans_per_trace: int = DEFAULT_MAX_SPANS_PER_TRACE,
+        max_spans: int = DEFAULT_MAX_SPANS,
     ) -> None:
-        if wait_s <= 0 or settle_s < 0 or max_traces < 1 or max_spans_per_trace < 1:
+        if wait_s <= 0 or settle_s < 0 or min(max_traces, max_spans_per_trace, max_spans) < 1:
             raise ValueError(
-                "wait_s must be > 0, settle_s >= 0, max_traces and max_spans_per_trace >= 1"
+                "wait_s must be > 0, settle_s >= 0, and max_traces, max_spans_per_trace "
+                "and max_spans >= 1"
             )
         # Feedback is given per trace (add_feedback), not through the rule.
         self.rule = attrs.evolve(rule, feedback={})
@@ -93,7 +97,9 @@ class Waiting:
         self.settle_s = settle_s
         self.max_traces = max_traces
         self.max_spans_per_trace = max_spans_per_trace
+        self.max_spans = max_spans
         self._entries: dict[str, _Entry] = {}
+        self._spans = 0
 
     def __len__(self) -> int:
         return len(self._entries)
@@ -104,7 +110,7 @@ class Waiting:
     @property
     def spans(self) -> int:
         """How many spans are held, over all traces."""
-        return sum(len(e.spans) for e in self._entries.values())
+        return self._spans
 
     def _entry(self, trace_id: str, now: float) -> _Entry:
         entry = self._entries.get(trace_id)
@@ -126,6 +132,7 @@ class Waiting:
                 over.append(span)
                 continue
             entry.spans[span.span_id] = span
+            self._spans += 1
             entry.last_span = now
             entry.has_root = entry.has_root or span.parent_id is None
             kept.append(span)
@@ -170,12 +177,15 @@ class Waiting:
                 out.append(self._pop(trace_id, "expired"))
             elif self._ready(trace_id, entry, now):
                 out.append(self._pop(trace_id, "ready"))
-        while len(self._entries) > self.max_traces:
+        while len(self._entries) > self.max_traces or (
+            self._spans > self.max_spans and len(self._entries) > 1
+        ):
             out.append(self._pop(next(iter(self._entries)), "evicted"))
         return out
 
     def _pop(self, trace_id: str, why: Why) -> Due:
         entry = self._entries.pop(trace_id)
+        self._spans -= len(entry.spans)
         return Due(trace_id, tuple(entry.spans.values()), entry.feedback, why)
 
     def next_check(self, now: float) -> float | None:
