@@ -481,7 +481,9 @@ def convert_trace(
     if not any(s.role != "tool" for s in conversation.steps):
         detail = (
             f"{llm_spans} LLM span(s) but no message content in them (is the instrumentation "
-            "capturing content? e.g. OTEL_INSTRUMENTATION_GENAI_CAPTURE_MESSAGE_CONTENT=true)"
+            "capturing content? e.g. OTEL_INSTRUMENTATION_GENAI_CAPTURE_MESSAGE_CONTENT=span_only "
+            "for opentelemetry-instrumentation-openai-v2 with opentelemetry-util-genai 1.x, "
+            "=true with older ones; TRACELOOP_TRACE_CONTENT=true for OpenLLMetry)"
             if llm_spans
             else f"no LLM span ({convention} convention) among its {len(ordered)} span(s)"
         )
