@@ -516,12 +516,17 @@ async def test_a_function_still_broken_after_a_reask_is_dropped_and_the_rest_kep
     assert "code does not compile" in read["functions_dropped"][0]
 
 
-async def test_a_reply_with_only_a_broken_function_fails_the_unit(start_llm: StartLLM) -> None:
+async def test_a_reply_with_only_a_broken_function_fails_the_unit_after_one_reask(
+    start_llm: StartLLM,
+) -> None:
+    """Re-asked once, the function still fails and nothing else came with it:
+    the unit fails without spending the gateway's second re-ask."""
+
     def only_broken(body: dict[str, Any]) -> str:
         return json.dumps({"actions": [{"op": "add_function", "function": BROKEN}]})
 
     server, url = await start_llm(policy=only_broken)
-    async with LLMGateway(GatewayConfig(base_url=url, model="m", max_reasks=1)) as gw:
+    async with LLMGateway(GatewayConfig(base_url=url, model="m", max_reasks=2)) as gw:
         with pytest.raises(UnitFailedError, match="code does not compile"):
             await optimize_subset(
                 gw, Module(), rendered(solved()), subset_id="s001", module_tokens=800

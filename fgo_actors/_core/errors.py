@@ -69,8 +69,14 @@ class BudgetExhaustedError(FGOError):
 class ReplyRejectedError(FGOError):
     """An LLM reply was not acceptable (bad JSON, schema mismatch, unknown id).
 
-    The message is written so it can be shown to the LLM in a re-ask.
+    The message is written so it can be shown to the LLM in a re-ask. With
+    ``reask=False`` the caller knows another re-ask would not help: the unit
+    fails at once (UnitFailedError), the reply not kept.
     """
+
+    def __init__(self, message: str, *, reask: bool = True) -> None:
+        super().__init__(message)
+        self.reask = reask
 
 
 class UnitFailedError(FGOError):

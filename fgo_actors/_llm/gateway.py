@@ -406,6 +406,9 @@ class LLMGateway:
                 self._log.warning(
                     "llm_reply_rejected", role=role, attempt=attempt + 1, error=error[:500]
                 )
+                if not e.reask:
+                    attempts = attempt + 1
+                    break
         raise UnitFailedError(f"{role} reply still invalid after {attempts} attempts: {error}")
 
     async def chat(
