@@ -4,7 +4,9 @@ The agent's LLM is the scripted loopback server with a fixed latency per
 reply, so the figure is the executors' own cost around a known LLM wait;
 the oracle rows play without an LLM, so there only the simulator and the
 executor cost. Ray gets the same CPUs as the threads (``--cpus``), and the
-ratio of the two is what to read on a shared, noisy machine.
+ratio of the two is what to read on a shared, noisy machine. ``first s`` is
+the wait for the first episode: what starting a run costs (the Ray actors'
+processes and environments, the threads' environments), paid once per run.
 
     .venv/bin/python scripts/bench_executor.py --episodes 8 --latency 0.2
 """
@@ -44,10 +46,11 @@ def start_server(latency: float) -> tuple[subprocess.Popen[bytes], str]:
     return proc, match.group(1)
 
 
-async def play(executor: Executor, tasks: list[Task], policy: Policy) -> tuple[float, int]:
+async def play(executor: Executor, tasks: list[Task], policy: Policy) -> tuple[float, int, float]:
     send, receive = trio.open_memory_channel[Trajectory](0)
     started = time.perf_counter()
     n = 0
+    first = 0.0
     async with trio.open_nursery() as nursery:
         gateway = None
         if policy.gateway is not None:
@@ -55,10 +58,12 @@ async def play(executor: Executor, tasks: list[Task], policy: Policy) -> tuple[f
         nursery.start_soon(lambda: executor.play(tasks, policy, send, gateway=gateway))
         async with receive:
             async for _ in receive:
+                if not n:
+                    first = time.perf_counter() - started
                 n += 1
         if gateway is not None:
             await gateway.aclose()
-    return time.perf_counter() - started, n
+    return time.perf_counter() - started, n, first
 
 
 def main() -> None:
@@ -78,7 +83,7 @@ def main() -> None:
             "agent": Policy(kind="llm", agent=agent, gateway=gw),
             "oracle": Policy(kind="oracle", agent=agent),
         }
-        rows: list[tuple[str, str, float, int]] = []
+        rows: list[tuple[str, str, float, int, float]] = []
 
         async def run_all() -> None:
             for name, policy in policies.items():
@@ -91,9 +96,9 @@ def main() -> None:
                         "ray": RayExecutor(max_in_flight=args.cpus),
                     }
                     for label, executor in executors.items():
-                        wall, n = await play(executor, tasks, policy)
+                        wall, n, first = await play(executor, tasks, policy)
                         if round_ == "measured":
-                            rows.append((name, label, wall, n))
+                            rows.append((name, label, wall, n, first))
 
         trio.run(run_all)
     finally:
@@ -103,11 +108,11 @@ def main() -> None:
         f"{args.episodes} episodes of {args.steps} turns, LLM latency {args.latency} s, "
         f"{args.cpus} threads / Ray CPUs"
     )
-    print(f"{'policy':<8}{'executor':<10}{'wall s':>8}{'episodes/s':>12}")
+    print(f"{'policy':<8}{'executor':<10}{'wall s':>8}{'episodes/s':>12}{'first s':>9}")
     walls: dict[tuple[str, str], float] = {}
-    for name, label, wall, n in rows:
+    for name, label, wall, n, first in rows:
         walls[(name, label)] = wall
-        print(f"{name:<8}{label:<10}{wall:>8.2f}{n / wall:>12.2f}")
+        print(f"{name:<8}{label:<10}{wall:>8.2f}{n / wall:>12.2f}{first:>9.2f}")
     for name in policies:
         local, ray_ = walls[(name, "local")], walls[(name, "ray")]
         per = (ray_ - local) / args.episodes * args.cpus
