@@ -192,6 +192,21 @@ def make_app(
 
         return wrapper
 
+    def saturated() -> Response:
+        return _error(
+            429,
+            "the optimizer is saturated; nothing was stored; retry later",
+            {"Retry-After": str(retry_after)},
+        )
+
+    def store_full(e: StoreFullError) -> Response:
+        structlog.get_logger().error("store_full", error=str(e))
+        return _error(
+            507,
+            f"{e}; nothing of this body was stored; free space, then send it again",
+            {"Retry-After": str(FULL_DISK_RETRY_AFTER)},
+        )
+
     async def post_trajectories(request: Request) -> Response:
         # The body is read even when the answer is 429: a server that answers
         # before reading must drop the connection, and the client would see a
@@ -210,11 +225,7 @@ def make_app(
                 "(application/json or application/x-ndjson)",
             )
         if optimizer.saturated:
-            return _error(
-                429,
-                "the optimizer is saturated; nothing was stored; retry later",
-                {"Retry-After": str(retry_after)},
-            )
+            return saturated()
         try:
             text = await trio.to_thread.run_sync(raw.decode, "utf-8")
         except UnicodeDecodeError as e:
@@ -222,12 +233,7 @@ def make_app(
         try:
             result = await optimizer.submit_text(text, max_record_bytes=max_record_bytes)
         except StoreFullError as e:
-            structlog.get_logger().error("store_full", error=str(e))
-            return _error(
-                507,
-                f"{e}; nothing of this body was stored; free space, then send it again",
-                {"Retry-After": str(FULL_DISK_RETRY_AFTER)},
-            )
+            return store_full(e)
         return JSONResponse(result.to_json(), status_code=202)
 
     async def read_write(request: Request) -> bytes | Response:
@@ -260,11 +266,7 @@ def make_app(
                 "or application/x-protobuf",
             )
         if optimizer.saturated:
-            return _error(
-                429,
-                "the optimizer is saturated; nothing was stored; retry later",
-                {"Retry-After": str(retry_after)},
-            )
+            return saturated()
         try:
             spans, problems = await trio.to_thread.run_sync(parse_traces_body, body, kind)
         except OTLPBodyError as e:
@@ -272,12 +274,7 @@ def make_app(
         try:
             receipt = await traces.receive_spans(spans, problems)
         except StoreFullError as e:
-            structlog.get_logger().error("store_full", error=str(e))
-            return _error(
-                507,
-                f"{e}; nothing of this body was stored; free space, then send it again",
-                {"Retry-After": str(FULL_DISK_RETRY_AFTER)},
-            )
+            return store_full(e)
         answer = receipt.otlp_json()
         if kind == "application/x-protobuf":
             from google.protobuf import json_format
@@ -306,11 +303,7 @@ def make_app(
         try:
             receipt = await traces.receive_feedback(records, problems)
         except StoreFullError as e:
-            return _error(
-                507,
-                f"{e}; nothing of this body was stored; free space, then send it again",
-                {"Retry-After": str(FULL_DISK_RETRY_AFTER)},
-            )
+            return store_full(e)
         return JSONResponse(receipt.to_json(), status_code=202)
 
     async def get_module(request: Request) -> Response:
