@@ -96,9 +96,9 @@ def main() -> None:
                         "ray": RayExecutor(max_in_flight=args.cpus),
                     }
                     for label, executor in executors.items():
-                        wall, n, first = await play(executor, tasks, policy)
+                        wall, n, first_s = await play(executor, tasks, policy)
                         if round_ == "measured":
-                            rows.append((name, label, wall, n, first))
+                            rows.append((name, label, wall, n, first_s))
 
         trio.run(run_all)
     finally:
