@@ -60,6 +60,10 @@ class _Entry:
     spans: dict[str, Span] = attrs.field(factory=dict)
     feedback: Feedback | None = None
     has_root: bool = False
+    # Whether its outcome was looked for, settled, since the last span or
+    # feedback: it is looked for again only after a change, not on every
+    # request for every waiting trace.
+    judged: bool = False
 
 
 @attrs.frozen
@@ -132,6 +136,7 @@ class Waiting:
                 over.append(span)
                 continue
             entry.spans[span.span_id] = span
+            entry.judged = False
             self._spans += 1
             entry.last_span = now
             entry.has_root = entry.has_root or span.parent_id is None
@@ -145,6 +150,7 @@ class Waiting:
         if entry.feedback is not None:
             return False
         entry.feedback = feedback
+        entry.judged = False
         return True
 
     def feedback_of(self, trace_id: str) -> Feedback | None:
@@ -166,7 +172,10 @@ class Waiting:
         settled = entry.has_root or (
             entry.last_span is not None and now - entry.last_span >= self.settle_s
         )
-        return settled and self._has_outcome(trace_id, entry)
+        if not settled or entry.judged:
+            return False
+        entry.judged = True
+        return self._has_outcome(trace_id, entry)
 
     def due(self, now: float) -> list[Due]:
         """Remove and return every trace that is ready, expired or evicted at
