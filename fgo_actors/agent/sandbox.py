@@ -61,8 +61,16 @@ does protect:
   measured (cgroup v1: the kernel's migration lock waits for an RCU grace
   period; the mount option ``favordynmods`` makes that cheaper).
 
-What it does *not* do: there is no seccomp filter, so every system call is
-open to it. Without a mount namespace (``sandbox_files_not_confined`` is
+- **system calls that reach past all of that**: a seccomp filter
+  (:mod:`.seccomp`, built with libseccomp) refuses new sockets (so no
+  network, and no daemon's Unix socket, even without a network namespace),
+  ``ptrace`` and the other ways into another process, new namespaces,
+  mounts, ``io_uring``, ``bpf`` and the kernel interfaces containers refuse
+  too. It holds for everything the code starts. Without libseccomp (logged
+  once as ``sandbox_no_seccomp``) there is no filter.
+
+What it does *not* do: the filter is a deny-list, so the system calls it
+does not name are open to the code. Without a mount namespace (``sandbox_files_not_confined`` is
 logged), the code runs as our user and can read any file we can read
 (``~/.ssh``, the project) and write anywhere we can write; as root it can
 then also write itself out of its cgroup. Without a cgroup (logged once as
@@ -72,7 +80,8 @@ for as long as the timeout lets it run. Even with one, CPU time is limited
 per process (``RLIMIT_CPU``, no cpu controller): N processes may each use
 ``cpu_seconds``, within the timeout; disk and network I/O bandwidth are not
 limited. Without ``unshare`` (logged once as ``sandbox_not_isolated``), it
-can also open network connections and see our processes, and without a
+can also see our processes (and open network connections where there is no
+filter either), and without a
 cgroup too, outlive the call with ``setsid``. For code from an adversary,
 put this inside a real sandbox (a container with no network, gVisor, nsjail,
 a separate VM).
@@ -103,6 +112,8 @@ from typing import Any
 import attrs
 import structlog
 import trio
+
+from . import seccomp
 
 # Extra room on the result channel beyond ``output_bytes``: the JSON envelope
 # around the value, or an error message (the runner cuts those to 1000
@@ -802,7 +813,8 @@ def _new_cgroup(limits: SandboxLimits) -> _CallCgroup | None:
 
 def _runner_argv(prefix: Sequence[str], limits: SandboxLimits, setup: dict[str, Any]) -> list[str]:
     """The command that runs the runner with ``limits``; ``setup`` names the
-    call's cgroup (``"cgroup"``) and its jail (``"root"``, ...), each optional."""
+    call's cgroup (``"cgroup"``), its jail (``"root"``, ...) and its system-call
+    filter (``"seccomp"``), each optional."""
     argv = [
         *prefix,
         sys.executable,
@@ -834,6 +846,8 @@ async def _run_in(
         setup["cgroup"] = cgroup.procs_files()
     if await trio.to_thread.run_sync(confines_files):
         setup.update(root=root, read_only=_read_only_paths(), writable=list(writable))
+    if (program := await trio.to_thread.run_sync(seccomp.program)) is not None:
+        setup["seccomp"] = program
     argv = _runner_argv(prefix, limits, setup)
     breach: str | None = None
     started = trio.current_time()

@@ -3,7 +3,7 @@
 FGO never imports this module. ``sandbox.py`` reads its text and passes it to
 ``python -I -c``, with the limits in argv (memory MB, CPU seconds, open
 files, file size MB, result cap in bytes, then optionally a JSON object
-naming the call's cgroup and the file-system jail) and the request (code,
+naming the call's cgroup, the file-system jail and the system-call filter) and the request (code,
 function name, arguments) as JSON on stdin. It uses only the standard library, so the
 child imports nothing of ours. It lives in a file of its own so that it is
 linted and type-checked like the rest of the package.
@@ -33,6 +33,10 @@ together, so the code cannot raise them again (CPU keeps one second of
 headroom so SIGXCPU comes before SIGKILL); a limit we are not allowed to raise
 to the asked-for value is only ever lowered.
 
+The system-call filter, when the parent sends one, is installed after the
+limits, the runner's last step before it reads the request: it refuses the
+mounts that confining needed, and everything the code does comes after it.
+
 The code runs in a child of this runner, which holds the result channel: the
 child has no descriptor for it (closed after the fork), only a pipe for its
 own outcome, so whatever it writes is at most its own return value. The
@@ -61,6 +65,7 @@ MS_RDONLY, MS_NOSUID, MS_NODEV, MS_NOEXEC = 1, 2, 4, 8
 MS_REMOUNT, MS_BIND, MS_REC, MS_PRIVATE = 32, 4096, 16384, 1 << 18
 MNT_DETACH = 2
 PR_SET_NO_NEW_PRIVS = 38
+PR_SET_SECCOMP, SECCOMP_MODE_FILTER = 22, 2
 SYSCALLS = {
     "x86_64": {"pivot_root": 155, "capset": 126},
     "aarch64": {"pivot_root": 41, "capset": 91},
@@ -154,6 +159,28 @@ def confine(root: str, read_only: list[str], writable: list[str]) -> None:
     header = (ctypes.c_uint32 * 2)(0x20080522, 0)  # _LINUX_CAPABILITY_VERSION_3, this process
     data = (ctypes.c_uint32 * 6)()  # effective, permitted, inheritable: none, twice 32 bits
     _check(libc.syscall(calls["capset"], header, data), "capset")
+
+
+class _SockFprog(ctypes.Structure):
+    """``struct sock_fprog``: how many ``struct sock_filter`` records, and where."""
+
+    _fields_ = (("len", ctypes.c_ushort), ("filter", ctypes.c_void_p))
+
+
+def install_filter(program: bytes) -> None:
+    """Install a seccomp BPF program (``seccomp.py`` builds it) for this process
+    and every process it starts; no_new_privs first, which lets an unprivileged
+    process install one and keeps it from ever gaining privileges. Raises
+    JailError when the kernel refuses."""
+    if not program or len(program) % 8:
+        raise JailError(0, f"a seccomp program is whole 8-byte records, not {len(program)} bytes")
+    libc = _libc()
+    ulong = ctypes.c_ulong
+    _check(libc.prctl(PR_SET_NO_NEW_PRIVS, ulong(1), ulong(0), ulong(0), ulong(0)), "no_new_privs")
+    records = ctypes.create_string_buffer(program, len(program))
+    fprog = _SockFprog(len(program) // 8, ctypes.cast(records, ctypes.c_void_p))
+    mode = ulong(SECCOMP_MODE_FILTER)
+    _check(libc.prctl(PR_SET_SECCOMP, mode, ctypes.byref(fprog), ulong(0), ulong(0)), "seccomp")
 
 
 def join_cgroup(procs_files: list[str]) -> None:
@@ -305,7 +332,8 @@ def child(request: dict[str, Any], write_end: int, mem_mb: int, out_cap: int) ->
 
 def main() -> NoReturn:
     mem_mb, cpu_s, nofile, fsize_mb, out_cap = (int(a) for a in sys.argv[1:6])
-    # {"cgroup": [procs files], "root": dir, "read_only": [...], "writable": [...]}, each optional
+    # {"cgroup": [procs files], "root": dir, "read_only": [...], "writable": [...],
+    #  "seccomp": BPF program as hex}, each optional
     setup = json.loads(sys.argv[6]) if len(sys.argv) > 6 else {}
     try:
         join_cgroup(setup.get("cgroup", []))
@@ -339,6 +367,12 @@ def main() -> NoReturn:
     lower(resource.RLIMIT_CPU, cpu_s, cpu_s + 1)
     lower(resource.RLIMIT_NOFILE, nofile, nofile)
     lower(resource.RLIMIT_FSIZE, fsize_mb << 20, fsize_mb << 20)
+    if "seccomp" in setup:  # last: the filter refuses mount, which confine needed
+        try:
+            install_filter(bytes.fromhex(setup["seccomp"]))
+        except (OSError, ValueError) as e:
+            print(f"sandbox: cannot install the system-call filter: {e}", file=sys.stderr)
+            os._exit(6)
 
     request = json.loads(sys.stdin.buffer.read())
     reported = call_in_child(request, result_fd, mem_mb, out_cap)
