@@ -440,3 +440,108 @@ async def test_no_strict_sends_the_plain_schema_with_strict_false(start_llm: Sta
     # The protocol's own schema, not the strict variant.
     assert sent["schema"] == _wire_schema("fgo_optimize")
     assert sent["schema"] != _strict_wire_schema("fgo_optimize")[0]
+
+
+def _unit(name: str) -> list[dict[str, str]]:
+    return [{"role": "user", "content": f"unit {name}"}]
+
+
+def _unit_of(request: Any) -> str:
+    return str(request.body["messages"][0]["content"])
+
+
+async def test_a_reask_goes_out_before_units_that_queued_meanwhile(
+    start_llm: StartLLM, autojump_clock: trio.testing.MockClock
+) -> None:
+    """With one place, a rejected reply's re-ask is sent next, while the server
+    still holds its prompt, not after the units that asked in the meantime."""
+    server, url = await start_llm(latency=1.0, policy=_reply(GOOD_OPTIMIZE))
+    rejected: set[str] = set()
+
+    def check_for(name: str) -> Any:
+        async def check(reply: dict[str, Any]) -> str:
+            await trio.sleep(0.5)  # a check that runs something, and yields
+            if name == "a" and name not in rejected:
+                rejected.add(name)
+                raise ReplyRejectedError("function 'f' does not compile")
+            return name
+
+        return check
+
+    async with LLMGateway(_config(url, max_concurrency=1)) as gw, trio.open_nursery() as n:
+        for name in "abc":
+            n.start_soon(gw.structured, "optimize", _unit(name), "fgo_optimize", check_for(name))
+            await trio.sleep(0.01)  # a first, then b and c queue behind it
+    order = [
+        _unit_of(r) + (" re-ask" if len(r.body["messages"]) > 1 else "") for r in server.requests
+    ]
+    assert order == ["unit a", "unit a re-ask", "unit b", "unit c"]
+    assert server.max_in_flight == 1
+    stats = gw.statistics()
+    assert stats.reasks == 1
+    assert stats.in_flight == 0
+
+
+async def test_a_place_kept_for_a_reask_is_given_back_on_every_way_out(
+    start_llm: StartLLM, autojump_clock: trio.testing.MockClock
+) -> None:
+    # Accepted, failed after its re-asks, and cancelled mid-check: each time the
+    # one place is free again, or the next call would never be sent.
+    server, url = await start_llm(latency=1.0, policy=_reply(GOOD_OPTIMIZE))
+
+    def never(reply: dict[str, Any]) -> str:
+        raise ReplyRejectedError("never good enough")
+
+    async def slow(reply: dict[str, Any]) -> str:
+        await trio.sleep(100)
+        return "late"
+
+    async with LLMGateway(_config(url, max_concurrency=1, max_reasks=1)) as gw:
+        assert await gw.structured("optimize", MESSAGES, "fgo_optimize", _identity)
+        with pytest.raises(UnitFailedError, match="never good enough"):
+            await gw.structured("optimize", _unit("x"), "fgo_optimize", never)
+        with trio.move_on_after(10):
+            await gw.structured("optimize", _unit("y"), "fgo_optimize", slow)
+        with trio.fail_after(5):
+            assert await gw.chat("optimize", _unit("z")) == GOOD_OPTIMIZE
+    assert [_unit_of(r) for r in server.requests][-1] == "unit z"
+
+
+async def test_twin_reasks_with_one_place_do_not_wait_for_each_other(
+    start_llm: StartLLM, tmp_path: Path
+) -> None:
+    # Two units ask the same thing; the second is answered from the cache, so
+    # it holds no place. Both replies are refused with the same error, and the
+    # second's re-ask goes first and needs the place the first still keeps:
+    # the first gives it up while it waits for that twin request.
+    server, url = await start_llm(latency=0.2, policy=_reply(GOOD_OPTIMIZE))
+    refused: set[str] = set()
+
+    def check_for(name: str, pause: float) -> Any:
+        async def check(reply: dict[str, Any]) -> str:
+            await trio.sleep(pause)
+            if name not in refused:
+                refused.add(name)
+                raise ReplyRejectedError("function 'f' does not compile")
+            return name
+
+        return check
+
+    store = AsyncStore(Store(tmp_path / "cache.sqlite"))
+    try:
+        async with LLMGateway(_config(url, max_concurrency=1), cache=StoreCache(store)) as gw:
+            with trio.fail_after(20):
+                async with trio.open_nursery() as n:
+                    n.start_soon(
+                        gw.structured, "optimize", MESSAGES, "fgo_optimize", check_for("a", 0.5)
+                    )
+                    await trio.sleep(0.05)
+                    n.start_soon(
+                        gw.structured, "optimize", MESSAGES, "fgo_optimize", check_for("b", 0.1)
+                    )
+        assert refused == {"a", "b"}
+        assert gw.statistics().in_flight == 0
+        # The first request once, the shared re-ask once: the twin came from the cache.
+        assert len(server.requests) == 2
+    finally:
+        store.sync.close()

@@ -251,6 +251,17 @@ def _strict_wire_schema(name: str) -> tuple[dict[str, Any], frozenset[str]]:
     return strict_variant(_wire_schema(name))
 
 
+@attrs.define(eq=False)
+class _Slot:
+    """A structured call's place in the concurrency limiter, kept from its
+    reply until it is accepted or re-asked: a re-ask goes out next, while the
+    server still holds its prompt, instead of queueing behind every unit that
+    asked meanwhile (with one slot, as the local model has, the re-ask then
+    found its ~4k-token prompt evicted and paid for all of it again)."""
+
+    held: bool = False
+
+
 class LLMGateway:
     """Use as ``async with LLMGateway(cfg) as gw:``; share one instance across actors."""
 
@@ -365,7 +376,27 @@ class LLMGateway:
         LLM with the error, at most ``max_reasks`` times, then raises
         UnitFailedError. Transport failures raise LLMUnavailableError and an
         exhausted budget BudgetExhaustedError.
+
+        The call keeps its place in the concurrency limit from its reply until
+        the reply is accepted or re-asked (``_Slot``): ``check`` holds one of
+        ``max_concurrency`` places while it runs. A check that runs functions
+        in the sandbox for a few seconds idles that place, against a whole
+        prompt evaluated again for every re-ask that had queued behind others.
         """
+        slot = _Slot()
+        try:
+            return await self._structured(role, messages, schema_name, check, slot)
+        finally:
+            self._let_go(slot)
+
+    async def _structured(
+        self,
+        role: str,
+        messages: Sequence[dict[str, str]],
+        schema_name: Literal["fgo_optimize", "fgo_merge"],
+        check: Callable[[dict[str, Any]], Any],
+        slot: _Slot,
+    ) -> Any:
         error: str | None = None
         attempts = 1 + self.config.max_reasks
         for attempt in range(attempts):
@@ -381,6 +412,7 @@ class LLMGateway:
                     reask=error is not None,
                     max_tokens=None,
                     accept_cut=True,
+                    slot=slot,
                 )
                 if cut:
                     obj = self._salvage(role, schema_name, content)
@@ -433,6 +465,22 @@ class LLMGateway:
         )
         return content
 
+    async def _take(self, slot: _Slot | None) -> None:
+        """A place in the concurrency limit: for this call, or kept by ``slot``."""
+        if slot is None:
+            await self._limiter.acquire()
+        elif not slot.held:
+            await self._limiter.acquire_on_behalf_of(slot)
+            slot.held = True
+
+    def _let_go(self, slot: _Slot | None) -> None:
+        """Give the place back: the call's own (``slot`` None), or the slot's."""
+        if slot is None:
+            self._limiter.release()
+        elif slot.held:
+            slot.held = False
+            self._limiter.release_on_behalf_of(slot)
+
     async def _forget(self, key: str | None) -> None:
         if self.cache is not None and key is not None:
             await self.cache.forget(key)
@@ -446,6 +494,7 @@ class LLMGateway:
         reask: bool,
         max_tokens: int | None,
         accept_cut: bool = False,
+        slot: _Slot | None = None,
     ) -> tuple[str, str | None, bool]:
         """``chat``, also returning the reply's cache key (None without a cache)
         and whether it was cut off at the cap (kept only with ``accept_cut``).
@@ -473,13 +522,15 @@ class LLMGateway:
             else:
                 body["response_format"] = {"type": "json_object", "schema": schema}
         if self.cache is None:
-            data = await self._send(role, body, messages, max_tokens, reask, None)
+            data = await self._send(role, body, messages, max_tokens, reask, None, slot)
             content, cut = self._reply_content(data, max_tokens, accept_cut)
             return content, None, cut
         key = request_key(body)
         # The same request already on its way (two tasks asking the same merge)
         # is sent once: wait for it, then take its reply from the cache.
         while (sent := self._sending.get(key)) is not None:
+            if slot is not None:  # not while keeping a place: the twin may need it
+                self._let_go(slot)
             await sent.wait()
         self._sending[key] = trio.Event()
         try:
@@ -491,7 +542,7 @@ class LLMGateway:
                 self._log.info("llm_call_cached", role=role)
                 data = hit
             else:
-                data = await self._send(role, body, messages, max_tokens, reask, key)
+                data = await self._send(role, body, messages, max_tokens, reask, key, slot)
             try:
                 content, cut = self._reply_content(data, max_tokens, accept_cut)
                 return content, key, cut
@@ -509,9 +560,11 @@ class LLMGateway:
         max_tokens: int | None,
         reask: bool,
         key: str | None,
+        slot: _Slot | None = None,
     ) -> dict[str, Any]:
         """Send ``body`` (with retries), book its usage, cache it under ``key``;
-        return the server's response."""
+        return the server's response. With a ``slot``, its place in the limit
+        is taken if it has none and kept afterwards (``_let_go`` gives it up)."""
         # Counting a long prompt costs about 0.25 ms per 1k tokens, so it is done
         # only when needed: to reserve budget, or when the server reports no usage.
         prompt_estimate: int | None = None
@@ -521,7 +574,8 @@ class LLMGateway:
             self._reasks += 1
         while True:
             wait: float | None = None
-            async with self._limiter:
+            await self._take(slot)
+            try:
                 need = (prompt_estimate or 0) + (max_tokens or self.config.max_completion_tokens)
                 await self._reserve(need)
                 self._in_flight += 1
@@ -536,6 +590,9 @@ class LLMGateway:
                     self._reserved -= need
                     self._budget_released.set()
                     self._budget_released = trio.Event()
+            finally:
+                if slot is None or wait is not None:
+                    self._let_go(slot)
             if wait is None:
                 break
             # Our own concurrency was too high: the window is smaller now.
