@@ -20,7 +20,7 @@ import pytest
 import structlog
 import trio
 
-from fgo_actors.agent import sandbox
+from fgo_actors.agent import cgroup, sandbox
 from fgo_actors.agent.sandbox import SandboxLimits, limits_process_tree, run_function
 
 tree = pytest.mark.skipif(
@@ -300,13 +300,13 @@ def test_v1_hierarchies_are_found_below_their_mount_root(tmp_path: Path) -> None
     mountinfo = _mountinfo("cgroup", tmp_path / "memory", "rw,memory") + _mountinfo(
         "cgroup", tmp_path / "pids", "rw,pids"
     )
-    assert sandbox._locate_cgroups(self_cgroup, mountinfo) == (
+    assert cgroup.locate(self_cgroup, mountinfo) == (
         1,
         (f"{tmp_path}/memory/jobs/41dd", f"{tmp_path}/pids"),
     )
     # A container that sees only its own part of the hierarchy, mounted at its root.
     inside = "41 31 0:32 /jobs/41dd /sys/fs/cgroup/memory rw - cgroup cgroup rw,memory\n"
-    found = sandbox._locate_cgroups(self_cgroup, inside + _mountinfo("cgroup", tmp_path, "pids"))
+    found = cgroup.locate(self_cgroup, inside + _mountinfo("cgroup", tmp_path, "pids"))
     assert found == (1, ("/sys/fs/cgroup/memory", str(tmp_path)))
 
 
@@ -340,7 +340,7 @@ def test_a_v2_cgroup_is_emptied_and_removed(tmp_path: Path) -> None:
     # cgroup with no controllers: what a v2-only machine does at each call's end.
     assert V2_PARENT is not None
     beat = tmp_path / "beat"
-    call = sandbox._CallCgroup(2, (str(V2_PARENT / f"fgo-sandbox-{os.getpid()}-test"),))
+    call = cgroup.CallCgroup(2, (str(V2_PARENT / f"fgo-sandbox-{os.getpid()}-test"),))
     os.mkdir(call.dirs[0])
     call.made.append(call.dirs[0])
     starter = (
@@ -364,7 +364,7 @@ def test_a_v2_cgroup_is_emptied_and_removed(tmp_path: Path) -> None:
             proc.stdin.write("go\n")
             proc.stdin.flush()
             assert proc.stdout.readline() == "started\n"
-            members = sandbox._procs(call.dirs[0])
+            members = cgroup.procs(call.dirs[0])
             assert proc.pid in members
             assert len(members) == 2  # the starter and its setsid grandchild
             call.remove()
@@ -399,7 +399,7 @@ def test_the_cgroups_a_killed_process_left_are_swept() -> None:
         try:
             for d in stale:
                 Path(d, "cgroup.procs").write_text(str(left.pid))
-            removed = sandbox.sweep_stale_cgroups(setup)
+            removed = cgroup.sweep_stale(setup)
             assert sorted(removed) == sorted(stale)
             assert left.wait(timeout=5) == -9
             assert not any(Path(d).exists() for d in stale)
