@@ -16,7 +16,7 @@ from typing import Any
 import pytest
 import trio
 
-from fgo_actors import GatewayConfig, LLMGateway, Trajectory
+from fgo_actors import BudgetExhaustedError, GatewayConfig, LLMGateway, Trajectory
 from fgo_actors.agent.envs import Task
 from fgo_actors.agent.executor import LocalExecutor, Policy, RayExecutor
 from fgo_actors.agent.rollout import AgentConfig
@@ -89,6 +89,40 @@ async def test_agent_episodes_are_the_same_on_ray_as_in_threads(
     assert executor.usage.calls == asked
     assert executor.usage.prompt_tokens > 0
     assert _json(remote) == _json(local)
+
+
+async def test_the_workers_tokens_count_against_the_callers_budget(
+    local_ray: Any, start_llm: StartLLM
+) -> None:
+    """Episodes on workers spend the caller's ``token_budget``: once it is
+    spent no episode starts, the one in flight is kept, and the run stops
+    with BudgetExhaustedError, as a call in threads would."""
+    server, url = await start_llm()
+    policy = Policy(kind="llm", agent=AGENT, gateway=_gateway_config(url))
+    async with LLMGateway(policy.gateway) as gateway:  # type: ignore[arg-type]
+        await _play(LocalExecutor(workers=1), TASKS[:1], policy, gateway)
+        one_episode = gateway.used_tokens
+    asked = len(server.requests)
+    # Room for the first episode and a little more: the second starts, the third does not.
+    budgeted = GatewayConfig(
+        base_url=url, model="scripted", max_completion_tokens=64, token_budget=one_episode + 1
+    )
+    executor = RayExecutor(max_in_flight=1)
+    got: list[Trajectory] = []
+    send, receive = trio.open_memory_channel[Trajectory](0)
+    async with LLMGateway(budgeted) as gateway:
+        with pytest.RaisesGroup(BudgetExhaustedError):
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(lambda: executor.play(TASKS, policy, send, gateway=gateway))
+                async with receive:
+                    async for traj in receive:
+                        got.append(traj)
+        assert [t.id for t in got] == [t.id for t in TASKS[:2]]
+        assert all("error" not in (t.metadata or {}) for t in got)
+        spent = executor.usage.prompt_tokens + executor.usage.completion_tokens
+        assert gateway.used_tokens == spent > one_episode
+        assert sum(gateway.statistics().calls.values()) == 0  # the workers made every call
+    assert len(server.requests) == asked + executor.usage.calls
 
 
 async def test_a_task_that_raises_is_a_recorded_failed_episode(local_ray: Any) -> None:

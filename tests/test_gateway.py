@@ -236,6 +236,32 @@ async def test_token_budget_refuses_before_sending(start_llm: StartLLM) -> None:
     assert len(server.requests) == 1
 
 
+async def test_tokens_booked_elsewhere_spend_the_budget_but_are_not_our_calls(
+    start_llm: StartLLM,
+) -> None:
+    server, url = await start_llm(policy=_reply("ok"))
+    cfg = _config(url, token_budget=1000, max_completion_tokens=100)
+    async with LLMGateway(cfg) as gw:
+        gw.book_elsewhere(500)  # the agent's calls on a Ray worker, say
+        gw.check_budget()  # 500 of 1000: not spent
+        assert gw.used_tokens == 500
+        await gw.chat("optimize", MESSAGES)  # ~10 + 100 reserved: fits
+        gw.book_elsewhere(1000 - gw.used_tokens)
+        with pytest.raises(BudgetExhaustedError, match="token budget of 1000 reached"):
+            gw.check_budget()
+        with pytest.raises(BudgetExhaustedError):  # our own next call is refused too
+            await gw.chat("optimize", MESSAGES)
+        stats = gw.statistics()
+        assert stats.budget_exhausted
+        assert stats.calls == {"optimize": 1}  # only the call this gateway made
+        with pytest.raises(ValueError, match="negative"):
+            gw.book_elsewhere(-1)
+    assert len(server.requests) == 1
+    async with LLMGateway(_config(url)) as unlimited:
+        unlimited.book_elsewhere(10**9)
+        unlimited.check_budget()  # no budget: never spent
+
+
 @pytest.mark.parametrize(
     ("owned_by", "expected"),
     [("me", "json_object"), ("llamacpp", "json_object"), ("vllm", "json_schema")],

@@ -302,6 +302,7 @@ class LLMGateway:
         self._reserved = 0
         self._budget_released = trio.Event()
         self._exhausted = False
+        self._elsewhere = 0  # tokens of calls others made on our budget (book_elsewhere)
         self._mode: StructuredMode | None = (
             None if config.structured_output == "auto" else config.structured_output
         )
@@ -339,7 +340,31 @@ class LLMGateway:
 
     @property
     def used_tokens(self) -> int:
-        return sum(self._prompt.values()) + sum(self._completion.values())
+        """Tokens spent against ``token_budget``: our calls', and those booked
+        with :meth:`book_elsewhere`."""
+        return sum(self._prompt.values()) + sum(self._completion.values()) + self._elsewhere
+
+    def book_elsewhere(self, tokens: int) -> None:
+        """Count ``tokens`` that calls made outside this gateway spent on its
+        behalf (the agent's calls on Ray workers) against ``token_budget``.
+        They are not in :meth:`statistics`, whose calls are this gateway's own:
+        whoever made them reports them (``Executor.usage``)."""
+        if tokens < 0:
+            raise ValueError("tokens must not be negative")
+        self._elsewhere += tokens
+        budget = self.config.token_budget
+        if budget is not None and self.used_tokens >= budget:
+            self._exhausted = True
+
+    def check_budget(self) -> None:
+        """Raise BudgetExhaustedError when ``token_budget`` is spent: for work
+        that spends it elsewhere (an episode on a Ray worker), before it starts."""
+        budget = self.config.token_budget
+        if budget is not None and (self._exhausted or self.used_tokens >= budget):
+            self._exhausted = True
+            raise BudgetExhaustedError(
+                f"token budget of {budget} reached ({self.used_tokens} used)"
+            )
 
     # -- public calls -----------------------------------------------------
     @overload

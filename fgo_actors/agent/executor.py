@@ -25,6 +25,12 @@ rest of the engine). A worker that dies mid-episode is retried by Ray, up to
 task's result is read. A task that raises becomes a failed episode that
 records its error (:func:`failed_episode`). Cancelling the caller (Ctrl-C,
 SIGTERM, a stopped bench) cancels the tasks still in flight.
+
+The workers' LLM tokens count against the caller's ``token_budget`` too
+(``LLMGateway.book_elsewhere``), as each episode's result comes back; no
+episode starts once the budget is spent (BudgetExhaustedError, as from a
+call in threads). The episodes already in flight then are finished and
+delivered, so the budget can be overrun by at most what they spend.
 """
 
 from __future__ import annotations
@@ -43,7 +49,7 @@ import attrs
 import structlog
 import trio
 
-from .._core.errors import ClusterUnavailableError
+from .._core.errors import BudgetExhaustedError, ClusterUnavailableError
 from .._core.model import Module, Outcome, Trajectory
 from .._llm.gateway import GatewayConfig, LLMGateway
 from .envs import Environment, Task
@@ -372,11 +378,21 @@ class RayExecutor:
         pending: dict[Any, Task] = {}
         queue = collections.deque(tasks)
         with out:
+            spent: BudgetExhaustedError | None = None
             try:
-                while queue or pending:
-                    while queue and len(pending) < in_flight:
+                while pending or (queue and spent is None):
+                    while queue and spent is None and len(pending) < in_flight:
+                        try:  # the caller's budget, which the workers spend too
+                            if gateway is not None:
+                                gateway.check_budget()
+                        except BudgetExhaustedError as e:
+                            spent = e  # start no more; finish (and keep) those in flight
+                            log.warning("episodes_stopped_by_budget", left=len(queue))
+                            break
                         task = queue.popleft()
                         pending[remote.remote(policy, task)] = task
+                    if not pending:
+                        break
                     ready, _ = await trio.to_thread.run_sync(
                         lambda: ray.wait(list(pending), num_returns=1, timeout=self.poll_seconds),
                         abandon_on_cancel=True,
@@ -388,10 +404,14 @@ class RayExecutor:
                             abandon_on_cancel=True,
                         )
                         self.usage += used
+                        if gateway is not None:
+                            gateway.book_elsewhere(used.prompt_tokens + used.completion_tokens)
                         error = (traj.metadata or {}).get("error")
                         if error:
                             log.warning("episode_failed", task=task.id, error=error)
                         await out.send(traj)
+                if spent is not None:
+                    raise spent
             finally:
                 if pending:
                     refs = list(pending)
