@@ -266,3 +266,57 @@ async def test_online_optimization_on_ray_makes_the_same_steps_and_gates(
     assert remote.calls == local.calls
     assert remote.prompt_tokens["agent"] == local.prompt_tokens["agent"]
     assert remote.completion_tokens["agent"] == local.completion_tokens["agent"]
+
+
+async def test_a_spent_budget_keeps_the_finished_subsets(start_llm: StartLLM) -> None:
+    """The budget runs out while the merge gate plays episodes: the run ends
+    with what was done, both finished leaves joined, marked budget_exhausted."""
+    _server, url = await start_llm(policy=optimizer_that_learns_then_forgets(False))
+    tasks = TaskSet.parse("twc:test:0-3", params=TWC).tasks()
+    async with LLMGateway(GatewayConfig(base_url=url, model="m")) as gw:
+        full = await optimize_online(tasks, gw, online_config())
+        spent = gw.used_tokens
+    assert full.status == "ok"
+    budget = GatewayConfig(base_url=url, model="m", token_budget=spent - 1)
+    async with LLMGateway(budget) as gw:
+        result = await optimize_online(tasks, gw, online_config())
+        assert gw.statistics().budget_exhausted
+    assert result.status == "budget_exhausted"
+    assert result.root == "partial"
+    assert {"s001", "s002"} <= set(result.nodes)  # both subsets had finished
+    assert [f.name for f in result.module.functions] == ["tidy"]  # kept by both leaves
+    report = result.report()
+    assert schema_error("online_report", report) is None
+    assert report["status"] == "budget_exhausted"
+
+
+def test_optimize_env_out_of_budget_writes_the_partial_result_and_exits_4(
+    server_url: str, tmp_path: Path
+) -> None:
+    out = tmp_path / "online.json"
+    done = run_fgo(
+        "optimize",
+        "--env",
+        "twc:train:0-3",
+        "--params",
+        TWC,
+        "--tasks-per-subset",
+        "2",
+        "--max-steps",
+        "3",
+        "--context-tokens",
+        "8192",
+        "--token-budget",
+        "3000",
+        "--base-url",
+        server_url,
+        "--out",
+        str(out),
+    )
+    assert done.returncode == 4, done.stderr
+    assert "token budget exhausted" in done.stderr
+    assert "Traceback" not in done.stderr
+    assert schema_error("module", json.loads(out.read_text())) is None
+    report = json.loads((tmp_path / "online.report.json").read_text())
+    assert schema_error("online_report", report) is None
+    assert report["status"] == "budget_exhausted"

@@ -566,6 +566,12 @@ def _optimize_online(
         f"merges gated: {len(result.gates)}; episodes played: {result.episodes}\n"
         f"report: {report_path}"
     )
+    if result.status == "budget_exhausted":
+        err.print(
+            "[yellow]token budget exhausted: the partial result was written (the finished "
+            "subsets and merges, joined within the module cap)[/]"
+        )
+        sys.exit(EXIT_BUDGET)
 
 
 def _print_summary(result: RunResult, out: Path, report_path: Path) -> None:

@@ -25,13 +25,14 @@ on their own; the rest is a thin async shell over the agent and the engine.
 from __future__ import annotations
 
 import random
-from collections.abc import Mapping, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from typing import Any
 
 import attrs
 import structlog
 import trio
 
+from .._core.errors import BudgetExhaustedError, leaf_exceptions
 from .._core.forest import MergeForest, MergeJob
 from .._core.model import MergeNode, Module, Trajectory
 from .._core.prompts import optimize_overhead_tokens
@@ -44,6 +45,7 @@ from ..agent.rollout import AgentConfig
 from . import optimize_unit
 from .merger import ForestRunner, merge_modules
 from .partitioner import render_all
+from .run import partial_module
 from .state import RunState
 
 Value = tuple[float, float]  # (mean score, success rate)
@@ -175,10 +177,14 @@ class OnlineResult:
     calls: dict[str, int]
     wall_seconds: float
     failures: int
+    # "budget_exhausted": the token budget ran out; ``module`` is what was done
+    # by then (finished subsets and merges, joined losslessly within the cap).
+    status: str = "ok"
 
     def report(self) -> dict[str, Any]:
         return {
             "mode": "online",
+            "status": self.status,
             "root": self.root,
             "episodes_played": self.episodes,
             "steps": [s.to_json() for s in self.steps],
@@ -353,6 +359,58 @@ async def optimize_online(
         state.add_node(node)
         return node.id
 
+    try:
+        await _play_forest(forest, subsets, limiter, improve, gated_merge, state, tasks_of)
+    except* BudgetExhaustedError as group:
+        # Spent playing episodes (the optimize and merge calls handle their own):
+        # keep what is done, as the batch run does.
+        log.warning("online_budget_exhausted", error=str(leaf_exceptions(group)[0]))
+        state.budget_exhausted = True
+    if state.budget_exhausted:
+        module = partial_module(state, gateway, config.module_tokens) or initial
+        root, status = "partial", "budget_exhausted"
+    else:
+        root = forest.root()
+        assert root is not None
+        module, status = state.nodes[root].module, "ok"
+    state.phase = "done"
+    used = gateway.statistics().since(before)
+    prompt, completion, calls = (
+        dict(used.prompt_tokens),
+        dict(used.completion_tokens),
+        dict(used.calls),
+    )
+    elsewhere = (executor.usage if executor is not None else LLMUsage()) - spent_before
+    if elsewhere != LLMUsage():
+        prompt["agent"] = prompt.get("agent", 0) + elsewhere.prompt_tokens
+        completion["agent"] = completion.get("agent", 0) + elsewhere.completion_tokens
+        calls["agent"] = calls.get("agent", 0) + elsewhere.calls
+    return OnlineResult(
+        module=module,
+        root=root,
+        steps=tuple(steps),
+        gates=tuple(gates),
+        nodes=dict(state.nodes),
+        episodes=episodes.played,
+        prompt_tokens=prompt,
+        completion_tokens=completion,
+        calls=calls,
+        wall_seconds=state.now(),
+        failures=len(state.failures),
+        status=status,
+    )
+
+
+async def _play_forest(
+    forest: MergeForest,
+    subsets: Sequence[list[Task]],
+    limiter: trio.CapacityLimiter,
+    improve: Callable[[str, list[Task]], Awaitable[MergeNode]],
+    gated_merge: Callable[[MergeJob], Awaitable[str]],
+    state: RunState,
+    tasks_of: dict[str, list[Task]],
+) -> None:
+    """Improve every subset, merging as siblings finish, until one root is left."""
     async with trio.open_nursery() as nursery:
         runner = ForestRunner(forest, nursery, gated_merge)
 
@@ -369,30 +427,3 @@ async def optimize_online(
                 subsets_nursery.start_soon(run_subset, i, subset)
         state.phase = "merging"
         runner.close()
-    root = forest.root()
-    assert root is not None
-    state.phase = "done"
-    used = gateway.statistics().since(before)
-    prompt, completion, calls = (
-        dict(used.prompt_tokens),
-        dict(used.completion_tokens),
-        dict(used.calls),
-    )
-    elsewhere = (executor.usage if executor is not None else LLMUsage()) - spent_before
-    if elsewhere != LLMUsage():
-        prompt["agent"] = prompt.get("agent", 0) + elsewhere.prompt_tokens
-        completion["agent"] = completion.get("agent", 0) + elsewhere.completion_tokens
-        calls["agent"] = calls.get("agent", 0) + elsewhere.calls
-    return OnlineResult(
-        module=state.nodes[root].module,
-        root=root,
-        steps=tuple(steps),
-        gates=tuple(gates),
-        nodes=dict(state.nodes),
-        episodes=episodes.played,
-        prompt_tokens=prompt,
-        completion_tokens=completion,
-        calls=calls,
-        wall_seconds=state.now(),
-        failures=len(state.failures),
-    )

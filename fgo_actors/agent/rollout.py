@@ -648,7 +648,10 @@ async def play_tasks(
     async def feed() -> None:
         with send_tasks:
             for task in tasks:
-                await send_tasks.send(task)
+                try:
+                    await send_tasks.send(task)
+                except trio.BrokenResourceError:  # every worker stopped: a worker's error
+                    return  # is the one to report, not this
 
     async def worker(
         name: str,
