@@ -9,6 +9,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import trio
+import trio.lowlevel
 from hypothesis import given
 from hypothesis import strategies as st
 
@@ -23,6 +25,7 @@ from fgo_actors.actors.online import (
     split_tasks,
     step_verdict,
 )
+from fgo_actors.actors.state import RunState
 from fgo_actors.agent.envs import Task, TaskSet
 from fgo_actors.agent.rollout import AgentConfig
 from fgo_actors.testing import schema_name_of, scripted_reply
@@ -269,22 +272,37 @@ async def test_online_optimization_on_ray_makes_the_same_steps_and_gates(
 
 
 async def test_a_spent_budget_keeps_the_finished_subsets(start_llm: StartLLM) -> None:
-    """The budget runs out while the merge gate plays episodes: the run ends
-    with what was done, both finished leaves joined, marked budget_exhausted."""
-    _server, url = await start_llm(policy=optimizer_that_learns_then_forgets(False))
+    """The budget runs out as the second subset starts playing: the run ends
+    with what was done (the first subset's module), marked budget_exhausted."""
+    _server, url = await start_llm(policy=optimizer_that_learns_then_forgets(True))
     tasks = TaskSet.parse("twc:test:0-3", params=TWC).tasks()
-    async with LLMGateway(GatewayConfig(base_url=url, model="m")) as gw:
-        full = await optimize_online(tasks, gw, online_config())
-        spent = gw.used_tokens
+    state = RunState()
+    first_done: list[int] = []
+
+    async def note_first_subset(gw: LLMGateway) -> None:
+        while state.subsets_done < 1:
+            await trio.lowlevel.checkpoint()
+        first_done.append(gw.used_tokens)
+
+    async with (
+        LLMGateway(GatewayConfig(base_url=url, model="m")) as gw,
+        trio.open_nursery() as nursery,
+    ):
+        nursery.start_soon(note_first_subset, gw)
+        full = await optimize_online(tasks, gw, online_config(), state=state)
     assert full.status == "ok"
-    budget = GatewayConfig(base_url=url, model="m", token_budget=spent - 1)
+    # Subsets run one at a time: the next call after the first subset is an
+    # episode's, which needs more than 1 token.
+    budget = GatewayConfig(base_url=url, model="m", token_budget=first_done[0] + 1)
     async with LLMGateway(budget) as gw:
         result = await optimize_online(tasks, gw, online_config())
         assert gw.statistics().budget_exhausted
     assert result.status == "budget_exhausted"
     assert result.root == "partial"
-    assert {"s001", "s002"} <= set(result.nodes)  # both subsets had finished
-    assert [f.name for f in result.module.functions] == ["tidy"]  # kept by both leaves
+    (leaf,) = result.nodes.values()  # the one subset that had finished
+    assert leaf.kind == "leaf"
+    assert result.module == leaf.module
+    assert [f.name for f in result.module.functions] == ["tidy"]
     report = result.report()
     assert schema_error("online_report", report) is None
     assert report["status"] == "budget_exhausted"

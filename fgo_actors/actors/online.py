@@ -359,20 +359,20 @@ async def optimize_online(
         state.add_node(node)
         return node.id
 
+    stopped = False
     try:
         await _play_forest(forest, subsets, limiter, improve, gated_merge, state, tasks_of)
     except* BudgetExhaustedError as group:
         # Spent playing episodes (the optimize and merge calls handle their own):
         # keep what is done, as the batch run does.
         log.warning("online_budget_exhausted", error=str(leaf_exceptions(group)[0]))
-        state.budget_exhausted = True
-    if state.budget_exhausted:
-        module = partial_module(state, gateway, config.module_tokens) or initial
-        root, status = "partial", "budget_exhausted"
+        stopped = state.budget_exhausted = True
+    top = None if stopped else forest.root()
+    if top is None:
+        module, root = partial_module(state, gateway, config.module_tokens) or initial, "partial"
     else:
-        root = forest.root()
-        assert root is not None
-        module, status = state.nodes[root].module, "ok"
+        module, root = state.nodes[top].module, top
+    status = "budget_exhausted" if state.budget_exhausted else "ok"
     state.phase = "done"
     used = gateway.statistics().since(before)
     prompt, completion, calls = (
