@@ -5,6 +5,7 @@ sandbox, and the loopback LLM server."""
 from __future__ import annotations
 
 import json
+import subprocess
 from pathlib import Path
 from typing import Any
 
@@ -180,9 +181,9 @@ async def test_without_the_gate_the_merge_is_always_kept(start_llm: StartLLM) ->
     assert result.module.functions == ()
 
 
-def test_optimize_env_writes_the_module_and_the_decisions(server_url: str, tmp_path: Path) -> None:
-    out = tmp_path / "online.json"
-    done = run_fgo(
+def optimize_env(server_url: str, out: Path, *extra: str) -> subprocess.CompletedProcess[str]:
+    """``fgo optimize --env`` on 4 small games in 2 subsets, against ``server_url``."""
+    return run_fgo(
         "optimize",
         "--env",
         "twc:train:0-3",
@@ -198,7 +199,13 @@ def test_optimize_env_writes_the_module_and_the_decisions(server_url: str, tmp_p
         server_url,
         "--out",
         str(out),
+        *extra,
     )
+
+
+def test_optimize_env_writes_the_module_and_the_decisions(server_url: str, tmp_path: Path) -> None:
+    out = tmp_path / "online.json"
+    done = optimize_env(server_url, out)
     assert done.returncode == 0, done.stderr
     assert schema_error("module", json.loads(out.read_text())) is None
     report = json.loads((tmp_path / "online.report.json").read_text())
@@ -312,25 +319,7 @@ def test_optimize_env_out_of_budget_writes_the_partial_result_and_exits_4(
     server_url: str, tmp_path: Path
 ) -> None:
     out = tmp_path / "online.json"
-    done = run_fgo(
-        "optimize",
-        "--env",
-        "twc:train:0-3",
-        "--params",
-        TWC,
-        "--tasks-per-subset",
-        "2",
-        "--max-steps",
-        "3",
-        "--context-tokens",
-        "8192",
-        "--token-budget",
-        "3000",
-        "--base-url",
-        server_url,
-        "--out",
-        str(out),
-    )
+    done = optimize_env(server_url, out, "--token-budget", "3000")
     assert done.returncode == 4, done.stderr
     assert "token budget exhausted" in done.stderr
     assert "Traceback" not in done.stderr
