@@ -7,6 +7,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+import attrs
 import pytest
 
 from fgo_actors import FunctionSpec, GatewayConfig, Module, RunConfig, open_optimizer
@@ -83,6 +84,28 @@ async def test_a_candidate_that_validates_worse_is_kept_as_rejected(
     assert rejected.module.functions == ()
     scores = rejected.lineage["scores"]
     assert scores["candidate"]["score"] < scores["current"]["score"]
+
+
+async def test_a_budget_spent_validating_rejects_the_candidate_and_the_daemon_goes_on(
+    start_llm: StartLLM, tmp_path: Path
+) -> None:
+    """Validation runs out of tokens part way: the candidate is kept as rejected,
+    with the reason, nothing is published, and the daemon keeps serving."""
+    _server, url = await start_llm(policy=optimizer({"op": "add_function", "function": TIDY}))
+    cfg = _config(tmp_path, url, Module())
+    # Room for the optimize call, not for 2 modules x 4 validation episodes.
+    cfg = attrs.evolve(cfg, gateway=attrs.evolve(cfg.gateway, token_budget=8000))
+    async with open_optimizer(cfg) as opt:
+        await opt.submit_many(make_trajectories(4))
+        await opt.wait_idle()
+        assert opt.latest_version() is None
+        (rejected,) = await opt.list_versions()
+        assert opt.statistics().versions_rejected == 1
+        assert opt.latest_module() is None  # nothing published: agents keep their own
+    assert rejected.status == "rejected"
+    assert [f.name for f in rejected.module.functions] == ["tidy"]  # the paid work is kept
+    assert rejected.lineage["scores"] is None
+    assert rejected.lineage["validation_error"].startswith("validation stopped: token budget")
 
 
 async def test_validation_on_ray_scores_the_candidate_as_threads_do(

@@ -34,7 +34,12 @@ import attrs
 import structlog
 import trio
 
-from .._core.errors import BudgetExhaustedError, LLMUnavailableError, UnitFailedError
+from .._core.errors import (
+    BudgetExhaustedError,
+    LLMUnavailableError,
+    UnitFailedError,
+    leaf_exceptions,
+)
 from .._core.forest import MergeForest, MergeJob, fold_plan
 from .._core.model import MergeNode, Module, Subset, Trajectory
 from .._core.partition import StreamPacker
@@ -714,18 +719,34 @@ class StreamingOptimizer:
         status = "published"
         if self.config.validation is not None:
             current = self._latest.module if self._latest else self.config.initial
-            before = await self._validate(current, self._latest)
-            after = await self._validate(root.module, None)
-            lineage["scores"] = {
-                "candidate": after,
-                "current": {**before, "version": self._latest.n if self._latest else None},
-            }
-            if _value(after) < _value(before):
+            try:
+                before = await self._validate(current, self._latest)
+                after = await self._validate(root.module, None)
+            except* BudgetExhaustedError as group:
+                # Not validated, so not published; kept (rejected, with the
+                # reason) like every candidate, and the daemon goes on serving.
+                error = str(leaf_exceptions(group)[0])
+                lineage["validation_error"] = f"validation stopped: {error}"
+                self._log.warning("validation_stopped", node=root_id, error=error)
+            if "validation_error" in lineage:
                 status = "rejected"
+            else:
+                lineage["scores"] = {
+                    "candidate": after,
+                    "current": {**before, "version": self._latest.n if self._latest else None},
+                }
+                if _value(after) < _value(before):
+                    status = "rejected"
         version = await self.store.add_version(status, root.module, lineage, time.time())
         if status == "rejected":
             self._count["versions_rejected"] += 1
-            self.events.emit("reject", version=version.n, node=root_id, scores=lineage["scores"])
+            self.events.emit(
+                "reject",
+                version=version.n,
+                node=root_id,
+                scores=lineage["scores"],
+                error=lineage.get("validation_error"),
+            )
             return
         self._latest = version
         self._count["versions_published"] += 1
