@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import itertools
 import math
 from collections import Counter
@@ -284,7 +285,7 @@ def test_single_leaf_is_the_root() -> None:
 
 def test_complete_unknown_job_raises_key_error() -> None:
     forest = MergeForest(2)
-    with pytest.raises(KeyError, match="nope"):
+    with pytest.raises(KeyError, match="merge job 'nope' is not in flight"):
         forest.complete(MergeJob(id="nope", children=("a", "b"), rank=1))
 
 
@@ -301,20 +302,22 @@ def test_add_leaf_after_close_raises() -> None:
     forest = MergeForest(2)
     forest.add_leaf("a")
     forest.close()
-    with pytest.raises(RuntimeError, match="after close"):
+    with pytest.raises(RuntimeError, match=r"^cannot add a leaf after close\(\)$"):
         forest.add_leaf("b")
 
 
 @pytest.mark.parametrize("fan_in", [1, 0, -3])
 def test_fan_in_below_two_rejected(fan_in: int) -> None:
-    with pytest.raises(ValueError, match="fan_in"):
+    with pytest.raises(ValueError, match=r"^fan_in must be at least 2$"):
         MergeForest(fan_in)
+    with pytest.raises(ValueError, match=r"^fan_in must be at least 2$"):
+        fold_plan([("a", 0), ("b", 0)], fan_in)
 
 
 def test_root_before_done_raises() -> None:
     forest = MergeForest(2)
     forest.add_leaf("a")
-    with pytest.raises(RuntimeError, match="not finished"):
+    with pytest.raises(RuntimeError, match=r"^the forest is not finished$"):
         forest.root()
 
 
@@ -534,3 +537,28 @@ def test_a_replayed_recording_schedules_the_same_merges(
     assert again[:merges_in_prefix] == first[:merges_in_prefix]
     full, _ = _forest_run(leaves, fan_in, data, events)
     assert full == first
+
+
+def test_the_default_fan_in_is_two() -> None:
+    forest = MergeForest()
+    assert forest.add_leaf("a") == []
+    [job] = forest.add_leaf("b")
+    assert job.children == ("a", "b")
+
+
+def test_fold_plan_ids_and_ranks_are_pinned() -> None:
+    """A fold's ids are what the daemon's store finds its earlier folds by, so
+    they must not change between versions: ``f`` and the first 16 hex digits
+    of the sha256 of the children's ids, one per line. A fold merge's rank is
+    one above its highest child's."""
+    first, second = fold_plan([("a", 3), ("b", 1), ("c", 0)], 2)
+    assert first.children == ("a", "b")
+    assert first.id == "f" + hashlib.sha256(b"a\nb").hexdigest()[:16]
+    assert first.rank == 4
+    assert second.children == (first.id, "c")
+    assert second.id == "f" + hashlib.sha256(f"{first.id}\nc".encode()).hexdigest()[:16]
+    assert second.rank == 5
+    assert len(fold_plan([("a", 0), ("b", 0), ("c", 0)])) == 2  # fan_in 2 by default
+    (only,) = fold_plan([("x", 0), ("y", 6), ("z", 2)], 3)
+    assert only.children == ("y", "z", "x")
+    assert only.rank == 7
