@@ -352,19 +352,23 @@ class LLMGateway:
         if tokens < 0:
             raise ValueError("tokens must not be negative")
         self._elsewhere += tokens
-        budget = self.config.token_budget
-        if budget is not None and self.used_tokens >= budget:
-            self._exhausted = True
+        self._note_spent()
 
     def check_budget(self) -> None:
         """Raise BudgetExhaustedError when ``token_budget`` is spent: for work
         that spends it elsewhere (an episode on a Ray worker), before it starts."""
-        budget = self.config.token_budget
-        if budget is not None and (self._exhausted or self.used_tokens >= budget):
-            self._exhausted = True
+        if self._note_spent():
             raise BudgetExhaustedError(
-                f"token budget of {budget} reached ({self.used_tokens} used)"
+                f"token budget of {self.config.token_budget} reached ({self.used_tokens} used)"
             )
+
+    def _note_spent(self) -> bool:
+        """Whether ``token_budget`` is exhausted, marking it so once what is
+        spent reaches it."""
+        budget = self.config.token_budget
+        if budget is not None and self.used_tokens >= budget:
+            self._exhausted = True
+        return self._exhausted
 
     # -- public calls -----------------------------------------------------
     @overload
@@ -650,9 +654,7 @@ class LLMGateway:
         self._calls[role] = self._calls.get(role, 0) + 1
         self._prompt[role] = self._prompt.get(role, 0) + prompt_tokens
         self._completion[role] = self._completion.get(role, 0) + completion_tokens
-        budget = self.config.token_budget
-        if budget is not None and self.used_tokens >= budget:
-            self._exhausted = True
+        self._note_spent()
         self._log.info(
             "llm_call",
             role=role,
