@@ -246,7 +246,10 @@ def store_counts(path: Path) -> dict[str, int]:
             ),
             "fold_merges": one("SELECT COUNT(*) FROM nodes WHERE role = 'fold'"),
             "versions": one("SELECT COUNT(*) FROM versions WHERE status = 'published'"),
-            "llm_calls": one("SELECT COUNT(*) FROM llm_calls"),
+            # Paid calls reach the server; a cache hit (two subsets that made
+            # the same request) is logged as a call too, but sent nowhere.
+            "llm_calls": one("SELECT COUNT(*) FROM llm_calls WHERE cached = 0"),
+            "llm_cache_hits": one("SELECT COUNT(*) FROM llm_calls WHERE cached = 1"),
         }
     finally:
         db.close()
@@ -669,7 +672,8 @@ def report(r: dict[str, Any]) -> None:
     print(
         f"  during the stream: {pipe['subsets']} subsets ({pipe['subsets_done']} optimized), "
         f"{pipe['forest_merges']} forest merges, {pipe['fold_merges']} fold merges, "
-        f"{pipe['versions']} versions published, {pipe['llm_calls']} LLM calls; "
+        f"{pipe['versions']} versions published, {pipe['llm_calls']} LLM calls "
+        f"(and {pipe['llm_cache_hits']} answered from the cache); "
         f"{ing['throttled_429']} answers 429 ({ing['throttled_wait_s']} s waited), "
         f"{ing['connection_retries']} POSTs sent again after a broken connection; "
         f"drained {ing['drain_s']} s after the last 202"

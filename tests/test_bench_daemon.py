@@ -80,4 +80,6 @@ def test_bench_daemon_prints_positive_figures_for_a_small_stream(
     # The 300 streamed and the 3 timed ones are all stored; the daemon stopped cleanly.
     assert last["final"]["trajectories"] == 303
     assert last["final"]["daemon_exit_code"] == 0
+    # Every paid call reached the server once; a cache hit reached it never.
     assert last["final"]["llm_requests"] == last["final"]["llm_calls"]
+    assert isinstance(last["final"]["llm_cache_hits"], int)
