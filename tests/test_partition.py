@@ -15,7 +15,15 @@ from hypothesis import strategies as st
 
 from fgo_actors import Outcome, Step, Trajectory, default_counter
 from fgo_actors._core.model import RenderedTrajectory
-from fgo_actors._core.partition import interleave, item_budget, order_for_packing, pack, spread
+from fgo_actors._core.partition import (
+    StreamPacker,
+    _by_score,
+    interleave,
+    item_budget,
+    order_for_packing,
+    pack,
+    spread,
+)
 from fgo_actors._core.prompts import MIN_RENDER_TOKENS, PER_ITEM_SLACK, render_trajectory
 from fgo_actors.actors.partitioner import make_subsets
 
@@ -141,6 +149,23 @@ def test_interleave_examples() -> None:
     assert 2 <= out.index("s1") <= 6
 
 
+def test_interleave_breaks_ties_toward_the_success() -> None:
+    """When successes are exactly at their share ((i + 0.5) * n == (i + j + 1) * n_s),
+    the success goes first: [s, f], not [f, s] (a strict < would swap them)."""
+    assert interleave(["s"], ["f"]) == ["s", "f"]
+    assert interleave(["s1", "s2"], ["f1", "f2"]) == ["s1", "f1", "s2", "f2"]
+    # 2 successes in 6, step by step: 3 <= 2 no (f), 3 <= 4 (s), 9 <= 6 no (f),
+    # 9 <= 8 no (f), 9 <= 10 (s), then the last failure.
+    assert interleave(["s1", "s2"], ["f1", "f2", "f3", "f4"]) == [
+        "f1",
+        "s1",
+        "f2",
+        "f3",
+        "s2",
+        "f4",
+    ]
+
+
 # -- order_for_packing -------------------------------------------------------
 
 
@@ -208,6 +233,31 @@ def test_order_for_packing_spreads_partial_progress_over_the_subsets() -> None:
         assert [sum(t.score == 0.5 for t in s.items) for s in subsets] == [1, 1, 1]
 
 
+def test_by_score_ranks_highest_first_and_no_score_last() -> None:
+    """Ranked 0.9, 0.5, 0.1, None, then spread: [0.9, 0.1, 0.5, None]. Sorting
+    lowest first, or None as the best score, gives another order."""
+
+    def item(i: int, score: float | None) -> RenderedTrajectory:
+        return RenderedTrajectory(
+            id=f"t{i}", text="", tokens=1, success=False, group="", score=score
+        )
+
+    items = [item(0, 0.1), item(1, 0.9), item(2, None), item(3, 0.5)]
+    assert [t.score for t in _by_score(items)] == [0.9, 0.1, 0.5, None]
+    # All scores equal: the (shuffled) order is kept as it is, not spread.
+    same = [item(i, 0.5) for i in range(5)]
+    assert _by_score(same) == same
+
+
+def test_order_for_packing_default_seed_is_zero() -> None:
+    items = [
+        RenderedTrajectory(id=f"t{i}", text="", tokens=1, success=i % 2 == 0, group="g")
+        for i in range(20)
+    ]
+    assert order_for_packing(items) == order_for_packing(items, 0)
+    assert order_for_packing(items) != order_for_packing(items, 1)
+
+
 def test_order_for_packing_leaves_equal_scores_in_shuffled_order() -> None:
     plain = [
         RenderedTrajectory(id=f"t{i}", text="", tokens=1, success=i % 3 == 0, group="g")
@@ -242,6 +292,21 @@ def test_pack_balances_the_last_subset() -> None:
     assert sorted(len(r) for r in runs) == [5, 6]
 
 
+def test_pack_small_items_terminate_with_next_fit_bins() -> None:
+    """The balancing target only grows (by 5% and a token) until it reaches the
+    budget: with items this small a shrinking target would never end."""
+    assert pack([3, 3, 3], 7) == [range(0, 2), range(2, 3)]
+    assert pack([1, 1, 1, 1, 1], 3) == [range(0, 3), range(3, 5)]
+
+
+def test_pack_balancing_target_schedule() -> None:
+    """The first target that keeps the bin count wins: for [67, 12, 66] in 89,
+    t0 = 72.5 gives 3 bins, 77.1 gives 3, 82.0 gives [67, 12] [66] (79 and 66).
+    A schedule with bigger steps would stop elsewhere."""
+    assert pack([67, 12, 66], 89) == [range(0, 2), range(2, 3)]
+    assert pack([76, 10, 75], 90) == [range(0, 1), range(1, 3)]
+
+
 def test_pack_edge_cases() -> None:
     assert pack([], 10) == []
     assert pack([10], 10) == [range(0, 1)]
@@ -254,13 +319,13 @@ def test_pack_edge_cases() -> None:
 def test_pack_rejects_an_item_larger_than_the_budget(sb: tuple[list[int], int], extra: int) -> None:
     sizes, budget = sb
     sizes = [*sizes, budget + extra]
-    with pytest.raises(ValueError, match="larger than the budget"):
+    with pytest.raises(ValueError, match=r"^an item is larger than the budget; truncate it first$"):
         pack(sizes, budget)
 
 
 @pytest.mark.parametrize("budget", [0, -1])
 def test_pack_rejects_a_nonpositive_budget(budget: int) -> None:
-    with pytest.raises(ValueError, match="budget must be positive"):
+    with pytest.raises(ValueError, match=r"^budget must be positive$"):
         pack([], budget)
 
 
@@ -284,6 +349,17 @@ def test_item_budget_boundary() -> None:
     assert item_budget(1064, 1000) == 64
     with pytest.raises(ValueError, match="leaves only 63 tokens"):
         item_budget(1063, 1000)
+
+
+def test_item_budget_error_names_the_settings_by_default() -> None:
+    with pytest.raises(ValueError, match=r"^the subset budget") as caught:
+        item_budget(1063, 1000)
+    assert str(caught.value) == (
+        "the subset budget (1063 tokens) leaves only 63 tokens for trajectories after "
+        "the prompt template, the module and the re-ask room (1000 tokens); "
+        "raise subset_tokens/context_tokens, or lower module_tokens (or the initial "
+        "module's size)"
+    )
 
 
 # -- make_subsets ------------------------------------------------------------
@@ -510,3 +586,23 @@ def test_render_trajectory_group_key() -> None:
     assert render_trajectory(traj, COUNTER, 1000).group == "qa"
     assert render_trajectory(traj, COUNTER, 1000, group_key="domain").group == "3"
     assert render_trajectory(traj, COUNTER, 1000, group_key="missing").group == ""
+
+
+# -- StreamPacker ------------------------------------------------------------
+
+
+def test_stream_packer_refuses_settings_that_cannot_pack() -> None:
+    with pytest.raises(ValueError, match=r"^budget must be positive$"):
+        StreamPacker(0, 1.0)
+    with pytest.raises(ValueError, match=r"^max_wait must not be negative$"):
+        StreamPacker(10, -0.5)
+    # The smallest settings that can: a budget of one token, no waiting.
+    packer = StreamPacker(1, 0.0)
+    assert packer.add("a", 1, 0.0) == [("a",)]
+
+
+def test_stream_packer_refuses_an_empty_item() -> None:
+    packer = StreamPacker(10, 1.0)
+    with pytest.raises(ValueError, match=r"^item 'a' has 0 tokens; must be 1\.\.10$"):
+        packer.add("a", 0, 0.0)
+    assert packer.pending == ()
