@@ -1,7 +1,7 @@
 """Functions the optimizer writes are checked before they are kept: statically
 (compile, the def, its parameters, a JSON Schema), then replayed in the real
-sandbox on the subset's recorded turns; a failing one is re-asked, through the
-real loopback server."""
+sandbox on the subset's recorded turns; a failing one goes to a short fix
+call, through the real loopback server."""
 
 from __future__ import annotations
 
@@ -27,6 +27,7 @@ from fgo_actors import (
 )
 from fgo_actors._core.model import RenderedTrajectory, Turn
 from fgo_actors._core.prompts import (
+    FIX_FUNCTION_SYSTEM,
     OPTIMIZE_SYSTEM,
     SCORING_TOKENS,
     optimize_messages,
@@ -451,13 +452,17 @@ FIXED = {
 }
 
 
+def is_fix_call(body: dict[str, Any]) -> bool:
+    return str(body["messages"][0]["content"]) == FIX_FUNCTION_SYSTEM
+
+
 def optimizer_policy(first: dict[str, Any], then: dict[str, Any]) -> Any:
-    """A first optimize reply adds ``first``; a re-ask gets ``then``."""
+    """An optimize reply adds a rule and ``first``; the call that fixes a
+    function gets ``then`` (with the rule again, which it must not add twice)."""
 
     def policy(body: dict[str, Any]) -> str:
         assert schema_name_of(body) == "fgo_optimize"
-        reask = "previous reply was rejected" in str(body["messages"][-1]["content"])
-        function = then if reask else first
+        function = then if is_fix_call(body) else first
         actions = [
             {"op": "add_rule", "text": "Put each object where it belongs."},
             {"op": "add_function", "function": function},
@@ -467,41 +472,57 @@ def optimizer_policy(first: dict[str, Any], then: dict[str, Any]) -> Any:
     return policy
 
 
+def prompt_tokens(body: dict[str, Any]) -> int:
+    return default_counter().count_messages(body["messages"])
+
+
 @pytest.mark.parametrize(
     ("first", "says"),
     [
         (
             # Its parameters ({"object": "string"}) are read as an object schema
-            # (edits.object_schema); the code is what the re-ask names.
+            # (edits.object_schema); the code is what the fix call names.
             BROKEN,
             ["function 'pick_up_object': code does not compile: line 1"],
         ),
         (RAISES, ["trajectory ok1 turn 2: pick_up_object failed: IndexError"]),
     ],
 )
-async def test_a_failing_function_is_reasked_and_the_fixed_one_kept(
+async def test_a_failing_function_is_fixed_in_a_short_call_and_kept(
     start_llm: StartLLM, first: dict[str, Any], says: list[str]
 ) -> None:
+    """The reply's rule is kept at once; its failing function goes to a second,
+    short call that shows the function and its problems, not the trajectories."""
     server, url = await start_llm(policy=optimizer_policy(first, FIXED))
     items = rendered(solved(), failed())
     async with LLMGateway(GatewayConfig(base_url=url, model="m", max_reasks=2)) as gw:
         module = await optimize_subset(gw, Module(), items, subset_id="s001", module_tokens=800)
-        assert gw.statistics().reasks == 1
+        assert gw.statistics().reasks == 0
     assert len(server.requests) == 2
-    reask = server.requests[1].body["messages"][-1]["content"]
+    optimize, fix = (r.body for r in server.requests)
+    assert not is_fix_call(optimize)
+    assert is_fix_call(fix)
+    shown = fix["messages"][-1]["content"]
     for text in says:
-        assert text in reask
-    assert "Your previous reply was rejected" in reask
+        assert text in shown
+    # The function as it was read (parameters as an object schema).
+    assert json.dumps(first["code"]) in shown
+    # The trajectories stay out of it: the fix prompt is smaller than the
+    # optimize prompt without them.
+    assert "### Trajectory" in optimize["messages"][-1]["content"]
+    assert "### Trajectory" not in shown
+    assert prompt_tokens(fix) < prompt_tokens(optimize) - sum(i.tokens for i in items)
     (kept,) = module.functions
     assert kept.to_json() == FIXED
     assert [r.text for r in module.rules] == ["Put each object where it belongs."]
 
 
-async def test_a_function_still_broken_after_a_reask_is_dropped_and_the_rest_kept(
+async def test_a_function_the_fix_call_gets_wrong_twice_is_dropped_and_the_rest_kept(
     start_llm: StartLLM,
 ) -> None:
-    """The re-asked reply's rule was paid for and passes: it is kept, and the
-    function that failed twice is left out (and said so in the log)."""
+    """The optimize reply's rule was paid for and passes: it is kept. The fix
+    call is re-asked once in its own short conversation, then the function is
+    left out (and said so in the log)."""
     server, url = await start_llm(policy=optimizer_policy(BROKEN, BROKEN))
     structlog.configure(wrapper_class=structlog.make_filtering_bound_logger(logging.INFO))
     async with LLMGateway(GatewayConfig(base_url=url, model="m", max_reasks=2)) as gw:
@@ -509,18 +530,23 @@ async def test_a_function_still_broken_after_a_reask_is_dropped_and_the_rest_kep
             module = await optimize_subset(
                 gw, Module(), rendered(solved()), subset_id="s001", module_tokens=800
             )
-    assert len(server.requests) == 2
+        assert gw.statistics().reasks == 1
+    assert [is_fix_call(r.body) for r in server.requests] == [False, True, True]
+    assert "Your previous reply was rejected" in server.requests[2].body["messages"][-1]["content"]
     assert module.functions == ()
     assert [r.text for r in module.rules] == ["Put each object where it belongs."]
-    (read,) = [e for e in logs if e["event"] == "optimize_reply_read"]
-    assert "code does not compile" in read["functions_dropped"][0]
+    (fix,) = [e for e in logs if e["event"] == "function_fix"]
+    assert fix["fixed"] == []
+    assert "code does not compile" in fix["functions_dropped"][0]
+    assert fix["error"] is None
 
 
-async def test_a_reply_with_only_a_broken_function_fails_the_unit_after_one_reask(
+async def test_a_reply_with_only_a_broken_function_fails_the_unit_after_the_fix_call(
     start_llm: StartLLM,
 ) -> None:
-    """Re-asked once, the function still fails and nothing else came with it:
-    the unit fails without spending the gateway's second re-ask."""
+    """Nothing but a function that stays broken: one optimize call, the fix
+    call and its one re-ask, then the unit fails; the gateway's second re-ask
+    is not spent."""
 
     def only_broken(body: dict[str, Any]) -> str:
         return json.dumps({"actions": [{"op": "add_function", "function": BROKEN}]})
@@ -531,19 +557,60 @@ async def test_a_reply_with_only_a_broken_function_fails_the_unit_after_one_reas
             await optimize_subset(
                 gw, Module(), rendered(solved()), subset_id="s001", module_tokens=800
             )
+    assert [is_fix_call(r.body) for r in server.requests] == [False, True, True]
+
+
+async def test_a_fix_reply_that_gives_up_leaves_the_function_out(start_llm: StartLLM) -> None:
+    """An empty "actions" list from the fix call means: leave it out; no re-ask."""
+
+    def policy(body: dict[str, Any]) -> str:
+        if is_fix_call(body):
+            return json.dumps({"analysis": "cannot", "actions": []})
+        return optimizer_policy(BROKEN, BROKEN)(body)
+
+    server, url = await start_llm(policy=policy)
+    async with LLMGateway(GatewayConfig(base_url=url, model="m", max_reasks=2)) as gw:
+        module = await optimize_subset(
+            gw, Module(), rendered(solved()), subset_id="s001", module_tokens=800
+        )
     assert len(server.requests) == 2
+    assert module.functions == ()
+    assert [r.text for r in module.rules] == ["Put each object where it belongs."]
+
+
+async def test_a_fix_call_that_cannot_be_made_keeps_the_other_edits(start_llm: StartLLM) -> None:
+    """The fix call's reply never parses: the gateway's re-asks run out and the
+    unit keeps what the optimize reply got right."""
+
+    def policy(body: dict[str, Any]) -> str:
+        if is_fix_call(body):
+            return "not json"
+        return optimizer_policy(BROKEN, BROKEN)(body)
+
+    server, url = await start_llm(policy=policy)
+    structlog.configure(wrapper_class=structlog.make_filtering_bound_logger(logging.INFO))
+    async with LLMGateway(GatewayConfig(base_url=url, model="m", max_reasks=1)) as gw:
+        with structlog.testing.capture_logs() as logs:
+            module = await optimize_subset(
+                gw, Module(), rendered(solved()), subset_id="s001", module_tokens=800
+            )
+    assert [is_fix_call(r.body) for r in server.requests] == [False, True, True]
+    assert module.functions == ()
+    assert [r.text for r in module.rules] == ["Put each object where it belongs."]
+    (fix,) = [e for e in logs if e["event"] == "function_fix"]
+    assert "still invalid after 2 attempts" in fix["error"]
 
 
 async def test_without_recorded_turns_only_static_checks_apply(start_llm: StartLLM) -> None:
     """The daemon's items carry no turns: a function that compiles is kept
-    even if it would fail at run time, and a broken one is still re-asked."""
-    _server, url = await start_llm(policy=optimizer_policy(BROKEN, RAISES))
+    even if it would fail at run time, and a broken one still goes to the fix call."""
+    server, url = await start_llm(policy=optimizer_policy(BROKEN, RAISES))
     items = (
         RenderedTrajectory(id="d1", text="### Trajectory d1", tokens=5, success=True, group=""),
     )
     async with LLMGateway(GatewayConfig(base_url=url, model="m")) as gw:
         module = await optimize_subset(gw, Module(), items, subset_id="s001", module_tokens=800)
-        assert gw.statistics().reasks == 1
+    assert [is_fix_call(r.body) for r in server.requests] == [False, True]
     assert [f.to_json() for f in module.functions] == [RAISES]
 
 

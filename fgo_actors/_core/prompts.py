@@ -7,18 +7,30 @@ Partitioner) and the same text is reused in every prompt that holds it.
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import attrs
 
 from .edits import MergeInput
 from .errors import ReplyRejectedError
-from .model import Module, RenderedTrajectory, Trajectory, turns_of
+from .model import FunctionSpec, Module, RenderedTrajectory, Trajectory, turns_of
 from .playbook import is_playbook
 from .tokens import TokenCounter, default_counter
 
-OPTIMIZE_SYSTEM = """\
+# The function contract the agent calls, with one small worked example; shown
+# to the optimizer and to the call that fixes a function that failed its checks.
+FUNCTION_CONTRACT = """\
+Functions (Python, sandboxed) run each turn as name(task, observation, \
+valid_actions, history) (history: [action, observation] pairs) and return action \
+lists, each offered as one shortcut. Put knowledge in a dict and keep the logic \
+generic over valid_actions, not sequences behind task == tests. Example:
+THEN = {"key": ["use key"]}  # a word in an action -> what followed it in successes
+def follow(task, observation, valid_actions, history):
+    return [[a] + THEN[w] for a in valid_actions for w in THEN if w in a]"""
+
+OPTIMIZE_SYSTEM = (
+    """\
 You improve an LLM agent from its execution logs. The agent is steered by a \
 MODULE: instructions, numbered rules learned from experience, and tool functions.
 
@@ -42,13 +54,25 @@ Refer only to rule ids and function names that exist in the module. \
 "evidence" is optional and names trajectories shown below. \
 An empty "actions" list means: no change is needed.
 
-Functions (Python, sandboxed) run each turn as name(task, observation, \
-valid_actions, history) (history: [action, observation] pairs) and return action \
-lists, each offered as one shortcut. Put knowledge in a dict and keep the logic \
-generic over valid_actions, not sequences behind task == tests. Example:
-THEN = {"key": ["use key"]}  # a word in an action -> what followed it in successes
-def follow(task, observation, valid_actions, history):
-    return [[a] + THEN[w] for a in valid_actions for w in THEN if w in a]"""
+"""
+    + FUNCTION_CONTRACT
+)
+
+FIX_FUNCTION_SYSTEM = (
+    """\
+You fix the tool functions of an LLM agent's module: each failed the checks it \
+must pass before the agent may call it.
+
+"""
+    + FUNCTION_CONTRACT
+    + """
+
+Reply with one JSON object: {"analysis": "<brief>", "actions": [{"op": \
+"add_function", "function": {"name": "<the same name>", "description": "...", \
+"parameters": {"type": "object", "properties": {...}}, "code": "<python source>"}}]}, \
+one action per function you fix. An empty "actions" list means: leave them out."""
+)
+
 
 MERGE_SYSTEM = """\
 You consolidate what an LLM agent learned from different sets of its execution \
@@ -279,6 +303,35 @@ def optimize_messages(
     parts.append("Reply with the JSON object now.")
     return [
         {"role": "system", "content": OPTIMIZE_SYSTEM},
+        {"role": "user", "content": "\n\n".join(parts)},
+    ]
+
+
+def fix_function_messages(
+    functions: Sequence[FunctionSpec],
+    problems: Mapping[str, Sequence[str]],
+    items: Sequence[RenderedTrajectory],
+    counter: TokenCounter | None = None,
+) -> list[dict[str, str]]:
+    """The short prompt that asks for ``functions`` fixed: each one as the
+    optimizer wrote it with its ``problems`` (by name), and the actions that
+    earned score in ``items``, but not the trajectories themselves. A
+    function's contract and its errors are enough to fix it; the subset's
+    whole prompt again would cost several times more."""
+    parts = ["These functions failed their checks:"]
+    for fn in functions:
+        listed = "\n".join(f"- {p}" for p in problems.get(fn.name, ()))
+        parts.append(
+            "<function>\n"
+            + json.dumps(fn.to_json(), ensure_ascii=False)
+            + f"\n</function>\nProblems:\n{listed}"
+        )
+    scoring = scoring_line(items, counter or default_counter())
+    if scoring is not None:
+        parts.append(scoring)
+    parts.append("Reply with the JSON object now.")
+    return [
+        {"role": "system", "content": FIX_FUNCTION_SYSTEM},
         {"role": "user", "content": "\n\n".join(parts)},
     ]
 

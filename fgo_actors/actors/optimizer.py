@@ -9,13 +9,31 @@ import trio
 
 from .._core.edits import apply_actions, revert_functions
 from .._core.errors import BudgetExhaustedError, ReplyRejectedError, UnitFailedError
-from .._core.model import MergeNode, Module, RenderedTrajectory, Subset
+from .._core.model import FunctionSpec, MergeNode, Module, RenderedTrajectory, Subset
 from .._core.playbook import with_plays
-from .._core.prompts import accept_edits, optimize_messages
+from .._core.prompts import accept_edits, fix_function_messages, optimize_messages
 from .._llm.gateway import LLMGateway
 from ..agent.fncheck import changed_functions, function_problems, static_problems
 from ..agent.sandbox import SandboxLimits
 from .state import RunState
+
+
+async def _failing_functions(
+    before: Module,
+    after: Module,
+    items: tuple[RenderedTrajectory, ...],
+    limits: SandboxLimits | None,
+) -> dict[str, list[str]]:
+    """The problems of each function ``after`` adds or revises, by name: static
+    ones, and only if there are none, those of a replay on ``items``."""
+    failing: dict[str, list[str]] = {}
+    for fn in changed_functions(before, after):
+        problems = static_problems(fn)
+        if not problems:
+            problems = await function_problems([fn], items, limits)
+        if problems:
+            failing[fn.name] = problems
+    return failing
 
 
 async def optimize_subset(
@@ -33,72 +51,134 @@ async def optimize_subset(
     (``EditResult.worth_reask``); otherwise its usable actions are kept and
     what was skipped or read another way is logged (``optimize_reply_read``).
 
-    Every function the reply adds or revises is checked before the reply is
-    kept (``agent.fncheck``): statically, then replayed in the sandbox (with
+    Every function the reply adds or revises is checked before it is kept
+    (``agent.fncheck``): statically, then replayed in the sandbox (with
     ``function_limits``, by default the agent's) on the subset's recorded
-    turns, if any. A failing function rejects the reply, and the re-ask names
-    the function, the trajectory and turn, and the error. A re-asked reply
-    whose function still fails keeps its other edits without that function
-    (logged as ``functions_dropped``); one with nothing else fails the unit
-    (UnitFailedError) without a further re-ask.
+    turns, if any. The reply's other edits are kept either way. A function
+    that fails is not re-asked with the whole subset's prompt: it goes to
+    ``fix_functions``, a short call that shows the function and its problems
+    (the trajectory, turn and error) and nothing of the trajectories but the
+    actions that earned score. A reply whose only edits were functions that
+    could not be fixed fails the unit (UnitFailedError).
     """
     messages = optimize_messages(
         module, items, module_tokens=module_tokens, counter=gateway.counter
     )
     trajectory_ids = [i.id for i in items]
-    replies = 0
 
-    async def check(reply: dict[str, Any]) -> Module:
-        nonlocal replies
-        replies += 1
+    async def check(reply: dict[str, Any]) -> tuple[Module, Module, dict[str, list[str]]]:
         result = apply_actions(
             module, reply["actions"], subset_id=subset_id, trajectory_ids=trajectory_ids
         )
         errors = [*result.errors] if result.worth_reask else []
         if errors:
             raise ReplyRejectedError("; ".join(errors))
-        # Each changed function: statically, and only if that passes, replayed.
-        failing: dict[str, list[str]] = {}
-        for fn in changed_functions(module, result.module):
-            problems = static_problems(fn)
-            if not problems:
-                problems = await function_problems([fn], items, function_limits)
-            if problems:
-                failing[fn.name] = problems
-        candidate = result.module
-        dropped: list[str] = []
-        if failing:
-            problems = [p for ps in failing.values() for p in ps]
-            kept = revert_functions(module, result.module, failing)
-            # The first reply's failing function goes back to the LLM to be
-            # fixed. A re-asked reply that still carries one keeps the rest of
-            # its edits (paid for, and checked) without it, rather than fail
-            # the unit and lose them. With nothing else in it, the unit fails
-            # (its plays kept): in the benches of 5732f6b and 35921eb, no
-            # function that failed after a re-ask was fixed by another
-            # (0 of 5 units, 7 calls of about 3.7k prompt tokens each).
-            nothing_else = kept.to_json() == module.to_json()
-            if replies == 1 or nothing_else:
-                raise ReplyRejectedError(
-                    "; ".join(problems) + ". Fix the function or leave it out of the actions.",
-                    reask=replies == 1,
-                )
-            candidate, dropped = kept, problems
+        failing = await _failing_functions(module, result.module, items, function_limits)
+        kept = revert_functions(module, result.module, failing)
         edited = accept_edits(
-            gateway.counter, candidate, [], module_tokens, "merge or remove rules to make room"
+            gateway.counter, kept, [], module_tokens, "merge or remove rules to make room"
         )
-        if result.errors or result.notes or dropped:
+        if result.errors or result.notes:
             structlog.get_logger().info(
                 "optimize_reply_read",
                 subset=subset_id,
                 applied=result.applied,
                 skipped=list(result.errors),
                 read_as=list(result.notes),
-                functions_dropped=dropped,
             )
-        return edited
+        return edited, result.module, failing
 
-    return await gateway.structured("optimize", messages, "fgo_optimize", check)
+    read: tuple[Module, Module, dict[str, list[str]]] = await gateway.structured(
+        "optimize", messages, "fgo_optimize", check
+    )
+    edited, proposed, failing = read
+    if not failing:
+        return edited
+    rejected = [fn for fn in proposed.functions if fn.name in failing]
+    fixed = await fix_functions(
+        gateway,
+        edited,
+        rejected,
+        failing,
+        items,
+        subset_id=subset_id,
+        module_tokens=module_tokens,
+        function_limits=function_limits,
+    )
+    if fixed.to_json() == module.to_json():
+        problems = "; ".join(p for ps in failing.values() for p in ps)
+        raise UnitFailedError(f"optimize reply held only functions that failed: {problems}")
+    return fixed
+
+
+FUNCTION_OPS = frozenset({"add_function", "revise_function"})
+
+
+async def fix_functions(
+    gateway: LLMGateway,
+    module: Module,
+    rejected: list[FunctionSpec],
+    failing: dict[str, list[str]],
+    items: tuple[RenderedTrajectory, ...],
+    *,
+    subset_id: str,
+    module_tokens: int,
+    function_limits: SandboxLimits | None = None,
+) -> Module:
+    """``module`` with the ``rejected`` functions fixed, where the LLM can.
+
+    One short call (``fix_function_messages``); a function its reply still
+    gets wrong is re-asked once in that short conversation, then left out.
+    Only the reply's add/revise actions of the rejected names are read. The
+    outcome is logged (``function_fix``: fixed, and the first problems of
+    those left out as ``functions_dropped``); a call that cannot be made (a
+    failed unit, an exhausted budget) leaves them all out. ``module``, with
+    the optimize reply's other edits, is kept whatever happens here.
+    """
+    names = {fn.name for fn in rejected}
+    messages = fix_function_messages(rejected, failing, items, gateway.counter)
+    trajectory_ids = [i.id for i in items]
+    replies = 0
+
+    async def check(reply: dict[str, Any]) -> tuple[Module, list[str]]:
+        nonlocal replies
+        replies += 1
+        actions = [
+            a
+            for a in reply["actions"]
+            if a.get("op") in FUNCTION_OPS
+            and isinstance(a.get("function"), dict)
+            and a["function"].get("name") in names
+        ]
+        result = apply_actions(module, actions, subset_id=subset_id, trajectory_ids=trajectory_ids)
+        still = await _failing_functions(module, result.module, items, function_limits)
+        if still and replies == 1:
+            raise ReplyRejectedError(
+                "; ".join(p for ps in still.values() for p in ps)
+                + '. Fix the function, or reply with an empty "actions" list to leave it out.'
+            )
+        candidate = revert_functions(module, result.module, still)
+        kept = accept_edits(
+            gateway.counter, candidate, [], module_tokens, "write a shorter function"
+        )
+        left_out = names - {fn.name for fn in changed_functions(module, kept)}
+        return kept, sorted(left_out)
+
+    fixed: Module
+    left_out: list[str]
+    error: str | None = None
+    try:
+        fixed, left_out = await gateway.structured("optimize", messages, "fgo_optimize", check)
+    except (UnitFailedError, BudgetExhaustedError) as e:
+        fixed, left_out, error = module, sorted(names), str(e)[:300]
+    structlog.get_logger().info(
+        "function_fix",
+        subset=subset_id,
+        fixed=sorted(names - set(left_out)),
+        functions_dropped=[p for name in left_out for p in failing[name]],
+        error=error,
+    )
+    return fixed
 
 
 async def optimize_unit(
