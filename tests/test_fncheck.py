@@ -566,7 +566,7 @@ async def test_a_fix_reply_that_gives_up_leaves_the_function_out(start_llm: Star
     def policy(body: dict[str, Any]) -> str:
         if is_fix_call(body):
             return json.dumps({"analysis": "cannot", "actions": []})
-        return optimizer_policy(BROKEN, BROKEN)(body)
+        return str(optimizer_policy(BROKEN, BROKEN)(body))
 
     server, url = await start_llm(policy=policy)
     async with LLMGateway(GatewayConfig(base_url=url, model="m", max_reasks=2)) as gw:
@@ -585,7 +585,7 @@ async def test_a_fix_call_that_cannot_be_made_keeps_the_other_edits(start_llm: S
     def policy(body: dict[str, Any]) -> str:
         if is_fix_call(body):
             return "not json"
-        return optimizer_policy(BROKEN, BROKEN)(body)
+        return str(optimizer_policy(BROKEN, BROKEN)(body))
 
     server, url = await start_llm(policy=policy)
     structlog.configure(wrapper_class=structlog.make_filtering_bound_logger(logging.INFO))
