@@ -280,6 +280,25 @@ def scoring_line(items: Sequence[RenderedTrajectory], counter: TokenCounter) -> 
     return head + json.dumps(shown, ensure_ascii=False) if shown else None
 
 
+def _ask_with_scoring(
+    system: str,
+    parts: list[str],
+    items: Sequence[RenderedTrajectory],
+    counter: TokenCounter | None,
+) -> list[dict[str, str]]:
+    """``system``, then ``parts`` with the scoring line of ``items`` (if any)
+    and the closing request, as one user message."""
+    scoring = scoring_line(items, counter or default_counter())
+    tail = [scoring] if scoring is not None else []
+    return [
+        {"role": "system", "content": system},
+        {
+            "role": "user",
+            "content": "\n\n".join([*parts, *tail, "Reply with the JSON object now."]),
+        },
+    ]
+
+
 def optimize_messages(
     module: Module,
     items: Sequence[RenderedTrajectory],
@@ -297,14 +316,7 @@ def optimize_messages(
         f"Trajectories ({len(items)}: {successes} succeeded, {len(items) - successes} failed):",
         *(i.text for i in items),
     ]
-    scoring = scoring_line(items, counter or default_counter())
-    if scoring is not None:
-        parts.append(scoring)
-    parts.append("Reply with the JSON object now.")
-    return [
-        {"role": "system", "content": OPTIMIZE_SYSTEM},
-        {"role": "user", "content": "\n\n".join(parts)},
-    ]
+    return _ask_with_scoring(OPTIMIZE_SYSTEM, parts, items, counter)
 
 
 def fix_function_messages(
@@ -326,14 +338,7 @@ def fix_function_messages(
             + json.dumps(fn.to_json(), ensure_ascii=False)
             + f"\n</function>\nProblems:\n{listed}"
         )
-    scoring = scoring_line(items, counter or default_counter())
-    if scoring is not None:
-        parts.append(scoring)
-    parts.append("Reply with the JSON object now.")
-    return [
-        {"role": "system", "content": FIX_FUNCTION_SYSTEM},
-        {"role": "user", "content": "\n\n".join(parts)},
-    ]
+    return _ask_with_scoring(FIX_FUNCTION_SYSTEM, parts, items, counter)
 
 
 def merge_messages(
