@@ -7,6 +7,7 @@ Partitioner) and the same text is reused in every prompt that holds it.
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -178,9 +179,62 @@ def _steps_text(steps: Sequence[Any]) -> str:
     return "\n".join(lines)
 
 
+_OUTCOME_HEAD = "Outcome: "
+_LINE_HEAD = re.compile(r"^(\[[^\]\n]{1,40}\] |[A-Z][A-Za-z ]{0,30}: )")
+
+
+def _shareable(line: str) -> bool:
+    """Long enough to be worth a reference, and not an outcome: each
+    trajectory's own result always shows in full."""
+    return len(line) > REPEAT_MIN_CHARS and not line.startswith(_OUTCOME_HEAD)
+
+
+def share_repeated_lines(items: Sequence[RenderedTrajectory]) -> list[str]:
+    """The texts of ``items`` for one prompt, each line longer than
+    ``REPEAT_MIN_CHARS`` that an earlier trajectory of the prompt already
+    showed named instead of repeated: ``[system] (same as in trajectory t1)``.
+
+    Logs repeat the same long texts in every episode (the agent's system
+    prompt, the task statement); shown once, they are not paid for again in
+    every trajectory. A line keeps its head (a step's ``[role]``, a header's
+    ``Task:``); lines without one that follow on from the line above in the
+    same earlier trajectory join its reference (``(same 3 lines as in
+    trajectory t1)``). The first trajectory is shown whole, every outcome
+    line in full, and a text repeated inside one trajectory is left to its
+    rendering, which names repeated steps by number."""
+    first_seen: dict[str, tuple[str, int]] = {}
+    texts: list[str] = []
+    for item in items:
+        lines = item.text.split("\n")
+        out: list[str] = []
+        # The reference being written: its index in ``out``, head, source
+        # trajectory, the source's last line covered, and lines covered.
+        run: tuple[int, str, str, int, int] | None = None
+        for line in lines:
+            source = first_seen.get(line) if _shareable(line) else None
+            if source is None:
+                out.append(line)
+                run = None
+                continue
+            head_match = _LINE_HEAD.match(line)
+            if head_match is None and run is not None and source == (run[2], run[3] + 1):
+                at, head, src, _, count = run
+                run = (at, head, src, source[1], count + 1)
+                out[at] = f"{head}(same {count + 1} lines as in trajectory {src})"
+                continue
+            head = head_match.group(1) if head_match else ""
+            run = (len(out), head, source[0], source[1], 1)
+            out.append(f"{head}(same as in trajectory {source[0]})")
+        for n, line in enumerate(lines):
+            if _shareable(line):
+                first_seen.setdefault(line, (item.id, n))
+        texts.append("\n".join(out))
+    return texts
+
+
 def _outcome_text(traj: Trajectory) -> str:
     o = traj.outcome
-    text = "Outcome: " + ("SUCCESS" if o.success else "FAILURE")
+    text = _OUTCOME_HEAD + ("SUCCESS" if o.success else "FAILURE")
     if o.score is not None:
         text += f" (score {o.score:g})"
     if o.feedback:
@@ -314,7 +368,7 @@ def optimize_messages(
         "Current module:\n<module>\n" + render_module(module) + "\n</module>",
         f"Keep the whole module under {module_tokens} tokens.",
         f"Trajectories ({len(items)}: {successes} succeeded, {len(items) - successes} failed):",
-        *(i.text for i in items),
+        *share_repeated_lines(items),
     ]
     return _ask_with_scoring(OPTIMIZE_SYSTEM, parts, items, counter)
 
