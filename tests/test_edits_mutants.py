@@ -13,7 +13,7 @@ from typing import Any
 
 import pytest
 
-from fgo_actors import FunctionSpec, Module, Rule
+from fgo_actors import Module, Rule
 from fgo_actors._core.edits import (
     Drop,
     MergeChild,
@@ -29,22 +29,9 @@ from fgo_actors._core.edits import (
 )
 from fgo_actors._core.playbook import plays_of, to_function
 
-TRAJ = ("t1", "t2", "t3")
+from .test_edits import BASE, TRAJ, fn
+
 SCHEMA = {"type": "object", "properties": {}}
-
-
-def fn(name: str, code: str = "pass", description: str = "d") -> FunctionSpec:
-    return FunctionSpec(name=name, description=description, parameters=SCHEMA, code=code)
-
-
-BASE = Module(
-    instructions="Be careful.",
-    rules=(
-        Rule(id="r1", text="Check the input first.", subsets=("s000",), trajectories=("t0",)),
-        Rule(id="s001.r3", text="Retry on timeout.", subsets=("s001",), trajectories=("t1",)),
-    ),
-    functions=(fn("lookup"), fn("search")),
-)
 
 
 def run(actions: list[dict[str, Any]], module: Module = BASE) -> Any:
