@@ -5,6 +5,7 @@
 #   scripts/mutation.sh                      # the pure core, the gateway, the bridge
 #   scripts/mutation.sh fgo_actors/_core/stats.py tests/test_stats.py   # one module, its tests
 #   JOBS=2 SHOW_SURVIVORS=1 KEEP=1 scripts/mutation.sh ...   # parallel; list survivors; keep the folder
+#   TIMEOUT_MULTIPLIER=15 scripts/mutation.sh ...   # mutmut's own (slower) limit for a looping mutant
 #
 # Arguments: the modules to mutate (fgo_actors/*.py), then the test files
 # that judge them (tests/*.py); with none, the default set below. Each run
@@ -58,6 +59,10 @@ cd "$work"
     printf 'only_mutate = ['; printf '"%s", ' "${modules[@]}"; echo ']'
     printf 'pytest_add_cli_args_test_selection = ['; printf '"%s", ' "${tests[@]}"; echo ']'
     echo 'pytest_add_cli_args = ["-q", "-p", "no:cacheprovider"]'
+    # A mutant that loops (a cut that never shrinks) is a timeout, counted as
+    # killed. mutmut's default limit is 30x the tests' own CPU time; 6x is
+    # still far above the noise and spares minutes per looping mutant.
+    echo "timeout_multiplier = ${TIMEOUT_MULTIPLIER:-3}"
     echo 'also_copy = ["examples/", "protocols/", "scripts/"]'
 } >>pyproject.toml
 
