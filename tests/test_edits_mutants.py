@@ -112,6 +112,16 @@ def test_a_revise_without_an_id_is_noted_with_the_empty_id() -> None:
     assert result.applied == 1
 
 
+def test_a_revise_that_only_rewords_a_rule_is_not_a_repeat_of_itself() -> None:
+    """Revising r1 into its own text in other case and spacing is a revise
+    (the new wording and this subset's evidence kept), not a rule that would
+    repeat r1 and is skipped."""
+    result = run([{"op": "revise_rule", "id": "r1", "text": "check  the INPUT first."}])
+    assert result.module.rules[0].text == "check  the INPUT first."
+    assert result.module.rules[0].subsets == ("s000", "s001")
+    assert result.notes == ()
+
+
 def test_add_rule_never_revises_even_when_given_an_existing_id() -> None:
     """``old`` is looked up for revise_rule only: an add_rule that carries an
     existing id adds a new rule and leaves that one as it was."""
@@ -276,6 +286,13 @@ def test_a_weak_best_match_is_still_the_lineage() -> None:
     share (not only a share above 1, not never)."""
     cands = [rule("a", "alpha bravo charlie delta"), rule("b", "echo foxtrot golf")]
     assert infer_lineage("alpha hotel", cands) == ("a",)
+
+
+def test_no_candidate_with_words_is_no_lineage() -> None:
+    """Without candidates, or with none that has a content word, there is no
+    lineage: not a crash on an empty ``max`` and not the empty id."""
+    assert infer_lineage("alpha hotel", []) == ()
+    assert infer_lineage("alpha hotel", [rule("a", "a b, to 12")]) == ()
 
 
 # -- apply_merge: decisions word for word ---------------------------------------------
@@ -455,6 +472,22 @@ def test_instructions_are_cut_in_proportion_less_sixteen_and_stripped() -> None:
     fitted, drops, fn_drops = fit_to_cap(module, size=by_parts, cap=51)
     assert fitted.instructions == "abcd abcd abcd abcd abcd abcd abcd"
     assert (drops, fn_drops) == ((), ())
+
+
+def test_the_instructions_cut_keeps_exactly_sixteen_characters_less_than_its_share() -> None:
+    """Without spaces to strip: 100 * 51 // 100 - 16 = 35 characters, not 34."""
+    fitted, _, _ = fit_to_cap(Module(instructions="x" * 100), size=by_parts, cap=51)
+    assert fitted.instructions == "x" * 35
+
+
+def test_instructions_that_fit_once_the_functions_are_cut_stay_whole() -> None:
+    """Dropping the function lands the module exactly on the cap: the
+    instructions are not cut as well."""
+    module = Module(instructions="x" * 40, functions=(fn("f", "y" * 30),))
+    fitted, _, fn_drops = fit_to_cap(module, size=by_parts, cap=40)
+    assert fitted.instructions == "x" * 40
+    assert fitted.functions == ()
+    assert [d.id for d in fn_drops] == ["f"]
 
 
 def test_instructions_that_can_never_fit_are_cut_to_nothing() -> None:
