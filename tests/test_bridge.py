@@ -6,8 +6,9 @@ import asyncio
 from pathlib import Path
 
 import pytest
+import trio
 
-from fgo_actors._daemon.bridge import _guests, open_optimizer_asyncio
+from fgo_actors._daemon.bridge import _Guest, _guests, open_optimizer_asyncio
 from fgo_actors._storage.store import StoreError
 
 from .helpers import daemon_config, make_trajectories
@@ -90,3 +91,31 @@ def test_an_optimizer_that_cannot_open_raises_its_error(tmp_path: Path) -> None:
 
     with pytest.raises(StoreError, match="cannot use as a store"):
         asyncio.run(program())
+
+
+def test_a_guest_run_that_crashes_fails_its_stop_instead_of_hanging() -> None:
+    """When the trio guest run itself dies (here, a callback that raises, which
+    trio treats as an internal error), waiting for it to stop raises that
+    error, caused by the callback's own error; it does not hang."""
+
+    async def program() -> BaseException | None:
+        guest = _Guest(asyncio.get_running_loop())
+        await guest.start()
+
+        def boom() -> None:
+            raise RuntimeError("boom")
+
+        guest.call_soon(boom)
+        try:
+            await asyncio.wait_for(guest.stop(), 20)
+        except BaseException as e:
+            return e
+        return None
+
+    error = asyncio.run(program())
+    assert isinstance(error, trio.TrioInternalError)
+    cause = error.__cause__
+    while isinstance(cause, BaseExceptionGroup) and len(cause.exceptions) == 1:
+        cause = cause.exceptions[0]
+    assert isinstance(cause, RuntimeError)
+    assert str(cause) == "boom"
