@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Awaitable, Callable
 from pathlib import Path
+from typing import TypeVar
 
 import pytest
 import trio
@@ -12,6 +14,8 @@ from fgo_actors._daemon.bridge import _Guest, _guests, open_optimizer_asyncio
 from fgo_actors._storage.store import StoreError
 
 from .helpers import daemon_config, make_trajectories
+
+T = TypeVar("T")
 
 
 def test_asyncio_program_submits_and_awaits_a_published_version(
@@ -119,3 +123,77 @@ def test_a_guest_run_that_crashes_fails_its_stop_instead_of_hanging() -> None:
         cause = cause.exceptions[0]
     assert isinstance(cause, RuntimeError)
     assert str(cause) == "boom"
+
+
+def run_in_guest(program: Callable[[_Guest], Awaitable[T]]) -> tuple[T, list[str]]:
+    """``program(guest)`` on a fresh asyncio loop with a started guest run,
+    stopped after it; its result and whatever the loop reported as an error
+    in a callback (which asyncio logs rather than raises)."""
+    reported: list[str] = []
+
+    async def main() -> T:
+        loop = asyncio.get_running_loop()
+        loop.set_exception_handler(lambda _loop, context: reported.append(context["message"]))
+        guest = _Guest(loop)
+        await guest.start()
+        try:
+            return await program(guest)
+        finally:
+            await asyncio.wait_for(guest.stop(), 20)
+
+    return asyncio.run(main()), reported
+
+
+def test_a_nursery_group_of_one_error_is_that_error_and_of_two_stays_a_group() -> None:
+    def failing(error: Exception) -> Callable[[], Awaitable[None]]:
+        async def fails() -> None:
+            raise error
+
+        return fails
+
+    async def program(guest: _Guest) -> list[BaseException]:
+        out: list[BaseException] = []
+        nested = ExceptionGroup("outer", [ExceptionGroup("inner", [ValueError("v")])])
+        two = ExceptionGroup("two", [ValueError("a"), KeyError("b")])
+        for error in (nested, two):
+            try:
+                await guest.run(failing(error))
+            except Exception as e:
+                out.append(e)
+        return out
+
+    (one, both), reported = run_in_guest(program)
+    assert isinstance(one, ValueError)
+    assert str(one) == "v"
+    assert isinstance(both, ExceptionGroup)
+    assert both.message == "two"
+    assert reported == []
+
+
+def test_an_asyncio_cancel_cancels_the_trio_task() -> None:
+    """Cancelling the asyncio future (a timeout) cancels the trio task it
+    stands for, which sees trio.Cancelled, and the guest run goes on; no
+    callback fails on the asyncio side."""
+    seen: list[str] = []
+
+    async def forever() -> None:
+        try:
+            await trio.sleep_forever()
+        except trio.Cancelled:
+            seen.append("cancelled")
+            raise
+
+    async def quick() -> int:
+        return 7
+
+    async def program(guest: _Guest) -> int:
+        with pytest.raises(TimeoutError):
+            await asyncio.wait_for(guest.run(forever), 0.2)
+        for _ in range(100):
+            if seen:
+                break
+            await asyncio.sleep(0.01)
+        return await guest.run(quick)
+
+    value, reported = run_in_guest(program)
+    assert (value, seen, reported) == (7, ["cancelled"], [])
