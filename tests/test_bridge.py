@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import gc
+import os
+import signal
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import TypeVar
@@ -10,7 +13,13 @@ from typing import TypeVar
 import pytest
 import trio
 
-from fgo_actors._daemon.bridge import _Guest, _guests, open_optimizer_asyncio
+from fgo_actors._daemon.bridge import (
+    _acquire_guest,
+    _Guest,
+    _guests,
+    _release_guest,
+    open_optimizer_asyncio,
+)
 from fgo_actors._storage.store import StoreError
 
 from .helpers import daemon_config, make_trajectories
@@ -197,3 +206,65 @@ def test_an_asyncio_cancel_cancels_the_trio_task() -> None:
 
     value, reported = run_in_guest(program)
     assert (value, seen, reported) == (7, ["cancelled"], [])
+
+
+def test_a_guest_run_that_dies_before_it_is_ready_fails_the_open_and_leaves_no_guest(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """If trio's guest run ends before it is ready to host tasks, opening an
+    optimizer raises its error instead of hanging, and nothing half-started is
+    left registered: the next open on the same loop starts a fresh guest."""
+
+    reported: list[str] = []
+
+    def no_token() -> trio.lowlevel.TrioToken:
+        raise RuntimeError("no token today")
+
+    async def program() -> tuple[str, int]:
+        loop = asyncio.get_running_loop()
+        loop.set_exception_handler(lambda _loop, context: reported.append(context["message"]))
+        config = daemon_config(tmp_path / "a.db", "http://127.0.0.1:9/v1")
+        error = ""
+        with monkeypatch.context() as patch:
+            patch.setattr(trio.lowlevel, "current_trio_token", no_token)
+            try:
+                async with asyncio.timeout(20), open_optimizer_asyncio(config):
+                    pass
+            except RuntimeError as e:
+                error = str(e)
+        assert loop not in _guests
+        for _ in range(3):  # free the failed guest, whose futures' unread errors asyncio logs
+            gc.collect()
+            await asyncio.sleep(0)
+        guest = await _acquire_guest()
+        users = guest.users
+        await _release_guest(guest)
+        assert loop not in _guests
+        return error, users
+
+    assert asyncio.run(program()) == ("no token today", 1)
+    assert reported == []
+
+
+def test_asyncio_signal_handlers_still_run_while_the_guest_runs() -> None:
+    """asyncio's signal handlers wake its loop through ``signal.set_wakeup_fd``;
+    the guest run must leave that file descriptor to asyncio, or a handler
+    added before the guest started would never run."""
+
+    async def main() -> bool:
+        loop = asyncio.get_running_loop()
+        got = asyncio.Event()
+        loop.add_signal_handler(signal.SIGUSR1, got.set)
+        try:
+            guest = _Guest(loop)
+            await guest.start()
+            try:
+                os.kill(os.getpid(), signal.SIGUSR1)
+                await asyncio.wait_for(got.wait(), 10)
+                return got.is_set()
+            finally:
+                await asyncio.wait_for(guest.stop(), 20)
+        finally:
+            loop.remove_signal_handler(signal.SIGUSR1)
+
+    assert asyncio.run(main()) is True

@@ -68,7 +68,15 @@ class _Guest:
             done_callback=done,
             host_uses_signal_set_wakeup_fd=True,
         )
-        await ready
+        try:
+            await ready
+        except BaseException:
+            if self._done.done():
+                # The run ended before it was ready. Its error is raised here,
+                # and nobody will wait for its end: retrieve the copy there,
+                # which asyncio would otherwise log as never retrieved.
+                self._done.exception()
+            raise
 
     async def stop(self) -> None:
         if self._token is not None and self._stop is not None:
@@ -151,11 +159,11 @@ async def _acquire_guest() -> _Guest:
 
 
 async def _release_guest(guest: _Guest) -> None:
-    lock = _guest_lock.setdefault(guest.loop, asyncio.Lock())
-    async with lock:
+    # A guest with users is registered, and its loop's lock made, by _acquire_guest.
+    async with _guest_lock[guest.loop]:
         guest.users -= 1
         if guest.users == 0:
-            _guests.pop(guest.loop, None)
+            del _guests[guest.loop]
             await guest.stop()
 
 
