@@ -6,6 +6,9 @@
 #   scripts/mutation.sh fgo_actors/_core/stats.py tests/test_stats.py   # one module, its tests
 #   JOBS=2 SHOW_SURVIVORS=1 KEEP=1 scripts/mutation.sh ...   # parallel; list survivors; keep the folder
 #   TIMEOUT_MULTIPLIER=15 scripts/mutation.sh ...   # mutmut's own (slower) limit for a looping mutant
+#   SAMPLE=200 SEED=0 scripts/mutation.sh fgo_actors/_llm/gateway.py tests/test_gateway.py
+#       # judge a random sample of 200 mutants (seeded) and estimate the score
+#       # with a 95% interval: for a module whose full run takes hours
 #
 # Arguments: the modules to mutate (fgo_actors/*.py), then the test files
 # that judge them (tests/*.py); with none, the default set below. Each run
@@ -69,13 +72,42 @@ cd "$work"
 echo "mutating ${modules[*]}" >&2
 echo "judged by ${tests[*]}" >&2
 # mutmut exits non-zero when mutants survive; the score below says how many.
-"$ROOT/.venv/bin/mutmut" run --max-children "${JOBS:-2}" >&2 || true
+if [ -n "${SAMPLE:-}" ]; then
+    # A run filtered to a name that matches nothing generates the mutants and
+    # records which tests cover which function, then stops; the sample is
+    # drawn from the names it generated and judged by a second run.
+    "$ROOT/.venv/bin/mutmut" run --max-children "${JOBS:-2}" "fgo-no-such-mutant" >/dev/null 2>&1 || true
+    mapfile -t sample < <("$PYTHON" - "$SAMPLE" "${SEED:-0}" <<'PICK'
+import json
+import pathlib
+import random
+import sys
+
+names = sorted(
+    name
+    for meta in pathlib.Path("mutants").rglob("*.meta")
+    for name in json.loads(meta.read_text(encoding="utf-8"))["exit_code_by_key"]
+)
+size, seed = min(int(sys.argv[1]), len(names)), int(sys.argv[2])
+print(f"sampling {size} of {len(names)} mutants (seed {seed})", file=sys.stderr)
+print("\n".join(sorted(random.Random(seed).sample(names, size))))
+PICK
+    )
+    if [ ${#sample[@]} -eq 0 ]; then
+        echo "no mutants were generated: run once with SAMPLE unset to see mutmut's output" >&2
+        exit 1
+    fi
+    "$ROOT/.venv/bin/mutmut" run --max-children "${JOBS:-2}" "${sample[@]}" >&2 || true
+else
+    "$ROOT/.venv/bin/mutmut" run --max-children "${JOBS:-2}" >&2 || true
+fi
 "$ROOT/.venv/bin/mutmut" results --all true >results.txt 2>/dev/null || true
 if [ -n "${SHOW_SURVIVORS:-}" ]; then
     grep ': survived' results.txt | sed 's/^ */survived: /' >&2 || true
 fi
 "$PYTHON" - "${modules[@]}" <<'EOF'
 import collections
+import os
 import sys
 
 # Lines look like "    fgo_actors._core.stats.x_mean_interval__mutmut_3: survived".
@@ -102,4 +134,11 @@ judged = total["killed"] + total["survived"]
 score = f"{total['killed'] / judged:.1%}" if judged else "-"
 print(f"{'all':<28} {total['killed']:>7} {total['survived']:>9} {total['other']:>6} {score:>7}")
 print("(killed counts timeouts; other: not checked, e.g. no test covers the line)")
+if judged and os.environ.get("SAMPLE"):
+    # Wilson's 95% interval for the share killed, the judged mutants of the
+    # sample standing for all of the module's mutants that tests cover.
+    z, n, p = 1.96, judged, total["killed"] / judged
+    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z * ((p * (1 - p) / n + z * z / (4 * n * n)) ** 0.5) / (1 + z * z / n)
+    print(f"sampled: {score} of {judged} judged, 95% interval [{centre - half:.1%}, {centre + half:.1%}]")
 EOF
