@@ -15,6 +15,8 @@ from hypothesis import strategies as st
 from fgo_actors import FunctionSpec, Module, Rule
 from fgo_actors._core.edits import apply_actions, match_evidence, object_schema, revert_functions
 
+from .helpers import json_values
+
 SETTINGS = settings(max_examples=150, deadline=None)
 
 TRAJ = ("t1", "t2", "t3")
@@ -461,10 +463,40 @@ def test_a_rule_may_use_words_that_merely_contain_an_id() -> None:
         ({}, {"type": "object", "properties": {}}),
         ({"type": "object"}, None),
         ({"type": "string"}, None),  # another schema: unclear, left to the function check
+        (
+            # a list of type names (a local-model reply crashed the bench on it)
+            {"rooms": ["string", "null"], "doors": ["left", "right"], "n": []},
+            {
+                "type": "object",
+                "properties": {
+                    "rooms": {"type": ["string", "null"]},
+                    "doors": {"description": "['left', 'right']"},
+                    "n": {"description": "[]"},
+                },
+            },
+        ),
     ],
 )
 def test_object_schema(given: dict[str, Any], meant: dict[str, Any] | None) -> None:
     assert object_schema(given) == meant
+
+
+@given(
+    st.dictionaries(
+        st.text(max_size=6),
+        json_values | st.lists(st.sampled_from(["string", "null", "tuple"]), max_size=3),
+        max_size=4,
+    )
+)
+def test_object_schema_reads_any_json_parameters_without_raising(
+    parameters: dict[str, Any],
+) -> None:
+    """Whatever JSON a reply gives as ``parameters``, it is read (or left
+    alone), never an exception that would end the run."""
+    meant = object_schema(parameters)
+    if meant is not None:
+        assert meant["type"] == "object"
+        assert all(isinstance(p, dict) for p in meant["properties"].values())
 
 
 def test_a_functions_bare_properties_are_read_as_an_object_schema() -> None:

@@ -128,17 +128,23 @@ def object_schema(parameters: Mapping[str, Any]) -> dict[str, Any] | None:
         return None
     if "properties" in parameters:
         return {"type": "object", **parameters}
-    properties = {
-        str(k): (
-            dict(v)
-            if isinstance(v, Mapping)
-            else {"type": v}
-            if v in _JSON_TYPES
-            else {"description": str(v)}
-        )
-        for k, v in parameters.items()
-    }
-    return {"type": "object", "properties": properties}
+    return {"type": "object", "properties": {str(k): _property(v) for k, v in parameters.items()}}
+
+
+def _property(value: object) -> dict[str, Any]:
+    """One bare property as a schema: a schema already, a type name or a list
+    of them (``"string"``, ``["string", "null"]``), or else its description."""
+    if isinstance(value, Mapping):
+        return dict(value)
+    if isinstance(value, str) and value in _JSON_TYPES:
+        return {"type": value}
+    if (
+        isinstance(value, list)
+        and value
+        and all(isinstance(v, str) and v in _JSON_TYPES for v in value)
+    ):
+        return {"type": list(value)}
+    return {"description": str(value)}
 
 
 def apply_actions(
