@@ -1,0 +1,313 @@
+"""The gateway's small parts, pinned exactly: each test here fails for a
+one-line change to them (the mutation probe, ``scripts/mutation.sh``)."""
+
+from __future__ import annotations
+
+import email.utils
+import hashlib
+import re
+import time
+from typing import Any
+
+import httpx
+import pytest
+import trio
+
+from fgo_actors import GatewayConfig, LLMGateway, LLMUnavailableError, ReplyRejectedError
+from fgo_actors._llm.gateway import (
+    GatewayStatistics,
+    _CallTimeoutError,
+    _content_of,
+    _int_or,
+    _parse_retry_after,
+    _RetryableStatusError,
+    parse_json_reply,
+    request_key,
+)
+from fgo_actors.testing import Fault
+
+from .helpers import StartLLM
+
+MESSAGES = [{"role": "user", "content": "hello there"}]
+
+
+@pytest.mark.parametrize(
+    ("header", "seconds"),
+    [
+        (None, None),
+        (" 2.5 ", 2.5),
+        ("0", 0.0),
+        ("-3", 0.0),  # a negative wait is no wait
+        ("nan", 0.0),
+        ("soon", None),  # neither seconds nor a date: no advice
+    ],
+)
+def test_retry_after_in_seconds(header: str | None, seconds: float | None) -> None:
+    assert _parse_retry_after(header) == seconds
+
+
+def test_retry_after_as_a_date() -> None:
+    later = email.utils.formatdate(time.time() + 30, usegmt=True)
+    earlier = email.utils.formatdate(time.time() - 30, usegmt=True)
+    wait = _parse_retry_after(later)
+    assert wait is not None
+    assert 27 <= wait <= 31
+    assert _parse_retry_after(earlier) == 0.0
+
+
+@pytest.mark.parametrize(
+    ("value", "read"),
+    [(5, 5), (0, 0), (True, None), (False, None), ("5", None), (5.0, None), (None, None)],
+)
+def test_usage_counts_are_read_only_as_plain_integers(value: object, read: int | None) -> None:
+    assert _int_or(value, None) == read
+    assert _int_or(value, -1) == (read if read is not None else -1)
+
+
+@pytest.mark.parametrize(
+    ("data", "read"),
+    [
+        ({"choices": [{"message": {"content": "hi"}, "finish_reason": "stop"}]}, ("hi", "stop")),
+        ({"choices": [{"message": {"content": "hi"}}]}, ("hi", None)),
+        ({"choices": [{"message": {"content": "hi"}, "finish_reason": 3}]}, ("hi", None)),
+        ({"choices": [{"message": {"content": None}, "finish_reason": "stop"}]}, (None, "stop")),
+        (
+            {"choices": [{"message": {"content": ["hi"]}, "finish_reason": "length"}]},
+            (None, "length"),
+        ),
+        ({"choices": []}, (None, None)),
+        ({"choices": [["hi"]]}, (None, None)),
+        ({"choices": [{"message": "hi"}]}, (None, None)),
+        ({}, (None, None)),
+    ],
+)
+def test_a_replys_content_and_finish_reason(data: dict[str, Any], read: tuple[Any, Any]) -> None:
+    assert _content_of(data) == read
+
+
+@pytest.mark.parametrize(
+    "content",
+    [
+        '{"a": 1}',
+        '  {"a": 1}\n',
+        '```json\n{"a": 1}\n```',
+        '```JSON\n{"a": 1}```',
+        '```\n{"a": 1}\n```',
+        'Here it is:\n```json\n{"a": 1}\n```\nDone.',
+    ],
+)
+def test_a_json_reply_is_read_with_or_without_its_fence(content: str) -> None:
+    assert parse_json_reply(content) == {"a": 1}
+
+
+def test_a_reply_that_is_not_json_names_where_it_broke() -> None:
+    with pytest.raises(ReplyRejectedError) as caught:
+        parse_json_reply('{"a": 1,\n  "b": }')
+    assert str(caught.value) == ("the reply is not valid JSON (Expecting value at line 2 column 8)")
+
+
+def test_the_request_key_is_the_sha256_of_the_canonical_json() -> None:
+    """The cache key's form is what lets a rerun (or the next version) replay
+    what was paid for: it must not change."""
+    body = {"b": [1, 2], "a": "é"}
+    canonical = '{"a":"é","b":[1,2]}'
+    assert request_key(body) == hashlib.sha256(canonical.encode("utf-8")).hexdigest()
+    assert request_key({"a": "é", "b": [1, 2]}) == request_key(body)
+    assert request_key({"a": "e", "b": [1, 2]}) != request_key(body)
+
+
+def test_statistics_since_an_earlier_snapshot() -> None:
+    earlier = GatewayStatistics(
+        calls={"optimize": 2, "merge": 1},
+        prompt_tokens={"optimize": 100, "merge": 10},
+        completion_tokens={"optimize": 20, "merge": 5},
+        retries=1,
+        reasks=1,
+        in_flight=0,
+        max_in_flight=2,
+        token_budget=None,
+        budget_exhausted=False,
+        cached={"optimize": 1},
+        window=3,
+        window_cuts=1,
+        throttled=2,
+        salvaged=1,
+    )
+    now = GatewayStatistics(
+        calls={"optimize": 5, "merge": 1},
+        prompt_tokens={"optimize": 400, "merge": 10},
+        completion_tokens={"optimize": 50, "merge": 5},
+        retries=4,
+        reasks=3,
+        in_flight=1,
+        max_in_flight=3,
+        token_budget=None,
+        budget_exhausted=False,
+        cached={"optimize": 3, "merge": 2},
+        window=2,
+        window_cuts=3,
+        throttled=7,
+        salvaged=2,
+    )
+    assert now.total_tokens == 465
+    since = now.since(earlier)
+    assert since.calls == {"optimize": 3}  # a role with nothing new is left out
+    assert since.prompt_tokens == {"optimize": 300}
+    assert since.completion_tokens == {"optimize": 30}
+    assert since.cached == {"optimize": 2, "merge": 2}
+    assert (since.retries, since.reasks, since.window_cuts, since.throttled, since.salvaged) == (
+        3,
+        2,
+        2,
+        5,
+        1,
+    )
+    # What is a level, not a count, is as it is now.
+    assert (since.in_flight, since.max_in_flight, since.window) == (1, 3, 2)
+    assert since.total_tokens == 330
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "message"),
+    [
+        ("max_concurrency", 0, "max_concurrency must be at least 1"),
+        ("token_budget", 0, "token_budget must be positive"),
+        ("connect_timeout", float("inf"), "connect_timeout must be a positive number"),
+        ("connect_timeout", 0.0, "connect_timeout must be a positive number"),
+        ("call_timeout", 0.0, "call_timeout must be a positive number"),
+        ("retry_attempts", 0, "retry_attempts must be at least 1"),
+        ("max_reasks", -1, "max_reasks must not be negative"),
+        ("max_completion_tokens", 0, "max_completion_tokens must be at least 1"),
+    ],
+)
+def test_each_bad_setting_is_named(field: str, value: object, message: str) -> None:
+    kwargs: dict[str, Any] = {"base_url": "https://example.test/v1", "model": "m", field: value}
+    with pytest.raises(ValueError, match=message):
+        GatewayConfig(**kwargs)
+
+
+def test_the_edges_of_each_setting_are_allowed() -> None:
+    config = GatewayConfig(
+        base_url="https://example.test/v1",
+        model="m",
+        max_concurrency=1,
+        token_budget=1,
+        retry_attempts=1,
+        max_reasks=0,
+        max_completion_tokens=1,
+    )
+    assert config.max_concurrency == 1
+
+
+async def test_which_failures_are_retried_and_how_long_a_retry_after_waits() -> None:
+    config = GatewayConfig(base_url="http://127.0.0.1:9/v1", model="m", retry_after_max=10.0)
+    request = httpx.Request("POST", "http://127.0.0.1:9/v1/chat/completions")
+
+    def status(code: int, retry_after: str | None = None) -> _RetryableStatusError:
+        headers = {"retry-after": retry_after} if retry_after is not None else {}
+        return _RetryableStatusError(httpx.Response(code, headers=headers, request=request))
+
+    async with LLMGateway(config) as gw:
+        assert gw._retry_hook(status(503)) is True
+        assert gw._retry_hook(status(429, "3")) == 3.0
+        assert gw._retry_hook(status(429, "10")) == 10.0
+        assert gw._retry_hook(status(429, "3600")) == 10.0  # capped at retry_after_max
+        assert gw._retry_hook(httpx.ConnectError("refused")) is True
+        assert gw._retry_hook(httpx.ReadTimeout("slow")) is True
+        assert gw._retry_hook(_CallTimeoutError("no reply")) is True
+        assert gw._retry_hook(httpx.UnsupportedProtocol("ftp://")) is False
+        assert gw._retry_hook(httpx.LocalProtocolError("bad header")) is False
+        assert gw._retry_hook(ValueError("a bug")) is False
+
+
+@pytest.mark.parametrize(
+    ("code", "hint"),
+    [
+        (401, " (check the API key: --api-key-env or FGO_API_KEY)"),
+        (403, " (check the API key: --api-key-env or FGO_API_KEY)"),
+        (404, " (check --base-url; it should end before /chat/completions, e.g. .../v1)"),
+        (418, ""),
+    ],
+)
+async def test_a_refusal_names_the_likely_setting_and_is_not_retried(
+    start_llm: StartLLM, code: int, hint: str
+) -> None:
+    server, url = await start_llm(faults=[Fault(status=code)])
+    async with LLMGateway(GatewayConfig(base_url=url, model="m")) as gw:
+        with pytest.raises(LLMUnavailableError) as caught:
+            await gw.chat("optimize", MESSAGES)
+    message = str(caught.value)
+    assert message.startswith(
+        f"LLM endpoint {url}/chat/completions refused the request: HTTP {code}{hint}: "
+    )
+    assert f"injected {code}" in message
+    assert len(server.requests) == 1
+    assert gw.statistics().retries == 0
+
+
+async def _answering(nursery: trio.Nursery, payload: bytes) -> tuple[str, list[int]]:
+    """A loopback HTTP server that answers every request 200 with ``payload``;
+    its base URL, and a list that counts the requests."""
+    seen: list[int] = []
+
+    async def handle(stream: trio.SocketStream) -> None:
+        data = b""
+        while b"\r\n\r\n" not in data:
+            data += await stream.receive_some(65536)
+        head, _, body = data.partition(b"\r\n\r\n")
+        found = re.search(rb"content-length: *(\d+)", head, re.IGNORECASE)
+        while found is not None and len(body) < int(found.group(1)):
+            body += await stream.receive_some(65536)
+        seen.append(1)
+        await stream.send_all(
+            b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\n"
+            b"content-length: %d\r\nconnection: close\r\n\r\n%s" % (len(payload), payload)
+        )
+        await stream.aclose()
+
+    listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
+    nursery.start_soon(trio.serve_listeners, handle, listeners)
+    return f"http://127.0.0.1:{listeners[0].socket.getsockname()[1]}/v1", seen
+
+
+@pytest.mark.parametrize(
+    ("payload", "error"),
+    [
+        (b"[1, 2]", "_BadBodyError: HTTP body is not a JSON object"),
+        (b"<html>busy</html>", "_BadBodyError: HTTP body is not JSON: '<html>busy</html>'"),
+    ],
+)
+async def test_a_body_that_is_not_a_json_object_is_retried_then_given_up(
+    nursery: trio.Nursery, payload: bytes, error: str
+) -> None:
+    """A 200 whose body is not a JSON object (a proxy's error page, a list) is
+    a bad body: retried, then given up with the endpoint named."""
+    url, seen = await _answering(nursery, payload)
+    config = GatewayConfig(
+        base_url=url, model="m", retry_attempts=2, retry_wait_initial=0.01, retry_wait_max=0.02
+    )
+    async with LLMGateway(config) as gw:
+        with pytest.raises(LLMUnavailableError) as caught:
+            await gw.chat("optimize", MESSAGES)
+    assert str(caught.value) == (
+        f"LLM endpoint {url}/chat/completions failed after 2 attempts: {error}"
+    )
+    assert gw.statistics().retries == 1
+    assert len(seen) == 2
+
+
+@pytest.mark.parametrize("owned_by", ["llama.cpp", "LlamaCpp", "ME"])
+async def test_every_llama_cpp_owner_name_is_recognised_in_any_case(
+    start_llm: StartLLM, owned_by: str
+) -> None:
+    _server, url = await start_llm(owned_by=owned_by)
+    async with LLMGateway(GatewayConfig(base_url=url, model="m")) as gw:
+        assert await gw.structured_mode() == "json_object"
+
+
+async def test_tokens_booked_elsewhere_must_not_be_negative() -> None:
+    async with LLMGateway(GatewayConfig(base_url="http://127.0.0.1:9/v1", model="m")) as gw:
+        with pytest.raises(ValueError, match="tokens must not be negative"):
+            gw.book_elsewhere(-1)
+        gw.book_elsewhere(0)
+        assert gw.used_tokens == 0
