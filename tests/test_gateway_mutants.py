@@ -5,25 +5,42 @@ from __future__ import annotations
 
 import email.utils
 import hashlib
+import json
+import logging
+import random
 import re
 import time
+from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
+import structlog
 import trio
+import trio.testing
 
-from fgo_actors import GatewayConfig, LLMGateway, LLMUnavailableError, ReplyRejectedError
+from fgo_actors import (
+    GatewayConfig,
+    LLMGateway,
+    LLMUnavailableError,
+    ReplyRejectedError,
+    UnitFailedError,
+)
+from fgo_actors._core.schemas import load_schema
 from fgo_actors._llm.gateway import (
+    SCHEMA_FILES,
     GatewayStatistics,
     _CallTimeoutError,
     _content_of,
     _int_or,
     _parse_retry_after,
     _RetryableStatusError,
+    _ThrottledError,
+    _wire_schema,
     parse_json_reply,
     request_key,
 )
+from fgo_actors._storage.store import AsyncStore, Store, StoreCache
 from fgo_actors.testing import Fault
 
 from .helpers import StartLLM
@@ -172,9 +189,13 @@ def test_statistics_since_an_earlier_snapshot() -> None:
     [
         ("max_concurrency", 0, "max_concurrency must be at least 1"),
         ("token_budget", 0, "token_budget must be positive"),
-        ("connect_timeout", float("inf"), "connect_timeout must be a positive number"),
-        ("connect_timeout", 0.0, "connect_timeout must be a positive number"),
-        ("call_timeout", 0.0, "call_timeout must be a positive number"),
+        (
+            "connect_timeout",
+            float("inf"),
+            "connect_timeout must be a positive number of seconds, got inf",
+        ),
+        ("connect_timeout", 0.0, "connect_timeout must be a positive number of seconds, got 0.0"),
+        ("call_timeout", 0.0, "call_timeout must be a positive number of seconds, got 0.0"),
         ("retry_attempts", 0, "retry_attempts must be at least 1"),
         ("max_reasks", -1, "max_reasks must not be negative"),
         ("max_completion_tokens", 0, "max_completion_tokens must be at least 1"),
@@ -182,7 +203,7 @@ def test_statistics_since_an_earlier_snapshot() -> None:
 )
 def test_each_bad_setting_is_named(field: str, value: object, message: str) -> None:
     kwargs: dict[str, Any] = {"base_url": "https://example.test/v1", "model": "m", field: value}
-    with pytest.raises(ValueError, match=message):
+    with pytest.raises(ValueError, match=f"^{re.escape(message)}$"):
         GatewayConfig(**kwargs)
 
 
@@ -195,6 +216,8 @@ def test_the_edges_of_each_setting_are_allowed() -> None:
         retry_attempts=1,
         max_reasks=0,
         max_completion_tokens=1,
+        call_timeout=0.5,
+        connect_timeout=0.5,
     )
     assert config.max_concurrency == 1
 
@@ -311,3 +334,152 @@ async def test_tokens_booked_elsewhere_must_not_be_negative() -> None:
             gw.book_elsewhere(-1)
         gw.book_elsewhere(0)
         assert gw.used_tokens == 0
+
+
+def test_a_throttled_call_says_how_long_it_waits() -> None:
+    assert str(_ThrottledError(1.2345)) == "throttled; retry in 1.23 s"
+
+
+@pytest.mark.parametrize("name", ["fgo_optimize", "fgo_merge"])
+def test_the_wire_schema_is_the_protocol_schema_without_its_ids(name: str) -> None:
+    protocol = load_schema(SCHEMA_FILES[name])
+    wire = _wire_schema(name)
+    assert "$schema" not in wire
+    assert "$id" not in wire
+    assert wire["required"] == [
+        "analysis",
+        *(r for r in protocol.get("required", []) if r != "analysis"),
+    ]
+    assert set(wire["required"]) - {"analysis"}  # the protocol's own required fields are kept
+    assert wire["properties"] == protocol["properties"]
+
+
+async def test_the_http_client_is_bounded_like_the_gateway() -> None:
+    config = GatewayConfig(
+        base_url="http://127.0.0.1:9/v1", model="m", call_timeout=42.0, connect_timeout=3.0
+    )
+    async with LLMGateway(config) as gw:
+        timeout = gw._client.timeout
+        assert (timeout.read, timeout.write, timeout.pool, timeout.connect) == (
+            42.0,
+            42.0,
+            42.0,
+            3.0,
+        )
+
+
+async def test_the_window_shows_in_the_statistics_only_when_adaptive() -> None:
+    url = "http://127.0.0.1:9/v1"
+    async with LLMGateway(GatewayConfig(base_url=url, model="m", max_concurrency=5)) as gw:
+        assert gw.statistics().window == 5
+    async with LLMGateway(
+        GatewayConfig(base_url=url, model="m", max_concurrency=5, adaptive=False)
+    ) as fixed:
+        assert fixed.statistics().window is None
+
+
+async def test_a_reply_the_check_refuses_for_good_is_asked_once(start_llm: StartLLM) -> None:
+    server, url = await start_llm()
+
+    def refuse(reply: dict[str, Any]) -> None:
+        raise ReplyRejectedError("cannot be helped", reask=False)
+
+    async with LLMGateway(GatewayConfig(base_url=url, model="m")) as gw:
+        with pytest.raises(UnitFailedError) as caught:
+            await gw.structured("optimize", MESSAGES, "fgo_optimize", refuse)
+    assert str(caught.value) == "optimize reply still invalid after 1 attempts: cannot be helped"
+    assert len(server.requests) == 1
+
+
+async def test_chat_with_a_schema_asks_for_it(start_llm: StartLLM) -> None:
+    server, url = await start_llm()
+    config = GatewayConfig(base_url=url, model="m", structured_output="json_object")
+    async with LLMGateway(config) as gw:
+        await gw.chat("optimize", MESSAGES, "fgo_optimize")
+        await gw.chat("optimize", MESSAGES)
+    formats = [r.body.get("response_format") for r in server.requests]
+    assert formats[0] == {"type": "json_object", "schema": _wire_schema("fgo_optimize")}
+    assert formats[1] is None
+
+
+async def test_each_finished_call_gives_its_reservation_back(start_llm: StartLLM) -> None:
+    """Calls one after another, each reserving its worst case (about 1,010
+    tokens) against a budget of 1,500: each fits only once the one before it
+    has given its reservation back."""
+    server, url = await start_llm()
+    config = GatewayConfig(base_url=url, model="m", token_budget=1500, max_completion_tokens=1000)
+    async with LLMGateway(config) as gw:
+        with trio.fail_after(10):
+            for _ in range(3):
+                await gw.chat("optimize", MESSAGES)
+        assert gw._reserved == 0
+    assert len(server.requests) == 3
+
+
+async def test_a_structured_call_throttled_by_its_own_window_is_sent_again(
+    start_llm: StartLLM, autojump_clock: trio.testing.MockClock, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A 429 that cuts the window is ours, not the endpoint's: the call waits
+    (retry_wait_initial × (0.5 + random), here with random() at 0) outside its
+    place and is sent again, spending no retry."""
+    monkeypatch.setattr(random, "random", lambda: 0.0)
+    server, url = await start_llm(faults=[Fault(status=429)])
+    config = GatewayConfig(base_url=url, model="m", max_concurrency=4, retry_wait_initial=8.0)
+    async with LLMGateway(config) as gw:
+        reply = await gw.structured("optimize", MESSAGES, "fgo_optimize", lambda r: r)
+        stats = gw.statistics()
+    assert reply["actions"]
+    assert (stats.throttled, stats.retries, stats.window_cuts, stats.window) == (1, 0, 1, 3)
+    first, second = server.requests
+    assert second.started - first.started == pytest.approx(4.0, abs=0.01)
+    assert gw._limiter.borrowed_tokens == 0
+
+
+async def test_what_the_gateway_logs(start_llm: StartLLM, tmp_path: Path) -> None:
+    """The log events others read (the bench, the live display, a user's
+    grep): their names and fields."""
+    bad, good = "{not json", json.dumps({"actions": [{"op": "add_rule", "text": "Be careful."}]})
+    cut = '{"analysis": "x", "actions": [{"op": "add_rule", "text": "Look first."}, {"op": "add'
+    server, url = await start_llm(
+        faults=[Fault(content=bad), Fault(content=good), Fault(content=cut, finish_reason="length")]
+    )
+    # The suite logs warnings only (conftest); these events are info.
+    structlog.configure(wrapper_class=structlog.make_filtering_bound_logger(logging.INFO))
+    store = AsyncStore(Store(tmp_path / "cache.db"))
+    merge_messages = [{"role": "user", "content": "another prompt"}]
+    try:
+        config = GatewayConfig(base_url=url, model="m", structured_output="auto")
+        async with LLMGateway(config, cache=StoreCache(store)) as gw:
+            with structlog.testing.capture_logs() as logs:
+                for role, messages in (
+                    ("optimize", MESSAGES),
+                    ("merge", merge_messages),
+                    ("merge", merge_messages),  # answered by the cache
+                ):
+                    await gw.structured(role, messages, "fgo_optimize", lambda r: r)
+    finally:
+        store.sync.close()
+    events = [e["event"] for e in logs]
+    assert events == [
+        "structured_output",
+        "llm_call",
+        "llm_reply_rejected",
+        "llm_call",
+        "llm_call",
+        "llm_reply_salvaged",
+        "llm_call_cached",
+        "llm_reply_salvaged",
+    ]
+    mode, first, rejected, _second, third, salvaged, cached, _again = logs
+    assert (mode["mode"], mode["url"]) == ("json_schema", f"{url}/chat/completions")
+    assert first["role"] == "optimize"
+    assert first["finish_reason"] == "stop"
+    assert [type(first[k]) for k in ("prompt_tokens", "completion_tokens")] == [int, int]
+    assert min(first["prompt_tokens"], first["completion_tokens"]) > 0
+    assert 0 <= first["seconds"] < 30
+    assert (rejected["role"], rejected["attempt"]) == ("optimize", 1)
+    assert rejected["error"].startswith("the reply is not valid JSON")
+    assert (third["role"], third["finish_reason"]) == ("merge", "length")
+    assert (salvaged["role"], salvaged["kept"], salvaged["chars"]) == ("merge", 1, len(cut))
+    assert cached["role"] == "merge"
+    assert len(server.requests) == 3
