@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import email.utils
 import hashlib
+import itertools
 import json
 import logging
 import random
@@ -54,6 +55,7 @@ MESSAGES = [{"role": "user", "content": "hello there"}]
         (None, None),
         (" 2.5 ", 2.5),
         ("0", 0.0),
+        ("0.5", 0.5),
         ("-3", 0.0),  # a negative wait is no wait
         ("nan", 0.0),
         ("soon", None),  # neither seconds nor a date: no advice
@@ -151,7 +153,7 @@ def test_statistics_since_an_earlier_snapshot() -> None:
         salvaged=1,
     )
     now = GatewayStatistics(
-        calls={"optimize": 5, "merge": 1},
+        calls={"optimize": 5, "merge": 1, "agent": 1},
         prompt_tokens={"optimize": 400, "merge": 10},
         completion_tokens={"optimize": 50, "merge": 5},
         retries=4,
@@ -168,7 +170,7 @@ def test_statistics_since_an_earlier_snapshot() -> None:
     )
     assert now.total_tokens == 465
     since = now.since(earlier)
-    assert since.calls == {"optimize": 3}  # a role with nothing new is left out
+    assert since.calls == {"optimize": 3, "agent": 1}  # a role with nothing new is left out
     assert since.prompt_tokens == {"optimize": 300}
     assert since.completion_tokens == {"optimize": 30}
     assert since.cached == {"optimize": 2, "merge": 2}
@@ -268,10 +270,10 @@ async def test_a_refusal_names_the_likely_setting_and_is_not_retried(
     assert gw.statistics().retries == 0
 
 
-async def _answering(nursery: trio.Nursery, payload: bytes) -> tuple[str, list[int]]:
+async def _answering(nursery: trio.Nursery, payload: bytes) -> tuple[str, list[bytes]]:
     """A loopback HTTP server that answers every request 200 with ``payload``;
-    its base URL, and a list that counts the requests."""
-    seen: list[int] = []
+    its base URL, and the request line of each request it was sent."""
+    seen: list[bytes] = []
 
     async def handle(stream: trio.SocketStream) -> None:
         data = b""
@@ -281,7 +283,7 @@ async def _answering(nursery: trio.Nursery, payload: bytes) -> tuple[str, list[i
         found = re.search(rb"content-length: *(\d+)", head, re.IGNORECASE)
         while found is not None and len(body) < int(found.group(1)):
             body += await stream.receive_some(65536)
-        seen.append(1)
+        seen.append(head.split(b"\r\n", 1)[0])
         await stream.send_all(
             b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\n"
             b"content-length: %d\r\nconnection: close\r\n\r\n%s" % (len(payload), payload)
@@ -416,23 +418,47 @@ async def test_each_finished_call_gives_its_reservation_back(start_llm: StartLLM
     assert len(server.requests) == 3
 
 
+@pytest.mark.parametrize("status", [429, 503])
 async def test_a_structured_call_throttled_by_its_own_window_is_sent_again(
-    start_llm: StartLLM, autojump_clock: trio.testing.MockClock, monkeypatch: pytest.MonkeyPatch
+    start_llm: StartLLM,
+    autojump_clock: trio.testing.MockClock,
+    monkeypatch: pytest.MonkeyPatch,
+    status: int,
 ) -> None:
-    """A 429 that cuts the window is ours, not the endpoint's: the call waits
-    (retry_wait_initial × (0.5 + random), here with random() at 0) outside its
-    place and is sent again, spending no retry."""
-    monkeypatch.setattr(random, "random", lambda: 0.0)
-    server, url = await start_llm(faults=[Fault(status=429)])
+    """A 429 or 503 that cuts the window is ours, not the endpoint's: the call
+    waits (retry_wait_initial × (0.5 + random), here with random() at 0.25)
+    outside its place and is sent again, spending no retry; twice here."""
+    monkeypatch.setattr(random, "random", lambda: 0.25)
+    structlog.configure(wrapper_class=structlog.make_filtering_bound_logger(logging.INFO))
+    server, url = await start_llm(faults=[Fault(status=status), Fault(status=status)])
     config = GatewayConfig(base_url=url, model="m", max_concurrency=4, retry_wait_initial=8.0)
     async with LLMGateway(config) as gw:
-        reply = await gw.structured("optimize", MESSAGES, "fgo_optimize", lambda r: r)
+        with structlog.testing.capture_logs() as logs:
+            reply = await gw.structured("optimize", MESSAGES, "fgo_optimize", lambda r: r)
         stats = gw.statistics()
     assert reply["actions"]
-    assert (stats.throttled, stats.retries, stats.window_cuts, stats.window) == (1, 0, 1, 3)
-    first, second = server.requests
-    assert second.started - first.started == pytest.approx(4.0, abs=0.01)
+    assert (stats.throttled, stats.retries, stats.window_cuts, stats.window) == (2, 0, 2, 2)
+    first, second, third = server.requests
+    assert second.started - first.started == pytest.approx(6.0, abs=0.01)
+    assert third.started - second.started == pytest.approx(6.0, abs=0.01)
     assert gw._limiter.borrowed_tokens == 0
+    throttled = [e for e in logs if e["event"] == "llm_call_throttled"]
+    assert throttled == [
+        {
+            "event": "llm_call_throttled",
+            "log_level": "info",
+            "role": "optimize",
+            "retry_in": 6.0,
+            "window": 3,
+        },
+        {
+            "event": "llm_call_throttled",
+            "log_level": "info",
+            "role": "optimize",
+            "retry_in": 6.0,
+            "window": 2,
+        },
+    ]
 
 
 async def test_what_the_gateway_logs(start_llm: StartLLM, tmp_path: Path) -> None:
@@ -483,3 +509,186 @@ async def test_what_the_gateway_logs(start_llm: StartLLM, tmp_path: Path) -> Non
     assert (salvaged["role"], salvaged["kept"], salvaged["chars"]) == ("merge", 1, len(cut))
     assert cached["role"] == "merge"
     assert len(server.requests) == 3
+
+
+async def test_the_request_body(start_llm: StartLLM) -> None:
+    server, url = await start_llm()
+    config = GatewayConfig(base_url=url, model="m7", temperature=0.3, max_completion_tokens=99)
+    async with LLMGateway(config) as gw:
+        await gw.chat("optimize", MESSAGES)
+        await gw.chat("optimize", MESSAGES, max_tokens=7)
+    assert [r.body for r in server.requests] == [
+        {"model": "m7", "messages": MESSAGES, "temperature": 0.3, "max_tokens": 99},
+        {"model": "m7", "messages": MESSAGES, "temperature": 0.3, "max_tokens": 7},
+    ]
+
+
+async def test_a_base_url_with_a_trailing_slash(nursery: trio.Nursery) -> None:
+    url, seen = await _answering(nursery, b'{"data": [{"owned_by": "me"}]}')
+    async with LLMGateway(GatewayConfig(base_url=url + "/", model="m")) as gw:
+        assert gw.url == f"{url}/chat/completions"
+        assert await gw.structured_mode() == "json_object"
+    assert seen == [b"GET /v1/models HTTP/1.1"]
+
+
+async def test_a_model_listing_without_data_means_json_schema(nursery: trio.Nursery) -> None:
+    url, _seen = await _answering(nursery, b'{"object": "list"}')
+    async with LLMGateway(GatewayConfig(base_url=url, model="m")) as gw:
+        assert await gw.structured_mode() == "json_schema"
+
+
+async def test_a_reply_with_no_content_is_refused(nursery: trio.Nursery) -> None:
+    empty = {
+        "choices": [{"message": {"role": "assistant", "content": None}, "finish_reason": "stop"}]
+    }
+    url, _seen = await _answering(nursery, json.dumps(empty).encode())
+    async with LLMGateway(GatewayConfig(base_url=url, model="m")) as gw:
+        with pytest.raises(ReplyRejectedError, match=r"^the reply's message content is empty$"):
+            await gw.chat("optimize", MESSAGES)
+
+
+async def test_fresh_statistics(start_llm: StartLLM) -> None:
+    _server, url = await start_llm()
+    config = GatewayConfig(base_url=url, model="m", token_budget=12345, adaptive=False)
+    async with LLMGateway(config) as gw:
+        fresh = gw.statistics()
+    assert (fresh.max_in_flight, fresh.in_flight, fresh.token_budget) == (0, 0, 12345)
+    assert fresh.budget_exhausted is False
+    assert (fresh.window, fresh.window_cuts, fresh.throttled) == (None, 0, 0)
+
+
+@pytest.mark.parametrize("cached", [False, True])
+async def test_usage_reasks_and_cut_replies_through_chat(
+    start_llm: StartLLM, tmp_path: Path, cached: bool
+) -> None:
+    """With the response cache and without: usage adds up per role, a re-ask
+    is counted, and a reply cut off at the cap is refused naming the cap
+    (this call's, else the configured one) unless the caller accepts it."""
+
+    def cut_third(body: dict[str, Any]) -> Fault | None:
+        third = "a third prompt" in json.dumps(body["messages"])
+        return Fault(content="cut off", finish_reason="length") if third else None
+
+    server, url = await start_llm(
+        policy=lambda body: "ok", fault_for=cut_third, include_usage=False
+    )
+    store = AsyncStore(Store(tmp_path / "cache.db"))
+    config = GatewayConfig(base_url=url, model="m", max_completion_tokens=50, token_budget=10**6)
+    try:
+        async with LLMGateway(config, cache=StoreCache(store) if cached else None) as gw:
+            plain = await gw.chat("optimize", MESSAGES, reask=False)
+            assert gw.statistics().reasks == 0
+            again = await gw.chat(
+                "optimize", [*MESSAGES, {"role": "user", "content": "more"}], reask=True
+            )
+            assert (plain, again) == ("ok", "ok")
+            stats = gw.statistics()
+            assert stats.reasks == 1
+            counted = gw.counter.count_messages(MESSAGES) + gw.counter.count_messages(
+                [*MESSAGES, {"role": "user", "content": "more"}]
+            )
+            assert stats.prompt_tokens == {"optimize": counted}
+            assert stats.completion_tokens == {"optimize": 2 * gw.counter.count("ok")}
+            other = [{"role": "user", "content": "a third prompt"}]
+            with pytest.raises(
+                ReplyRejectedError, match=r"^the reply was cut off at 7 tokens; be more concise$"
+            ):
+                await gw.chat("optimize", other, max_tokens=7)
+            with pytest.raises(
+                ReplyRejectedError, match=r"^the reply was cut off at 50 tokens; be more concise$"
+            ):
+                await gw.chat("optimize", other)
+            assert await gw.chat("optimize", other, max_tokens=9, accept_cut=True) == "cut off"
+    finally:
+        store.sync.close()
+    assert len(server.requests) == 5
+
+
+async def test_one_attempt_is_named_in_the_singular_and_a_timeout_says_how_long(
+    start_llm: StartLLM, autojump_clock: trio.testing.MockClock
+) -> None:
+    _server, url = await start_llm(latency=5.0)
+    config = GatewayConfig(base_url=url, model="m", retry_attempts=1, call_timeout=1.5)
+    async with LLMGateway(config) as gw:
+        with pytest.raises(LLMUnavailableError) as caught:
+            await gw.chat("optimize", MESSAGES)
+    assert str(caught.value) == (
+        f"LLM endpoint {url}/chat/completions failed after 1 attempt: "
+        "_CallTimeoutError: no reply within 1.5 s"
+    )
+
+
+async def test_retries_wait_as_configured(
+    start_llm: StartLLM, autojump_clock: trio.testing.MockClock
+) -> None:
+    """Backoff starts at retry_wait_initial and never passes retry_wait_max
+    (plus stamina's jitter of up to a second)."""
+    server, url = await start_llm(faults=[Fault(status=500)] * 3)
+    config = GatewayConfig(
+        base_url=url, model="m", retry_wait_initial=20.0, retry_wait_max=30.0, adaptive=False
+    )
+    async with LLMGateway(config) as gw:
+        assert await gw.chat("optimize", MESSAGES)
+        assert gw.statistics().retries == 3
+    starts = [r.started for r in server.requests]
+    gaps = [b - a for a, b in itertools.pairwise(starts)]
+    assert len(gaps) == 3
+    assert 20.0 <= gaps[0] <= 21.0
+    assert all(20.0 <= g <= 31.0 for g in gaps)
+    assert max(gaps) >= 29.0  # 20, then 40 capped at 30
+
+
+@pytest.mark.parametrize("status", [413, 422])
+async def test_a_request_too_large_or_unprocessable_fails_the_unit(
+    start_llm: StartLLM, status: int
+) -> None:
+    server, url = await start_llm(faults=[Fault(status=status)])
+    async with LLMGateway(GatewayConfig(base_url=url, model="m")) as gw:
+        with pytest.raises(
+            UnitFailedError, match=f"^the LLM endpoint refused this request: HTTP {status}: "
+        ):
+            await gw.chat("optimize", MESSAGES)
+        assert gw.statistics().retries == 0
+    assert len(server.requests) == 1
+
+
+async def test_without_a_budget_nothing_stays_reserved(start_llm: StartLLM) -> None:
+    _server, url = await start_llm()
+    async with LLMGateway(GatewayConfig(base_url=url, model="m")) as gw:
+        for _ in range(2):
+            await gw.chat("optimize", MESSAGES)
+        assert gw._reserved == 0
+
+
+async def test_replays_and_salvages_are_counted_each_time(
+    start_llm: StartLLM, tmp_path: Path
+) -> None:
+    cut = '{"analysis": "x", "actions": [{"op": "add_rule", "text": "Look first."}, {"op": "add'
+    server, url = await start_llm(
+        policy=lambda body: cut, fault_for=lambda body: Fault(content=cut, finish_reason="length")
+    )
+    store = AsyncStore(Store(tmp_path / "cache.db"))
+    try:
+        async with LLMGateway(
+            GatewayConfig(base_url=url, model="m"), cache=StoreCache(store)
+        ) as gw:
+            for _ in range(3):
+                await gw.structured("optimize", MESSAGES, "fgo_optimize", lambda r: r)
+            stats = gw.statistics()
+    finally:
+        store.sync.close()
+    assert (stats.calls, stats.cached, stats.salvaged) == ({"optimize": 1}, {"optimize": 2}, 3)
+    assert len(server.requests) == 1
+
+
+async def test_a_calls_seconds_are_logged_to_the_millisecond(
+    start_llm: StartLLM, autojump_clock: trio.testing.MockClock
+) -> None:
+    structlog.configure(wrapper_class=structlog.make_filtering_bound_logger(logging.INFO))
+    _server, url = await start_llm(latency=1.23456)
+    async with LLMGateway(GatewayConfig(base_url=url, model="m")) as gw:
+        with structlog.testing.capture_logs() as logs:
+            await gw.chat("optimize", MESSAGES)
+    (call,) = [e for e in logs if e["event"] == "llm_call"]
+    assert call["seconds"] == 1.235
+    assert isinstance(call["seconds"], float)

@@ -166,7 +166,6 @@ def request_key(body: dict[str, Any]) -> str:
 
 class _RetryableStatusError(Exception):
     def __init__(self, response: httpx.Response) -> None:
-        self.status_code = response.status_code
         self.retry_after = _parse_retry_after(response.headers.get("retry-after"))
         super().__init__(f"HTTP {response.status_code}: {response.text[:300]}")
 
