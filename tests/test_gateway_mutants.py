@@ -14,6 +14,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import attrs
 import httpx
 import pytest
 import structlog
@@ -152,7 +153,8 @@ def test_statistics_since_an_earlier_snapshot() -> None:
         throttled=2,
         salvaged=1,
     )
-    now = GatewayStatistics(
+    now = attrs.evolve(
+        earlier,
         calls={"optimize": 5, "merge": 1, "agent": 1},
         prompt_tokens={"optimize": 400, "merge": 10},
         completion_tokens={"optimize": 50, "merge": 5},
@@ -160,8 +162,6 @@ def test_statistics_since_an_earlier_snapshot() -> None:
         reasks=3,
         in_flight=1,
         max_in_flight=3,
-        token_budget=None,
-        budget_exhausted=False,
         cached={"optimize": 3, "merge": 2},
         window=2,
         window_cuts=3,
