@@ -568,3 +568,27 @@ def test_an_array_record_is_measured_as_its_jsonl_line_would_be() -> None:
     assert (len(as_array), refused_array) == (1, [])
     too_big = parse_body(f"[{line}]", max_record_bytes=500_000)[1]
     assert [r.line for r in too_big] == [1]
+
+
+@pytest.mark.parametrize(("grace", "finished"), [(30.0, True), (0.0, False)])
+async def test_grace_lets_a_call_in_flight_finish_or_leaves_it_for_next_time(
+    start_llm: StartLLM, tmp_path: Path, grace: float, finished: bool
+) -> None:
+    """Closing with a call in flight: with ``grace`` the call is answered and
+    its subset done before the optimizer closes; without, the call is given up
+    and its subset stays pending in the store, for the next start."""
+    server, url = await start_llm(latency=1.5)
+    config = daemon_config(tmp_path / "fgo.db", url, max_wait=0.05)
+    async with open_optimizer(config, grace=grace) as opt:
+        await opt.submit_many(make_trajectories(3))
+        while not server.requests:  # noqa: ASYNC110
+            await trio.sleep(0.02)
+    (request,) = server.requests
+    store = Store(config.store)
+    try:
+        counts = store.counts()
+    finally:
+        store.close()
+    assert (counts.subsets_done, counts.subsets_pending) == ((1, 0) if finished else (0, 1))
+    if finished:
+        assert request.finished is not None
