@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import structlog
 import trio
 import trio.testing
 
@@ -571,3 +572,60 @@ async def test_twin_reasks_with_one_place_do_not_wait_for_each_other(
         assert len(server.requests) == 2
     finally:
         store.sync.close()
+
+
+async def test_a_check_that_crashes_refuses_the_reply_instead_of_ending_the_run(
+    start_llm: StartLLM, tmp_path: Path
+) -> None:
+    """A bug in reading an unforeseen reply (here a TypeError on the first
+    reply) is logged with its traceback and re-asked like a reply that does
+    not parse; that reply is not kept, so a rerun does not trip on it again."""
+    server, url = await start_llm(policy=_reply(GOOD_OPTIMIZE))
+    seen: list[int] = []
+
+    def crashes_once(reply: dict[str, Any]) -> dict[str, Any]:
+        seen.append(1)
+        if len(seen) == 1:
+            raise TypeError("unhashable type: 'list'")
+        return reply
+
+    store = AsyncStore(Store(tmp_path / "cache.sqlite"))
+    try:
+        async with LLMGateway(_config(url), cache=StoreCache(store)) as gw:
+            with structlog.testing.capture_logs() as logs:
+                reply = await gw.structured("optimize", MESSAGES, "fgo_optimize", crashes_once)
+            assert reply == json.loads(GOOD_OPTIMIZE)
+            assert gw.statistics().reasks == 1
+            # The refused first request is not answered from the cache again.
+            again = await gw.structured("optimize", MESSAGES, "fgo_optimize", _identity)
+            assert again == reply
+    finally:
+        store.sync.close()
+    assert len(server.requests) == 3
+    reask = server.requests[1].body["messages"][-1]["content"]
+    assert "the reply could not be read (TypeError: unhashable type: 'list')" in reask
+    (failed,) = [e for e in logs if e["event"] == "llm_reply_check_failed"]
+    assert (failed["role"], failed["log_level"], failed["exc_info"]) == ("optimize", "error", True)
+
+
+async def test_a_check_that_always_crashes_fails_the_unit_and_our_errors_pass_through(
+    start_llm: StartLLM,
+) -> None:
+    server, url = await start_llm(policy=_reply(GOOD_OPTIMIZE))
+
+    def always(reply: dict[str, Any]) -> None:
+        raise KeyError("x")
+
+    def budget(reply: dict[str, Any]) -> None:
+        raise BudgetExhaustedError("spent inside the check")
+
+    async with LLMGateway(_config(url)) as gw:
+        with pytest.raises(UnitFailedError) as caught:
+            await gw.structured("optimize", MESSAGES, "fgo_optimize", always)
+        assert str(caught.value) == (
+            "optimize reply still invalid after 3 attempts: "
+            "the reply could not be read (KeyError: 'x')"
+        )
+        with pytest.raises(BudgetExhaustedError, match="spent inside the check"):
+            await gw.structured("optimize", MESSAGES, "fgo_optimize", budget)
+    assert len(server.requests) == 4

@@ -29,6 +29,7 @@ import trio
 
 from .._core.errors import (
     BudgetExhaustedError,
+    FGOError,
     LLMUnavailableError,
     ReplyRejectedError,
     UnitFailedError,
@@ -402,8 +403,10 @@ class LLMGateway:
         returns is awaited), for checks that run something, such as a
         proposed function in the sandbox. A parse, schema or check failure re-asks the
         LLM with the error, at most ``max_reasks`` times, then raises
-        UnitFailedError. Transport failures raise LLMUnavailableError and an
-        exhausted budget BudgetExhaustedError.
+        UnitFailedError. Any other exception out of ``check`` but FGO's own
+        errors counts as a refusal, logged with its traceback (``_checked``).
+        Transport failures raise LLMUnavailableError and an exhausted budget
+        BudgetExhaustedError.
 
         The call keeps its place in the concurrency limit from its reply until
         the reply is accepted or re-asked (``_Slot``): ``check`` holds one of
@@ -453,10 +456,7 @@ class LLMGateway:
                     field, message = problem
                     raise ReplyRejectedError(f"field {field}: {message}")
                 assert isinstance(obj, dict)
-                result = check(obj)
-                if inspect.isawaitable(result):
-                    return await result
-                return result
+                return await self._checked(role, check, obj)
             except ReplyRejectedError as e:
                 # A refused reply is never kept as an answer: the re-ask (or a
                 # rerun after a restart) must reach the LLM, even when its
@@ -470,6 +470,26 @@ class LLMGateway:
                     attempts = attempt + 1
                     break
         raise UnitFailedError(f"{role} reply still invalid after {attempts} attempts: {error}")
+
+    async def _checked(
+        self, role: str, check: Callable[[dict[str, Any]], Any], obj: dict[str, Any]
+    ) -> Any:
+        """``check(obj)``, awaited if it returns an awaitable. Any exception but
+        our own errors is a bug in reading a reply nobody foresaw: it is logged
+        with its traceback and refuses the reply, so that one odd reply does not
+        end the run, and the reply (kept in the cache) does not end every rerun."""
+        try:
+            result = check(obj)
+            if inspect.isawaitable(result):
+                result = await result
+        except FGOError:
+            raise
+        except Exception as e:
+            self._log.exception("llm_reply_check_failed", role=role)
+            raise ReplyRejectedError(
+                f"the reply could not be read ({type(e).__name__}: {e})"
+            ) from e
+        return result
 
     async def chat(
         self,
