@@ -581,8 +581,9 @@ async def test_grace_lets_a_call_in_flight_finish_or_leaves_it_for_next_time(
     config = daemon_config(tmp_path / "fgo.db", url, max_wait=0.05)
     async with open_optimizer(config, grace=grace) as opt:
         await opt.submit_many(make_trajectories(3))
-        while not server.requests:  # noqa: ASYNC110
-            await trio.sleep(0.02)
+        with trio.fail_after(20):
+            while not server.requests:  # noqa: ASYNC110
+                await trio.sleep(0.02)
     (request,) = server.requests
     store = Store(config.store)
     try:
