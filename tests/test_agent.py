@@ -123,12 +123,39 @@ async def test_rollout_records_a_successful_episode(start_llm: StartLLM) -> None
     assert traj.metadata["task_type"] == "twc"
     # system, then (user, assistant) per step, then the final observation.
     assert len(traj.steps) == 2 + 2 * len(gold)
-    # Every request: the same system prompt (a stable prefix), the rules restated.
+    # Every request: the same system prompt (a stable prefix) holding the rules,
+    # which are not restated by default.
     systems = {r.body["messages"][0]["content"] for r in server.requests}
     assert len(systems) == 1
     assert "Open containers." in systems.pop()
-    assert all("Remember:\n- Open containers." in r.prompt for r in server.requests)
+    users = [m["content"] for r in server.requests for m in r.body["messages"][1:]]
+    assert not any("Open containers." in u for u in users)
     assert all(r.body["max_tokens"] == AgentConfig().max_reply_tokens for r in server.requests)
+
+
+async def test_rollout_restates_the_relevant_rule_when_configured(start_llm: StartLLM) -> None:
+    task = Task("twc", "train", 3, TWC)
+    gold = await trio.to_thread.run_sync(gold_path, task)
+    plan = iter(gold)
+
+    def policy(body: dict[str, Any]) -> str:
+        return str(numbered_actions(body)[next(plan)])
+
+    server, url = await start_llm(policy=policy)
+    module = Module(rules=(Rule(id="r1", text="Open containers."),))
+    env = await trio.to_thread.run_sync(TextWorldExpress)
+    try:
+        async with LLMGateway(GatewayConfig(base_url=url, model="m")) as gw:
+            traj = await rollout(env, task, module, gw, AgentConfig(restate_rules=1))
+    finally:
+        await trio.to_thread.run_sync(env.close)
+    assert traj.outcome.success
+    # The rule shares a word with every turn that offers "open ..."; those
+    # turns, and only those, restate it.
+    restated = ["Remember:\n- Open containers." in r.prompt for r in server.requests]
+    opens = ["open " in r.prompt.rsplit("Actions:", 1)[-1] for r in server.requests]
+    assert any(restated)
+    assert restated == opens
 
 
 async def test_invalid_replies_end_the_episode_without_acting(start_llm: StartLLM) -> None:
@@ -335,7 +362,7 @@ async def test_recorded_trajectory_is_compact(start_llm: StartLLM) -> None:
     assert not any("Actions:" in u or "Remember:" in u for u in users)
 
 
-def test_only_the_most_relevant_rule_is_restated_by_default() -> None:
+def test_only_the_most_relevant_rule_is_restated_when_one_is_asked_for() -> None:
     module = Module(
         rules=(
             Rule(id="r1", text="Open the fridge before putting food away."),

@@ -362,7 +362,7 @@ async def test_rollout_in_tool_call_mode_plays_the_reference_to_success(
     server, url = await start_llm(policy=replay(iter(fenced)))
     module = Module(rules=(Rule(id="r1", text="Check the stock price before an order."),))
     env = BFCLMultiTurn()
-    config = AgentConfig(max_steps=40)
+    config = AgentConfig(max_steps=40, restate_rules=1)
     async with LLMGateway(GatewayConfig(base_url=url, model="m")) as gw:
         traj = await rollout(env, TRADING, module, gw, config, trajectory_id="b-1")
     assert schema_error("trajectory", traj.to_json()) is None
