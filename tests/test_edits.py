@@ -13,7 +13,13 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from fgo_actors import FunctionSpec, Module, Rule
-from fgo_actors._core.edits import apply_actions, match_evidence, object_schema, revert_functions
+from fgo_actors._core.edits import (
+    apply_actions,
+    copies_prompt,
+    match_evidence,
+    object_schema,
+    revert_functions,
+)
 
 from .helpers import json_values
 
@@ -437,6 +443,56 @@ def test_a_rule_that_is_a_bare_name_is_refused(text: str) -> None:
         assert module == BASE
         assert len(errors) == 1
         assert "not a lesson" in errors[0]
+
+
+SHOWN = """Keep rules short and imperative. Example:
+THEN = {"key": ["use key"]}  # a word in an action -> what followed it in successes"""
+
+
+@pytest.mark.parametrize(
+    ("text", "copied"),
+    [
+        ("THEN = {'key': ['use key']}", True),  # other quotes: still a copy
+        ('then={"KEY":["use  key"]}', True),
+        ("keep rules short and imperative", True),
+        ("A word in an action -> what followed it", True),
+        ("short and imperative", False),  # three words: may be a real lesson
+        ("use key", False),
+        ("Keep rules short and clear.", False),
+        ("THEN = {'door': ['open door']}", False),  # the example's form, other knowledge
+        ("", False),
+    ],
+)
+def test_copies_prompt_means_four_or_more_words_in_a_row_from_it(text: str, copied: bool) -> None:
+    assert copies_prompt(text, SHOWN) is copied
+
+
+def test_a_rule_copied_from_the_prompt_is_refused_and_the_others_kept() -> None:
+    actions = [
+        {"op": "add_rule", "text": "THEN = {'key': ['use key']}"},
+        {"op": "revise_rule", "id": BASE.rules[0].id, "text": "Keep rules short and imperative."},
+        {"op": "add_rule", "text": "Open the fridge first."},
+    ]
+    module, errors, applied = apply(actions, shown=SHOWN)
+    assert applied == 1
+    assert [e.split(":")[0] for e in errors] == ["actions[0]", "actions[1]"]
+    assert all("copies the prompt's own instructions or example" in e for e in errors)
+    assert module.rules[: len(BASE.rules)] == BASE.rules
+    assert module.rules[-1].text == "Open the fridge first."
+    # Without the prompt's text nothing is a copy.
+    _module, errors, applied = apply(actions)
+    assert (errors, applied) == ((), 3)
+
+
+@given(text=st.text(max_size=80), shown=st.text(max_size=200))
+def test_a_text_shorter_than_four_words_never_copies(text: str, shown: str) -> None:
+    words = re.findall(r"\w+", text)
+    if len(words) < 4:
+        assert not copies_prompt(text, shown)
+    # A passage of four words or more, taken whole, always does.
+    shown_words = re.findall(r"\w+", shown)
+    if len(shown_words) >= 4:
+        assert copies_prompt(" ".join(shown_words[1:]) if len(shown_words) > 4 else shown, shown)
 
 
 def test_a_rule_may_use_words_that_merely_contain_an_id() -> None:

@@ -656,3 +656,47 @@ def test_turns_hold_the_recorded_extras() -> None:
         played=("take coin", "put coin in slot"),
         score=1.0,
     )
+
+
+async def test_a_rule_copied_from_the_prompts_example_is_skipped_and_the_rest_kept(
+    start_llm: StartLLM,
+) -> None:
+    """The 1.5B optimizer once wrote the contract's worked example as a rule.
+    It came from the prompt, not the logs: that action is skipped (no re-ask,
+    since the reply's other rule applied) and the real rule kept."""
+
+    def policy(body: dict[str, Any]) -> str:
+        actions = [
+            {"op": "add_rule", "text": "THEN = {'key': ['use key']}"},
+            {"op": "add_rule", "text": "Put each object where it belongs."},
+        ]
+        return json.dumps({"analysis": "-", "actions": actions})
+
+    server, url = await start_llm(policy=policy)
+    items = rendered(solved(), failed())
+    async with LLMGateway(GatewayConfig(base_url=url, model="m", max_reasks=2)) as gw:
+        module = await optimize_subset(gw, Module(), items, subset_id="s001", module_tokens=800)
+    assert len(server.requests) == 1
+    assert 'THEN = {"key": ["use key"]}' in server.requests[0].body["messages"][0]["content"]
+    assert [r.text for r in module.rules] == ["Put each object where it belongs."]
+
+
+async def test_a_reply_whose_only_rule_copies_the_prompt_is_re_asked(start_llm: StartLLM) -> None:
+    replies = iter(
+        [
+            [{"op": "add_rule", "text": "Keep rules short and imperative."}],
+            [{"op": "add_rule", "text": "Put each object where it belongs."}],
+        ]
+    )
+
+    def policy(body: dict[str, Any]) -> str:
+        return json.dumps({"analysis": "-", "actions": next(replies)})
+
+    server, url = await start_llm(policy=policy)
+    async with LLMGateway(GatewayConfig(base_url=url, model="m", max_reasks=2)) as gw:
+        module = await optimize_subset(
+            gw, Module(), rendered(solved()), subset_id="s001", module_tokens=800
+        )
+    assert len(server.requests) == 2
+    assert "copies the prompt's own instructions" in server.requests[1].prompt
+    assert [r.text for r in module.rules] == ["Put each object where it belongs."]

@@ -68,6 +68,26 @@ def _not_a_lesson(text: str, rules: Mapping[str, Rule]) -> str | None:
     return None
 
 
+_COPY_MIN_WORDS = 4
+
+
+def _word_line(text: str) -> str:
+    """``text``'s words, lowercased, between single spaces (and one at each end)."""
+    return " " + " ".join(re.findall(r"\w+", text.lower())) + " "
+
+
+def copies_prompt(text: str, shown: str) -> bool:
+    """True when ``text`` repeats a passage of ``shown`` (the prompt's own
+    instructions and example) word for word, at least four words long. The
+    1.5B optimizer wrote the function contract's worked example,
+    ``THEN = {'key': ['use key']}``, as a rule: it came from the prompt, not
+    from the trajectories, so it teaches the agent nothing. Punctuation,
+    quotes and case are ignored; a shorter text may be a real lesson that
+    happens to share a phrase."""
+    words = _word_line(text)
+    return words.count(" ") - 1 >= _COPY_MIN_WORDS and words in _word_line(shown)
+
+
 @attrs.frozen
 class EditResult:
     """What an optimizer reply did to a module.
@@ -154,6 +174,7 @@ def apply_actions(
     subset_id: str,
     trajectory_ids: Sequence[str],
     id_prefix: str | None = None,
+    shown: str = "",
 ) -> EditResult:
     """Apply optimizer ``actions`` to a copy of ``module``.
 
@@ -171,7 +192,8 @@ def apply_actions(
     skipped and noted: removing what is not there, adding a rule the module
     already has. What is no edit at all (an empty rule, a rule that is not a
     lesson about the task, an unknown op, an edit of the playbook) is skipped
-    as an error that names the action by index.
+    as an error that names the action by index. So is a rule that copies a
+    passage of ``shown``, the prompt's own instructions (``copies_prompt``).
     """
     prefix = id_prefix or subset_id
     ids = _next_ids(module, prefix)
@@ -201,6 +223,11 @@ def apply_actions(
     def lesson_problem(text: str) -> str | None:
         if not text:
             return "text is empty"
+        if copies_prompt(text, shown):
+            return (
+                "text copies the prompt's own instructions or example, not a lesson "
+                "from the trajectories: write what the logs taught"
+            )
         problem = _not_a_lesson(text, rules)
         return None if problem is None else f"text {problem}"
 

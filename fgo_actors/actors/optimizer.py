@@ -68,7 +68,11 @@ async def optimize_subset(
 
     async def check(reply: dict[str, Any]) -> tuple[Module, Module, dict[str, list[str]]]:
         result = apply_actions(
-            module, reply["actions"], subset_id=subset_id, trajectory_ids=trajectory_ids
+            module,
+            reply["actions"],
+            subset_id=subset_id,
+            trajectory_ids=trajectory_ids,
+            shown=messages[0]["content"],
         )
         errors = [*result.errors] if result.worth_reask else []
         if errors:
