@@ -341,7 +341,7 @@ def test_the_wire_schema_asks_for_the_analysis_first(name: str) -> None:
     assert "analysis" not in load_schema(SCHEMA_FILES[name]).get("required", [])
 
 
-async def test_a_refused_reply_is_never_replayed_from_the_cache(
+async def test_a_refused_reply_is_never_replayed_by_the_gateway_that_refused_it(
     start_llm: StartLLM, tmp_path: Path
 ) -> None:
     # The same truncated reply every time: the re-asks are byte-identical
@@ -370,7 +370,7 @@ async def test_a_refused_reply_is_never_replayed_from_the_cache(
         store.sync.close()
 
 
-async def test_a_reply_cut_off_at_the_cap_is_refused_and_not_kept(
+async def test_a_reply_cut_off_at_the_cap_is_refused_and_not_replayed(
     start_llm: StartLLM, tmp_path: Path
 ) -> None:
     cut = Fault(content="a reply that ran out of", finish_reason="length")
@@ -380,11 +380,47 @@ async def test_a_reply_cut_off_at_the_cap_is_refused_and_not_kept(
         async with LLMGateway(_config(url), cache=StoreCache(store)) as gw:
             with pytest.raises(ReplyRejectedError, match="cut off at"):
                 await gw.chat("agent", MESSAGES, max_tokens=7)
-            # Nothing was kept to replay: the same request is sent again.
+            # The refused reply is not replayed: the same request is sent again.
             assert await gw.chat("agent", MESSAGES, max_tokens=7) == GOOD_OPTIMIZE
         assert len(server.requests) == 2
     finally:
         store.sync.close()
+
+
+async def test_a_rerun_replays_a_refused_reply_and_its_re_ask_without_paying(
+    start_llm: StartLLM, tmp_path: Path
+) -> None:
+    """Refused replies were paid for too. A rerun (a new gateway on the same
+    cache, as after a crash) replays the refused reply, checks it again (the
+    check may have been fixed since), and replays the re-ask after it."""
+    replies = iter(["not json at all", GOOD_OPTIMIZE])
+    server, url = await start_llm(policy=lambda body: next(replies))
+    path = tmp_path / "cache.sqlite"
+    for run in range(2):
+        store = AsyncStore(Store(path))
+        try:
+            async with LLMGateway(_config(url), cache=StoreCache(store)) as gw:
+                with structlog.testing.capture_logs() as logs:
+                    reply = await gw.structured("optimize", MESSAGES, "fgo_optimize", _identity)
+                assert reply == json.loads(GOOD_OPTIMIZE)
+                # Re-asks are counted as they are sent; a replayed one is a cached call.
+                assert gw.statistics().reasks == (1 if run == 0 else 0)
+                assert gw.statistics().cached == ({} if run == 0 else {"optimize": 2})
+        finally:
+            store.sync.close()
+        assert len(server.requests) == 2
+        assert [e["event"] for e in logs if e["event"].startswith("llm_reply")] == [
+            "llm_reply_rejected"
+        ]
+    # A check fixed since accepts the refused reply as it is, at no cost.
+    store = AsyncStore(Store(path))
+    try:
+        async with LLMGateway(_config(url), cache=StoreCache(store)) as gw:
+            reply = await gw.structured("optimize", MESSAGES, "fgo_optimize", lambda r: r)
+            assert reply == json.loads(GOOD_OPTIMIZE)
+    finally:
+        store.sync.close()
+    assert len(server.requests) == 2
 
 
 async def test_a_structured_reply_cut_off_keeps_its_whole_actions(
@@ -579,7 +615,7 @@ async def test_a_check_that_crashes_refuses_the_reply_instead_of_ending_the_run(
 ) -> None:
     """A bug in reading an unforeseen reply (here a TypeError on the first
     reply) is logged with its traceback and re-asked like a reply that does
-    not parse; that reply is not kept, so a rerun does not trip on it again."""
+    not parse; the run goes on, and so would a rerun that met it again."""
     server, url = await start_llm(policy=_reply(GOOD_OPTIMIZE))
     seen: list[int] = []
 

@@ -71,7 +71,7 @@ class ReplyRejectedError(FGOError):
 
     The message is written so it can be shown to the LLM in a re-ask. With
     ``reask=False`` the caller knows another re-ask would not help: the unit
-    fails at once (UnitFailedError), the reply not kept.
+    fails at once (UnitFailedError), and the reply is not replayed in that run.
     """
 
     def __init__(self, message: str, *, reask: bool = True) -> None:

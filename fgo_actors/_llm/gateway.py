@@ -152,10 +152,8 @@ class ResponseCache(Protocol):
 
     async def get(self, key: str, role: str) -> dict[str, Any] | None: ...
 
-    async def put(self, key: str, role: str, response: dict[str, Any]) -> None: ...
-
-    async def forget(self, key: str) -> None:
-        """Drop the reply kept under ``key``: it was refused, so it is no answer."""
+    async def put(self, key: str, role: str, response: dict[str, Any]) -> None:
+        """Keep ``response`` under ``key``, replacing what was kept there."""
         ...
 
 
@@ -294,6 +292,11 @@ class LLMGateway:
         self._completion: dict[str, int] = {}
         self._cached: dict[str, int] = {}
         self._sending: dict[str, trio.Event] = {}  # cache keys of requests on their way
+        # Cache keys whose latest reply this gateway refused. The reply stays in
+        # the cache (it was paid for: a rerun replays it, checks it again and
+        # replays the re-ask after it), but this gateway never answers the same
+        # request with it again: a re-ask must reach the LLM.
+        self._refused: set[str] = set()
         self._retries = 0
         self._reasks = 0
         self._salvaged = 0
@@ -458,10 +461,11 @@ class LLMGateway:
                 assert isinstance(obj, dict)
                 return await self._checked(role, check, obj)
             except ReplyRejectedError as e:
-                # A refused reply is never kept as an answer: the re-ask (or a
-                # rerun after a restart) must reach the LLM, even when its
-                # request is byte-identical to one already refused.
-                await self._forget(key)
+                # A refused reply is never this gateway's answer again: the
+                # re-ask must reach the LLM, even when its request is
+                # byte-identical to one already refused. A rerun (a new
+                # gateway) replays it from the cache and checks it again.
+                self._refuse(key)
                 error = str(e)
                 self._log.warning(
                     "llm_reply_rejected", role=role, attempt=attempt + 1, error=error[:500]
@@ -529,9 +533,9 @@ class LLMGateway:
             slot.held = False
             self._limiter.release_on_behalf_of(slot)
 
-    async def _forget(self, key: str | None) -> None:
-        if self.cache is not None and key is not None:
-            await self.cache.forget(key)
+    def _refuse(self, key: str | None) -> None:
+        if key is not None:
+            self._refused.add(key)
 
     async def _chat(
         self,
@@ -546,7 +550,8 @@ class LLMGateway:
     ) -> tuple[str, str | None, bool]:
         """``chat``, also returning the reply's cache key (None without a cache)
         and whether it was cut off at the cap (kept only with ``accept_cut``).
-        A reply refused here (empty, or cut off) is dropped from the cache."""
+        A reply refused here (empty, or cut off) stays in the cache for a rerun
+        but is not replayed by this gateway (``_refused``)."""
         body: dict[str, Any] = {
             "model": self.config.model,
             "messages": list(messages),
@@ -582,7 +587,7 @@ class LLMGateway:
             await sent.wait()
         self._sending[key] = trio.Event()
         try:
-            hit = await self.cache.get(key, role)
+            hit = None if key in self._refused else await self.cache.get(key, role)
             if hit is not None:
                 # A call paid for before (by this process or one that died):
                 # replayed, not booked as spent again.
@@ -591,11 +596,12 @@ class LLMGateway:
                 data = hit
             else:
                 data = await self._send(role, body, messages, max_tokens, reask, key, slot)
+                self._refused.discard(key)  # a new reply, not judged yet
             try:
                 content, cut = self._reply_content(data, max_tokens, accept_cut)
                 return content, key, cut
             except ReplyRejectedError:
-                await self.cache.forget(key)
+                self._refuse(key)
                 raise
         finally:
             self._sending.pop(key).set()

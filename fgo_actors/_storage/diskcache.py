@@ -140,9 +140,6 @@ class PhaseCache(StoreCache):
     async def put(self, key: str, role: str, response: dict[str, Any]) -> None:
         await super().put(self._scoped(key), f"{self.phase}/{role}", response)
 
-    async def forget(self, key: str) -> None:
-        await super().forget(self._scoped(key))
-
     async def spent(self) -> dict[str, Spent]:
         """Paid calls and tokens by phase, over every run that used this file."""
         by_role = await self.store.tokens_spent()

@@ -421,11 +421,6 @@ class Store:
         row = self._db.execute("SELECT response FROM llm_cache WHERE key = ?", (key,)).fetchone()
         return None if row is None else dict(json.loads(row[0]))
 
-    def forget_response(self, key: str) -> None:
-        """Drop a cached response (a refused reply is no answer to replay)."""
-        with self._tx():
-            self._db.execute("DELETE FROM llm_cache WHERE key = ?", (key,))
-
     def log_call(
         self,
         role: str,
@@ -654,10 +649,6 @@ class AsyncStore:
     async def cached_response(self, key: str) -> dict[str, Any] | None:
         return await self.call(self.sync.cached_response, key)
 
-    async def forget_response(self, key: str) -> None:
-        """Drop a cached response."""
-        return await self.call(self.sync.forget_response, key)
-
     async def log_call(
         self,
         role: str,
@@ -738,6 +729,3 @@ class StoreCache:
             key=key,
             response=response,
         )
-
-    async def forget(self, key: str) -> None:
-        await self.store.forget_response(key)
