@@ -29,6 +29,7 @@ from fgo_actors import (
 from fgo_actors._core.schemas import schema_error
 from fgo_actors.agent.envs import Task, TaskSet, TextWorldExpress
 from fgo_actors.agent.rollout import AgentConfig, collect, parse_choice, rollout, turn_message
+from fgo_actors.testing import FakeLLMServer
 
 from .helpers import TWC, StartLLM, run_fgo
 
@@ -96,7 +97,11 @@ async def test_adapter_plays_the_real_game_to_success() -> None:
         await trio.to_thread.run_sync(env.close)
 
 
-async def test_rollout_records_a_successful_episode(start_llm: StartLLM) -> None:
+async def play_gold(
+    start_llm: StartLLM, module: Module, config: AgentConfig | None = None
+) -> tuple[FakeLLMServer, list[str], Trajectory]:
+    """Play twc:train:3 with a loopback LLM that picks the gold action each
+    turn: the server, the gold path and the trajectory."""
     task = Task("twc", "train", 3, TWC)
     gold = await trio.to_thread.run_sync(gold_path, task)
     plan = iter(gold)
@@ -105,13 +110,18 @@ async def test_rollout_records_a_successful_episode(start_llm: StartLLM) -> None
         return str(numbered_actions(body)[next(plan)])
 
     server, url = await start_llm(policy=policy)
-    module = Module(instructions="Tidy up.", rules=(Rule(id="r1", text="Open containers."),))
     env = await trio.to_thread.run_sync(TextWorldExpress)
     try:
         async with LLMGateway(GatewayConfig(base_url=url, model="m")) as gw:
-            traj = await rollout(env, task, module, gw, trajectory_id="ep-1")
+            traj = await rollout(env, task, module, gw, config, trajectory_id="ep-1")
     finally:
         await trio.to_thread.run_sync(env.close)
+    return server, gold, traj
+
+
+async def test_rollout_records_a_successful_episode(start_llm: StartLLM) -> None:
+    module = Module(instructions="Tidy up.", rules=(Rule(id="r1", text="Open containers."),))
+    server, gold, traj = await play_gold(start_llm, module)
     assert isinstance(traj, Trajectory)
     assert schema_error("trajectory", traj.to_json()) is None
     assert traj.id == "ep-1"
@@ -134,21 +144,8 @@ async def test_rollout_records_a_successful_episode(start_llm: StartLLM) -> None
 
 
 async def test_rollout_restates_the_relevant_rule_when_configured(start_llm: StartLLM) -> None:
-    task = Task("twc", "train", 3, TWC)
-    gold = await trio.to_thread.run_sync(gold_path, task)
-    plan = iter(gold)
-
-    def policy(body: dict[str, Any]) -> str:
-        return str(numbered_actions(body)[next(plan)])
-
-    server, url = await start_llm(policy=policy)
     module = Module(rules=(Rule(id="r1", text="Open containers."),))
-    env = await trio.to_thread.run_sync(TextWorldExpress)
-    try:
-        async with LLMGateway(GatewayConfig(base_url=url, model="m")) as gw:
-            traj = await rollout(env, task, module, gw, AgentConfig(restate_rules=1))
-    finally:
-        await trio.to_thread.run_sync(env.close)
+    server, _gold, traj = await play_gold(start_llm, module, AgentConfig(restate_rules=1))
     assert traj.outcome.success
     # The rule shares a word with every turn that offers "open ..."; those
     # turns, and only those, restate it.
