@@ -393,15 +393,22 @@ async def test_a_rerun_replays_a_refused_reply_and_its_re_ask_without_paying(
     """Refused replies were paid for too. A rerun (a new gateway on the same
     cache, as after a crash) replays the refused reply, checks it again (the
     check may have been fixed since), and replays the re-ask after it."""
-    replies = iter(["not json at all", GOOD_OPTIMIZE])
+    first = json.dumps({"actions": [{"op": "add_rule", "text": "first"}]})
+    replies = iter([first, GOOD_OPTIMIZE])
     server, url = await start_llm(policy=lambda body: next(replies))
+
+    def strict(reply: dict[str, Any]) -> dict[str, Any]:
+        if reply == json.loads(first):
+            raise ReplyRejectedError("not the rule wanted")
+        return reply
+
     path = tmp_path / "cache.sqlite"
     for run in range(2):
         store = AsyncStore(Store(path))
         try:
             async with LLMGateway(_config(url), cache=StoreCache(store)) as gw:
                 with structlog.testing.capture_logs() as logs:
-                    reply = await gw.structured("optimize", MESSAGES, "fgo_optimize", _identity)
+                    reply = await gw.structured("optimize", MESSAGES, "fgo_optimize", strict)
                 assert reply == json.loads(GOOD_OPTIMIZE)
                 # Re-asks are counted as they are sent; a replayed one is a cached call.
                 assert gw.statistics().reasks == (1 if run == 0 else 0)
@@ -416,8 +423,9 @@ async def test_a_rerun_replays_a_refused_reply_and_its_re_ask_without_paying(
     store = AsyncStore(Store(path))
     try:
         async with LLMGateway(_config(url), cache=StoreCache(store)) as gw:
-            reply = await gw.structured("optimize", MESSAGES, "fgo_optimize", lambda r: r)
-            assert reply == json.loads(GOOD_OPTIMIZE)
+            reply = await gw.structured("optimize", MESSAGES, "fgo_optimize", _identity)
+            assert reply == json.loads(first)
+            assert gw.statistics().cached == {"optimize": 1}
     finally:
         store.sync.close()
     assert len(server.requests) == 2
